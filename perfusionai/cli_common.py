@@ -1,0 +1,40 @@
+"""Helpers shared by every domain's command-line verbs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Optional
+
+from .progress import line_progress, tqdm_progress
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """Options every verb accepts (``--progress``)."""
+    parser.add_argument(
+        "--progress",
+        choices=("bar", "lines", "none"),
+        default="bar",
+        help="progress display: a bar on stderr (default), 'PROGRESS <fraction> <message>' "
+             "lines on stdout (for Slicer's background process), or none",
+    )
+
+
+def make_progress(args: argparse.Namespace, description: str = "") -> Optional[Callable[[float, str], None]]:
+    """The progress callback selected by ``--progress`` (None for silence)."""
+    mode = getattr(args, "progress", "bar")
+    if mode == "none":
+        return None
+    if mode == "lines":
+        return line_progress()
+    return tqdm_progress(description)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
