@@ -1,0 +1,196 @@
+"""DSC signal to delta-R2* concentration, with automatic bolus-arrival / baseline detection.
+
+``C(t) = -ln(S(t) / S0) / TE`` in 1/s (ARCHITECTURE.md), with ``S0`` the mean of the
+pre-bolus (baseline) frames of each voxel.
+
+Baseline detection works on the mean signal of the mask (robust to voxel noise): the
+bolus arrives at the first frame ``i >= min_baseline`` that lies below the mean of frames
+``0 .. i-1`` by more than ``max(k_sigma * sd, min_drop * mean)`` (``sd`` the standard
+deviation of those frames, ``min_drop`` a relative floor because two or three frames give no
+usable ``sd``). The baseline is frames ``0 .. i-2``: like dsc-mri-toolbox, the frame just
+before the detected drop is left out because the bolus front may already touch it; at least
+``min_baseline`` frames are kept.
+
+Arrays are time-last: ``[k, j, i, t]`` or ``(n_voxels, t)``.
+
+Safety: frames that are NaN/inf in every voxel raise :class:`PerfusionAIError`; isolated
+non-finite samples give concentration 0; voxels whose ``S0`` is not positive give
+concentration 0 everywhere (reported in ``invalid_voxels``); non-positive signal samples in
+a valid voxel are clipped to ``MIN_SIGNAL_RATIO * S0`` (concentration ``-ln(1e-3)/TE``,
+about 230 1/s at TE 30 ms) instead of an infinite value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..errors import input_error
+
+MIN_SIGNAL_RATIO = 1e-3
+DEFAULT_K_SIGMA = 4.0
+DEFAULT_MIN_DROP = 0.02
+DEFAULT_MIN_BASELINE = 2
+
+
+@dataclass
+class BolusArrival:
+    """Result of :func:`detect_bolus_arrival`.
+
+    baseline_frames: number of leading frames used for S0.
+    arrival_index: first frame of the detected signal drop.
+    mean_curve: the mean signal of the mask, shape ``(t,)``.
+    """
+
+    baseline_frames: int
+    arrival_index: int
+    mean_curve: np.ndarray
+
+
+@dataclass
+class ConcentrationResult:
+    """Result of :func:`signal_to_concentration`.
+
+    concentration: delta R2* in 1/s, same shape as the signal (time last), float32.
+    s0: baseline signal per voxel, signal shape without the time axis.
+    baseline_frames: frames used for S0.
+    invalid_voxels: number of voxels (among those converted) with non-positive or non-finite S0.
+    clipped_samples: number of non-positive signal samples clipped.
+    """
+
+    concentration: np.ndarray
+    s0: np.ndarray
+    baseline_frames: int
+    invalid_voxels: int
+    clipped_samples: int
+
+
+def validate_te(te, name: str = "--te") -> float:
+    """Return TE in seconds as float; missing, non-finite, zero or negative raise an error naming ``--te``."""
+    if te is None:
+        raise input_error(name, "the echo time TE is missing; give it in seconds, e.g. --te 0.03")
+    try:
+        value = float(te)
+    except (TypeError, ValueError):
+        raise input_error(name, f"the echo time must be a number of seconds, got {te!r}") from None
+    if not np.isfinite(value) or value <= 0:
+        raise input_error(name, f"the echo time must be positive (seconds), got {te!r}")
+    if value > 1.0:
+        raise input_error(name, f"the echo time {value} s is implausible for DSC; give TE in seconds (e.g. 0.03)")
+    return value
+
+
+def check_finite_frames(signal: np.ndarray, name: str = "DSC series") -> None:
+    """Raise when whole frames of ``signal [..., t]`` are NaN/inf (names the frame indices)."""
+    s = np.asarray(signal)
+    flat = s.reshape(-1, s.shape[-1])
+    bad = ~np.isfinite(flat).any(axis=0)
+    if bad.any():
+        frames = np.nonzero(bad)[0]
+        listed = ", ".join(str(f) for f in frames[:10]) + (" ..." if frames.size > 10 else "")
+        raise input_error(name, f"{frames.size} frame(s) contain only NaN or infinite values "
+                          f"(frame index {listed}); remove or repair those frames")
+
+
+def detect_bolus_arrival(signal: np.ndarray, mask: Optional[np.ndarray] = None,
+                         k_sigma: float = DEFAULT_K_SIGMA, min_drop: float = DEFAULT_MIN_DROP,
+                         min_baseline: int = DEFAULT_MIN_BASELINE, name: str = "DSC series") -> BolusArrival:
+    """Find the bolus arrival and the number of baseline frames from the mean signal of ``mask``.
+
+    Parameters
+    ----------
+    signal
+        DSC signal ``[k, j, i, t]`` or ``(n_voxels, t)``.
+    mask
+        Boolean mask over the non-time axes, or None (voxels whose mean signal is above the
+        mean of all voxels, a crude foreground).
+    """
+    s = np.asarray(signal)
+    flat = s.reshape(-1, s.shape[-1])
+    if mask is not None:
+        flat = flat[np.asarray(mask, bool).reshape(-1)]
+    else:
+        level = np.nanmean(flat, axis=1)
+        foreground = level > np.nanmean(level)
+        if foreground.any():
+            flat = flat[foreground]
+    if flat.shape[0] == 0:
+        raise input_error("mask", "the mask is empty")
+    with np.errstate(invalid="ignore"):
+        curve = np.nanmean(np.where(np.isfinite(flat), flat, np.nan), axis=0).astype(np.float64)
+    n = curve.size
+    lowest = int(np.nanargmin(curve))
+    for i in range(max(2, int(min_baseline)), max(lowest, 2) + 1):
+        if i >= n:
+            break
+        base = curve[:i]
+        mean = base.mean()
+        sd = base.std(ddof=1) if i >= 3 else 0.0
+        if curve[i] < mean - max(k_sigma * sd, min_drop * abs(mean)):
+            baseline = max(int(min_baseline), i - 1)
+            return BolusArrival(baseline_frames=baseline, arrival_index=i, mean_curve=curve)
+    raise input_error(name, "no bolus passage found: the mean signal of the mask never drops "
+                      f"clearly below its first frames (needs > {100 * min_drop:.0f} %); "
+                      "check the series, or give the number of baseline frames explicitly")
+
+
+def signal_to_concentration(signal: np.ndarray, te: float, baseline_frames: Optional[int] = None,
+                            mask: Optional[np.ndarray] = None, name: str = "DSC series",
+                            dtype=np.float32) -> ConcentrationResult:
+    """Convert a DSC signal ``[..., t]`` to delta R2* ``-ln(S/S0)/TE`` (1/s).
+
+    Parameters
+    ----------
+    signal
+        DSC signal, time last. Not modified.
+    te
+        Echo time in seconds.
+    baseline_frames
+        Number of leading frames averaged into S0; None detects it on the mean curve of
+        ``mask`` (:func:`detect_bolus_arrival`).
+    mask
+        Voxels to convert (boolean, signal shape without time); others get concentration 0.
+        None converts every voxel.
+    """
+    te = validate_te(te)
+    s = np.asarray(signal)
+    if s.ndim < 2:
+        raise input_error(name, "expected a series with time on the last axis")
+    check_finite_frames(s, name)
+    n_frames = s.shape[-1]
+    if baseline_frames is None:
+        baseline_frames = detect_bolus_arrival(s, mask, name=name).baseline_frames
+    baseline_frames = int(baseline_frames)
+    if not 1 <= baseline_frames < n_frames:
+        raise input_error("--baseline-frames", f"the number of baseline frames must be between 1 and "
+                          f"{n_frames - 1}, got {baseline_frames}")
+    flat = s.reshape(-1, n_frames)
+    selected = np.arange(flat.shape[0]) if mask is None else np.nonzero(np.asarray(mask, bool).reshape(-1))[0]
+    out = np.zeros(flat.shape, dtype=dtype)
+    s0_out = np.zeros(flat.shape[0], dtype=np.float64)
+    invalid = 0
+    clipped = 0
+    chunk = max(1, int(2 ** 22 // n_frames))
+    for start in range(0, selected.size, chunk):
+        index = selected[start:start + chunk]
+        block = flat[index].astype(np.float64)
+        finite = np.isfinite(block)
+        base = np.where(finite[:, :baseline_frames], block[:, :baseline_frames], np.nan)
+        with np.errstate(invalid="ignore"):
+            s0 = np.nanmean(base, axis=1) if base.size else np.full(index.size, np.nan)
+        valid = np.isfinite(s0) & (s0 > 0)
+        invalid += int((~valid).sum())
+        floor = MIN_SIGNAL_RATIO * s0[:, None]
+        low = finite & (block <= 0) & valid[:, None]
+        clipped += int(low.sum())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.maximum(block, floor) / s0[:, None]
+            conc = -np.log(ratio) / te
+        conc[~finite | ~valid[:, None]] = 0.0
+        out[index] = conc
+        s0_out[index] = np.where(valid, s0, 0.0)
+    return ConcentrationResult(concentration=out.reshape(s.shape), s0=s0_out.reshape(s.shape[:-1]),
+                               baseline_frames=baseline_frames, invalid_voxels=invalid,
+                               clipped_samples=clipped)

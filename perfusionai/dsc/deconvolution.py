@@ -1,0 +1,473 @@
+"""Model-free deconvolution of DSC concentration curves: sSVD, cSVD, oSVD, Tikhonov.
+
+The indicator-dilution model (Ostergaard 1996) is
+
+    C_t(t) = CBF * (C_a * R)(t),
+
+discretised on a uniform grid of step ``dt`` as ``C_t = A @ (CBF * R)`` with ``A`` the
+AIF convolution matrix scaled by ``dt``. Every solver here returns the *flow-scaled*
+residue ``k = CBF * R`` in 1/s; CBF is its maximum (1/s; multiply by 6000 kH/rho for
+mL/100 g/min, see :mod:`perfusionai.dsc.maps`).
+
+Array layout: concentration curves are ``(n_voxels, t)`` (time last); any leading
+shape ``[..., t]`` is accepted and flattened. Residues are ``(n_voxels, L)`` with
+``L = t`` for the Toeplitz (non-circulant) matrix and ``L = 2 t`` for the block-circulant
+matrix; in the circulant case samples ``L - m`` hold the residue at time ``-m*dt``
+(the tissue curve arriving *before* the AIF), which is why :func:`tmax_seconds` maps
+indices ``>= t`` to negative times.
+
+Discretisation (pin it in tests, research/dsc.md section 0):
+
+* ``"rectangle"`` (default): plain Ostergaard left-rectangle matrix
+  ``A[i, j] = dt * C_a[i - j]`` -- exact on "inverse-crime" simulators such as the
+  Chakwizira/OSIPI DRO and :mod:`perfusionai.phantoms`.
+* ``"simpson"``: the dsc-mri-toolbox convention (Peruzzo/Castellaro, FAIR-Unipd): interior
+  AIF samples smoothed as ``(a[k-1] + 4 a[k] + a[k+1]) / 6``; for the circulant matrix the
+  last sample becomes ``(a[N-2] + 4 a[N-1]) / 6`` and the first padded sample ``a[N-1] / 6``.
+  With it, :func:`deconvolve` reproduces that toolbox's SVD/cSVD/oSVD CBF.
+
+Regularisation (all relative to the largest singular value ``s_max`` of ``A``):
+
+* sSVD / cSVD: truncated SVD keeping singular values ``s >= threshold * s_max``
+  (defaults 0.2 and 0.1, Ostergaard 1996 / Wu 2003 / dsc-mri-toolbox).
+* oSVD (Wu 2003, dsc-mri-toolbox variant): circulant matrix; for each voxel the truncation
+  threshold is the first of ``0.05, 0.10, ..., 0.95`` whose residue has an oscillation
+  index ``OI = (1/L) (1/max k) sum_{m>=2} |k_m - 2 k_{m-1} + k_{m-2}|`` below
+  ``oi_threshold`` (default 0.035); when none does, the last threshold is used.
+* Tikhonov: filter factors ``s^2 / (s^2 + lambda^2)`` with ``lambda = rel * s_max``; either a
+  fixed ``rel`` or chosen **per voxel** over a log-spaced grid by the L-curve corner
+  (maximum curvature) or by generalised cross-validation (GCV).
+
+Speed: the filtered pseudo-inverse is computed once per AIF, so sSVD, cSVD and fixed
+Tikhonov cost one GEMM per chunk of voxels; oSVD stacks the 19 candidate pseudo-inverses
+(deduplicated when two thresholds keep the same singular values) and only re-solves the
+voxels that failed the OI test. Computation is float64 (conditioning of the AIF matrix
+makes float32 lose digits at small thresholds); chunks bound memory to about
+``chunk_voxels * L * 8 bytes`` per temporary.
+
+Uniform sampling: the Toeplitz/circulant model needs a constant frame interval;
+:func:`frame_interval` refuses frame times that deviate by more than 1 % from the median
+interval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..errors import PerfusionAIError, input_error
+from ..progress import ProgressCallback, as_progress
+
+METHODS = ("ssvd", "csvd", "osvd", "tikhonov")
+DISPLAY_NAMES = {"ssvd": "sSVD", "csvd": "cSVD", "osvd": "oSVD", "tikhonov": "Tikhonov"}
+DEFAULT_THRESHOLDS = {"ssvd": 0.2, "csvd": 0.1}
+DEFAULT_OI_THRESHOLD = 0.035
+#: oSVD candidate truncation thresholds (relative to s_max), scanned in this order.
+OSVD_CANDIDATE_THRESHOLDS = tuple(round(0.05 * m, 2) for m in range(1, 20))
+#: fixed Tikhonov default: lambda = 0.1 * s_max (research/dsc.md section 3).
+DEFAULT_TIKHONOV_LAMBDA = 0.1
+#: lambda grid of the automatic Tikhonov criteria, relative to s_max.
+TIKHONOV_LAMBDA_GRID = tuple(np.logspace(-3, 0, 49))
+TIKHONOV_CRITERIA = ("lcurve", "gcv", "fixed")
+DISCRETISATIONS = ("rectangle", "simpson")
+DEFAULT_CHUNK_VOXELS = 16384
+
+
+@dataclass
+class DeconvolutionResult:
+    """Output of :func:`deconvolve`.
+
+    Attributes
+    ----------
+    residue
+        Flow-scaled residue ``k(t) = CBF * R(t)`` in 1/s, shape ``(n_voxels, L)``
+        (``L = t``, or ``2 t`` for circulant methods; see the module docstring).
+    cbf
+        ``max_t k(t)`` per voxel in 1/s, shape ``(n_voxels,)`` (multiply by 6000 kH/rho for
+        mL/100 g/min).
+    tmax_index
+        Index of the residue maximum, shape ``(n_voxels,)``, int.
+    regularisation
+        Per-voxel relative regularisation actually used, shape ``(n_voxels,)``: the
+        truncation threshold (fraction of ``s_max``) for SVD methods, ``lambda / s_max``
+        for Tikhonov.
+    oscillation_index
+        oSVD only: the OI of the accepted residue, shape ``(n_voxels,)``; else None.
+    """
+
+    residue: np.ndarray
+    cbf: np.ndarray
+    tmax_index: np.ndarray
+    regularisation: np.ndarray
+    method: str
+    discretisation: str
+    circulant: bool
+    dt: float
+    n_frames: int
+    oscillation_index: Optional[np.ndarray] = None
+    info: dict = field(default_factory=dict)
+
+    def tmax_seconds(self, refine: bool = False) -> np.ndarray:
+        """Time of the residue maximum in seconds, shape ``(n_voxels,)`` (see :func:`tmax_seconds`)."""
+        return tmax_seconds(self.residue, self.dt, self.n_frames, refine=refine)
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+
+
+def normalise_method(method: str) -> str:
+    """Lower-case method key (``"ssvd"``, ``"csvd"``, ``"osvd"``, ``"tikhonov"``)."""
+    key = str(method).strip().lower()
+    if key not in METHODS:
+        raise input_error("--method", f"unknown deconvolution method {method!r}; "
+                          f"choose one of {', '.join(DISPLAY_NAMES.values())}")
+    return key
+
+
+def frame_interval(times: Sequence[float], tolerance: float = 0.01) -> float:
+    """The uniform frame interval ``dt`` in seconds of frame ``times`` (shape ``(t,)``).
+
+    Deconvolution assumes uniform sampling; intervals that differ from their median by more
+    than ``tolerance`` (relative, default 1 %) raise :class:`PerfusionAIError`.
+    """
+    t = np.asarray(times, dtype=float).ravel()
+    if t.size < 2 or not np.all(np.isfinite(t)):
+        raise input_error("frame times", "need at least two finite frame times")
+    steps = np.diff(t)
+    dt = float(np.median(steps))
+    if not dt > 0:
+        raise input_error("frame times", "frame times must increase")
+    worst = float(np.max(np.abs(steps - dt)) / dt)
+    if worst > tolerance:
+        raise input_error(
+            "frame times",
+            f"the frame intervals are irregular (up to {100 * worst:.1f} % from the median {dt:.4g} s); "
+            "deconvolution assumes uniformly sampled frames (tolerance 1 %)")
+    return dt
+
+
+def convolution_matrix(aif: np.ndarray, dt: float, discretisation: str = "rectangle",
+                       circulant: bool = False) -> np.ndarray:
+    """The AIF convolution matrix scaled by ``dt``.
+
+    Parameters
+    ----------
+    aif
+        Arterial concentration, shape ``(t,)``, in 1/s (delta R2*) or any unit shared with
+        the tissue curves.
+    dt
+        Frame interval in seconds.
+    discretisation
+        ``"rectangle"`` or ``"simpson"`` (see the module docstring).
+    circulant
+        False: lower-triangular Toeplitz ``(t, t)``; True: block-circulant ``(2t, 2t)`` of the
+        zero-padded AIF (Wu 2003).
+    """
+    a = np.asarray(aif, dtype=np.float64).ravel()
+    n = a.size
+    if discretisation not in DISCRETISATIONS:
+        raise input_error("--discretisation", f"unknown discretisation {discretisation!r}; "
+                          f"choose one of {', '.join(DISCRETISATIONS)}")
+    length = 2 * n if circulant else n
+    column = np.zeros(length)
+    if discretisation == "rectangle":
+        column[:n] = a
+    else:
+        column[0] = a[0]
+        column[1:n - 1] = (a[:-2] + 4.0 * a[1:-1] + a[2:]) / 6.0
+        if circulant:
+            # dsc-mri-toolbox closes the Simpson rule into the padding.
+            column[n - 1] = (a[n - 2] + 4.0 * a[n - 1]) / 6.0
+            column[n] = a[n - 1] / 6.0
+        else:
+            column[n - 1] = a[n - 1]
+    index = np.arange(length)
+    lag = index[:, None] - index[None, :]
+    if circulant:
+        matrix = column[lag % length]
+    else:
+        matrix = np.where(lag >= 0, column[np.clip(lag, 0, None)], 0.0)
+    return dt * matrix
+
+
+def oscillation_index(residue: np.ndarray) -> np.ndarray:
+    """Oscillation index of residues ``(n, L)``: ``(1/L)(1/max k) sum |k_m - 2k_{m-1} + k_{m-2}|``.
+
+    Dimensionless, shape ``(n,)``. As in dsc-mri-toolbox, ``max k`` is signed, so a residue
+    whose maximum is negative gets a negative OI (and passes any positive limit); an
+    all-zero residue gives NaN (never passes).
+    """
+    k = np.asarray(residue, dtype=np.float64)
+    length = k.shape[-1]
+    second_difference = np.abs(k[:, 2:] - 2.0 * k[:, 1:-1] + k[:, :-2]).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return second_difference / (length * k.max(axis=1))
+
+
+def tmax_seconds(residue: np.ndarray, dt: float, n_frames: int, refine: bool = False) -> np.ndarray:
+    """Time of the residue maximum in seconds, shape ``(n,)``, from residues ``(n, L)``.
+
+    Sample grid by default (integer-sample delays come out exact). Circulant residues
+    (``L = 2 n_frames``) map indices ``>= n_frames`` to negative times ``(index - L) dt``.
+    ``refine=True`` adds a parabolic sub-sample correction through the maximum and its two
+    neighbours (clipped to +-0.5 sample).
+    """
+    k = np.asarray(residue)
+    length = k.shape[-1]
+    index = np.argmax(k, axis=1)
+    shift = np.zeros(index.shape, dtype=np.float64)
+    if refine and length >= 3:
+        rows = np.arange(k.shape[0])
+        left = k[rows, (index - 1) % length]
+        centre = k[rows, index]
+        right = k[rows, (index + 1) % length]
+        curvature = left - 2.0 * centre + right
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shift = np.where(curvature < 0, 0.5 * (left - right) / curvature, 0.0)
+        if length == n_frames:  # no wrap-around for the Toeplitz residue
+            shift = np.where((index == 0) | (index == length - 1), 0.0, shift)
+        shift = np.clip(np.nan_to_num(shift), -0.5, 0.5)
+    position = index.astype(np.float64)
+    if length > n_frames:
+        position = np.where(index >= n_frames, position - length, position)
+    return (position + shift) * dt
+
+
+def _as_curves(concentration: np.ndarray) -> np.ndarray:
+    c = np.asarray(concentration)
+    if c.ndim < 1:
+        raise input_error("concentration", "expected curves with time on the last axis")
+    return c.reshape(-1, c.shape[-1])
+
+
+def _filtered_pinv(u: np.ndarray, s: np.ndarray, vt: np.ndarray, factors: np.ndarray,
+                   n_in: int) -> np.ndarray:
+    """``V diag(f / s) U^T`` restricted to the first ``n_in`` input samples: ``(L, n_in)``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gain = np.where(factors > 0, factors / s, 0.0)
+    return (vt.T * gain) @ u[:n_in, :].T
+
+
+def _truncation_factors(s: np.ndarray, threshold: float) -> np.ndarray:
+    # ">=" as in dsc-mri-toolbox; s > 0 keeps threshold 0 (no regularisation) finite.
+    return ((s >= threshold * s[0]) & (s > 0)).astype(np.float64)
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+# --------------------------------------------------------------------------------------
+# the solver
+
+
+def deconvolve(
+    concentration: np.ndarray,
+    aif: np.ndarray,
+    dt: float,
+    method: str = "oSVD",
+    threshold: Optional[float] = None,
+    oi_threshold: float = DEFAULT_OI_THRESHOLD,
+    osvd_thresholds: Sequence[float] = OSVD_CANDIDATE_THRESHOLDS,
+    tikhonov_lambda: Optional[float] = None,
+    tikhonov_criterion: str = "lcurve",
+    tikhonov_lambda_grid: Sequence[float] = TIKHONOV_LAMBDA_GRID,
+    discretisation: str = "rectangle",
+    circulant: Optional[bool] = None,
+    chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
+    progress: Optional[ProgressCallback] = None,
+) -> DeconvolutionResult:
+    """Deconvolve tissue concentration curves by the AIF, vectorised over voxels.
+
+    Parameters
+    ----------
+    concentration
+        Tissue concentration, shape ``(n_voxels, t)`` or ``[..., t]`` (time last), in the
+        same unit as ``aif`` (delta R2* in 1/s from :mod:`perfusionai.dsc.concentration`, or
+        concentration directly, e.g. the OSIPI curves).
+    aif
+        Arterial concentration, shape ``(t,)``.
+    dt
+        Uniform frame interval in seconds (:func:`frame_interval` checks frame times).
+    method
+        ``"sSVD"``, ``"cSVD"``, ``"oSVD"`` or ``"Tikhonov"`` (case-insensitive).
+    threshold
+        Truncation threshold relative to ``s_max`` for sSVD/cSVD (defaults 0.2 / 0.1).
+    oi_threshold, osvd_thresholds
+        oSVD oscillation-index limit and the candidate truncation thresholds, scanned in order.
+    tikhonov_lambda, tikhonov_criterion, tikhonov_lambda_grid
+        Tikhonov: ``criterion="fixed"`` uses ``lambda = tikhonov_lambda * s_max`` (default
+        0.1); ``"lcurve"`` / ``"gcv"`` choose ``lambda`` per voxel from the grid (relative to
+        ``s_max``); a given ``tikhonov_lambda`` with an automatic criterion means "fixed".
+    discretisation
+        ``"rectangle"`` (default) or ``"simpson"`` (dsc-mri-toolbox).
+    circulant
+        Matrix type; default True for cSVD/oSVD, False for sSVD/Tikhonov. sSVD is always
+        Toeplitz; cSVD/oSVD always circulant.
+    chunk_voxels
+        Voxels per block (memory bound).
+    progress
+        ``progress(fraction, message)`` called between chunks (may raise Cancelled).
+
+    Returns
+    -------
+    DeconvolutionResult
+    """
+    key = normalise_method(method)
+    curves = _as_curves(concentration)
+    a = np.asarray(aif, dtype=np.float64).ravel()
+    n_frames = curves.shape[1]
+    if a.size != n_frames:
+        raise input_error("AIF", f"the AIF has {a.size} samples but the tissue curves have {n_frames}")
+    if not np.all(np.isfinite(a)):
+        raise input_error("AIF", "the AIF curve contains NaN or infinite values")
+    if not np.any(a != 0):
+        raise input_error("AIF", "the AIF curve is zero everywhere; check the AIF mask")
+    if not (dt > 0 and np.isfinite(dt)):
+        raise input_error("frame times", f"the frame interval must be positive, got {dt}")
+    if key == "ssvd":
+        circulant = False
+    elif key in ("csvd", "osvd"):
+        circulant = True
+    elif circulant is None:
+        circulant = False
+    criterion = str(tikhonov_criterion).lower()
+    if key == "tikhonov":
+        if criterion not in TIKHONOV_CRITERIA:
+            raise input_error("--tikhonov-criterion", f"unknown criterion {tikhonov_criterion!r}; "
+                              f"choose one of {', '.join(TIKHONOV_CRITERIA)}")
+        if tikhonov_lambda is not None:
+            criterion = "fixed"
+        elif criterion == "fixed":
+            tikhonov_lambda = DEFAULT_TIKHONOV_LAMBDA
+    if threshold is not None and not (threshold >= 0):
+        raise input_error("--threshold", f"the truncation threshold must be >= 0, got {threshold}")
+    if tikhonov_lambda is not None and not (tikhonov_lambda >= 0):
+        raise input_error("--tikhonov-lambda", f"lambda must be >= 0, got {tikhonov_lambda}")
+
+    matrix = convolution_matrix(a, dt, discretisation, circulant)
+    u, s, vt = np.linalg.svd(matrix)
+    length = matrix.shape[0]
+    n_voxels = curves.shape[0]
+    report = as_progress(progress)
+    residue = np.empty((n_voxels, length), dtype=np.float64)
+    regularisation = np.empty(n_voxels, dtype=np.float64)
+    oi_out = np.empty(n_voxels, dtype=np.float64) if key == "osvd" else None
+    chunk_voxels = max(1, int(chunk_voxels))
+    info: dict = {"method": DISPLAY_NAMES[key], "discretisation": discretisation,
+                  "circulant": bool(circulant), "s_max": float(s[0]),
+                  "condition_number": float(s[0] / s[-1]) if s[-1] > 0 else float("inf")}
+
+    if key in ("ssvd", "csvd") or (key == "tikhonov" and criterion == "fixed"):
+        if key == "tikhonov":
+            lam = float(tikhonov_lambda) * s[0]
+            factors = s ** 2 / (s ** 2 + lam ** 2) if lam > 0 else (s > 0).astype(np.float64)
+            relative = float(tikhonov_lambda)
+            info.update(criterion="fixed", relative_lambda=relative)
+        else:
+            relative = DEFAULT_THRESHOLDS[key] if threshold is None else float(threshold)
+            factors = _truncation_factors(s, relative)
+            info.update(threshold=relative, kept_singular_values=int(factors.sum()))
+        pinv_t = _filtered_pinv(u, s, vt, factors, n_frames).T  # (t, L)
+        regularisation[:] = relative
+        for start, stop in _chunks(n_voxels, chunk_voxels):
+            np.matmul(curves[start:stop].astype(np.float64, copy=False), pinv_t, out=residue[start:stop])
+            report(stop / n_voxels, f"{DISPLAY_NAMES[key]} deconvolution")
+    elif key == "osvd":
+        _osvd(curves, u, s, vt, n_frames, float(oi_threshold), osvd_thresholds, chunk_voxels,
+              residue, regularisation, oi_out, report)
+        info.update(oi_threshold=float(oi_threshold), candidate_thresholds=[float(x) for x in osvd_thresholds])
+    else:
+        _tikhonov_auto(curves, u, s, vt, n_frames, criterion, tikhonov_lambda_grid, chunk_voxels,
+                       residue, regularisation, report)
+        info.update(criterion=criterion, lambda_grid=[float(np.min(tikhonov_lambda_grid)),
+                                                      float(np.max(tikhonov_lambda_grid)),
+                                                      len(tikhonov_lambda_grid)])
+    cbf = residue.max(axis=1)
+    tmax_index = residue.argmax(axis=1)
+    return DeconvolutionResult(residue=residue, cbf=cbf, tmax_index=tmax_index,
+                               regularisation=regularisation, method=DISPLAY_NAMES[key],
+                               discretisation=discretisation, circulant=bool(circulant),
+                               dt=float(dt), n_frames=n_frames, oscillation_index=oi_out, info=info)
+
+
+def _osvd(curves, u, s, vt, n_frames, oi_threshold, candidates, chunk_voxels,
+          residue, regularisation, oi_out, report) -> None:
+    candidates = [float(c) for c in candidates]
+    if not candidates:
+        raise input_error("--osvd-thresholds", "need at least one candidate threshold")
+    # Thresholds that keep the same singular values give the same residue; keep the first.
+    stack, used = [], []
+    previous_kept = None
+    for value in candidates:
+        factors = _truncation_factors(s, value)
+        kept = int(factors.sum())
+        if kept == previous_kept:
+            continue
+        previous_kept = kept
+        stack.append(_filtered_pinv(u, s, vt, factors, n_frames).T)  # (t, L)
+        used.append(value)
+    n_voxels = curves.shape[0]
+    last = len(stack) - 1
+    for start, stop in _chunks(n_voxels, chunk_voxels):
+        block = curves[start:stop].astype(np.float64, copy=False)
+        pending = np.arange(stop - start)
+        for level, pinv_t in enumerate(stack):
+            trial = block[pending] @ pinv_t
+            oi = oscillation_index(trial)
+            accept = np.ones(pending.size, bool) if level == last else (oi < oi_threshold)
+            target = start + pending[accept]
+            residue[target] = trial[accept]
+            regularisation[target] = used[level]
+            oi_out[target] = oi[accept]
+            pending = pending[~accept]
+            if pending.size == 0:
+                break
+        report(stop / n_voxels, "oSVD deconvolution")
+
+
+def _tikhonov_auto(curves, u, s, vt, n_frames, criterion, grid, chunk_voxels,
+                   residue, regularisation, report) -> None:
+    rel = np.sort(np.asarray(grid, dtype=np.float64).ravel())
+    if rel.size < 3 or np.any(rel <= 0):
+        raise input_error("--tikhonov-lambda-grid", "need at least three positive lambda values")
+    lam = rel * s[0]
+    s2 = s ** 2
+    factors = s2[:, None] / (s2[:, None] + lam[None, :] ** 2)          # (L, M)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gain = np.where(s[:, None] > 0, factors / s[:, None], 0.0)      # (L, M)
+    residual_weight = (1.0 - factors) ** 2
+    solution_weight = gain ** 2
+    dof = u.shape[0] - factors.sum(axis=0)                             # (M,)
+    u_in = u[:n_frames, :]
+    log_rel = np.log(rel)
+    n_voxels = curves.shape[0]
+    tiny = np.finfo(np.float64).tiny
+    for start, stop in _chunks(n_voxels, chunk_voxels):
+        block = curves[start:stop].astype(np.float64, copy=False)
+        projection = block @ u_in                                       # (n, L) = (U^T c)^T
+        power = projection ** 2
+        residual_sq = power @ residual_weight                           # (n, M)
+        if criterion == "gcv":
+            score = residual_sq / dof[None, :] ** 2
+            choice = np.argmin(score, axis=1)
+        else:
+            rho = 0.5 * np.log(np.maximum(residual_sq, tiny))
+            eta = 0.5 * np.log(np.maximum(power @ solution_weight, tiny))
+            d_rho = np.gradient(rho, log_rel, axis=1)
+            d_eta = np.gradient(eta, log_rel, axis=1)
+            dd_rho = np.gradient(d_rho, log_rel, axis=1)
+            dd_eta = np.gradient(d_eta, log_rel, axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                curvature = (d_rho * dd_eta - dd_rho * d_eta) / (d_rho ** 2 + d_eta ** 2) ** 1.5
+            curvature = np.nan_to_num(curvature, nan=-np.inf)
+            # the end points have one-sided derivatives; never pick them as the corner
+            curvature[:, 0] = curvature[:, -1] = -np.inf
+            choice = np.argmax(curvature, axis=1)
+        residue[start:stop] = (projection * gain.T[choice]) @ vt
+        regularisation[start:stop] = rel[choice]
+        report(stop / n_voxels, f"Tikhonov ({criterion}) deconvolution")
