@@ -1,0 +1,665 @@
+"""The only bridge between PerfusionAI's core and 3D Slicer's MRML scene.
+
+Everything else in :mod:`perfusionai` works on numpy arrays plus a
+:class:`perfusionai.io.Geometry`; this module converts MRML nodes to those and
+back, and sets up the display of results. It imports ``slicer`` (and ``vtk``)
+lazily inside functions, so ``import perfusionai.mrml`` works anywhere, and the
+functions run both inside Slicer and on the ``slicer-core`` wheel (the tests).
+
+Conventions
+-----------
+* Arrays are ``[k, j, i]`` (3D) and ``[k, j, i, t]`` (4D, time last), the order of
+  ``slicer.util.arrayFromVolume``. Geometry is the node's IJK-to-RAS matrix,
+  converted to :class:`Geometry` (LPS) and back without loss, so oblique and
+  left-handed grids survive a round trip exactly (no voxel reordering here).
+* Frame times are in seconds from the first frame.
+* Nodes are added to ``slicer.mrmlScene``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .errors import PerfusionAIError, input_error
+from .io import Geometry, Series
+from .labels import LabelInfo
+
+#: Preferred colour table per map type, best first. File-based tables exist only in the
+#: full application; the table/PET ids also exist in slicer-core, so each list ends with one.
+MAP_COLOR_NODE_IDS: Mapping[str, tuple[str, ...]] = {
+    "cbf": ("vtkMRMLColorTableNodeFileColdToHotRainbow.txt", "vtkMRMLColorTableNodeRainbow"),
+    "cbv": ("vtkMRMLColorTableNodeFileColdToHotRainbow.txt", "vtkMRMLColorTableNodeRainbow"),
+    "mtt": ("vtkMRMLPETProceduralColorNodePET-Heat", "vtkMRMLColorTableNodeRainbow"),
+    "tmax": ("vtkMRMLPETProceduralColorNodePET-Heat", "vtkMRMLColorTableNodeRainbow"),
+    "ttp": ("vtkMRMLColorTableNodeFileViridis.txt", "vtkMRMLColorTableNodeOcean"),
+    "perfusion": ("vtkMRMLPETProceduralColorNodePET-Heat", "vtkMRMLColorTableNodeRainbow"),
+}
+DEFAULT_MAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileViridis.txt", "vtkMRMLColorTableNodeRainbow",
+                              "vtkMRMLColorTableNodeGrey")
+
+#: Units of each map (volume node attribute "PerfusionAI.Units" and table column units).
+MAP_UNITS: Mapping[str, str] = {
+    "cbf": "mL/100 g/min",
+    "cbv": "mL/100 g",
+    "mtt": "s",
+    "tmax": "s",
+    "ttp": "s",
+}
+
+#: Index units of sequence nodes / MultiVolume frame labels, as seconds per unit.
+_TIME_UNIT_SECONDS = {
+    "": 1.0, "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
+    "ms": 1e-3, "msec": 1e-3, "millisecond": 1e-3, "milliseconds": 1e-3,
+    "min": 60.0, "minute": 60.0, "minutes": 60.0,
+}
+
+
+def _slicer():
+    import slicer
+
+    return slicer
+
+
+def _scene():
+    slicer = _slicer()
+    scene = getattr(slicer, "mrmlScene", None)
+    if scene is None:
+        raise RuntimeError("slicer.mrmlScene is not set (run inside Slicer or set it to a vtkMRMLScene)")
+    return scene
+
+
+def _node_label(node) -> str:
+    return f"node '{node.GetName()}'" if node is not None else "node"
+
+
+# --------------------------------------------------------------------------------------
+# geometry
+
+
+def vtk_matrix_from_array(matrix: np.ndarray):
+    """A ``vtkMatrix4x4`` holding a 4x4 numpy matrix."""
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    arr = np.asarray(matrix, dtype=float)
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(arr[r, c]))
+    return m
+
+
+def array_from_vtk_matrix(matrix) -> np.ndarray:
+    """A 4x4 numpy array from a ``vtkMatrix4x4``."""
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
+
+
+def ijk_to_ras_of_node(volume_node) -> np.ndarray:
+    """The 4x4 IJK-to-RAS matrix of a volume node (numpy)."""
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    return array_from_vtk_matrix(m)
+
+
+def geometry_of_node(volume_node) -> Geometry:
+    """The :class:`Geometry` (LPS) of a volume node; shape from its image data as ``(k, j, i)``."""
+    image = volume_node.GetImageData()
+    if image is None:
+        raise input_error(volume_node.GetName(), "volume node has no image data")
+    dims = image.GetDimensions()
+    return Geometry.from_ijk_to_ras(ijk_to_ras_of_node(volume_node), (dims[2], dims[1], dims[0]))
+
+
+def set_node_geometry(volume_node, geometry: Geometry) -> None:
+    """Place a volume node on ``geometry`` (sets its IJK-to-RAS matrix)."""
+    volume_node.SetIJKToRASMatrix(vtk_matrix_from_array(geometry.ijk_to_ras()))
+
+
+# --------------------------------------------------------------------------------------
+# scalar volumes
+
+
+def array_from_volume_node(volume_node) -> tuple[np.ndarray, Geometry]:
+    """Copy a scalar volume node's voxels and geometry.
+
+    Returns
+    -------
+    array
+        ``[k, j, i]`` copy of the voxels (the node's own type).
+    geometry
+        Its voxel grid (LPS).
+    """
+    slicer = _slicer()
+    if volume_node is None:
+        raise input_error(None, "no volume selected")
+    geometry = geometry_of_node(volume_node)
+    array = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
+    if array.ndim != 3:
+        raise input_error(volume_node.GetName(), f"is not a 3D scalar volume (array shape {array.shape})")
+    return array, geometry
+
+
+def _storable_array(array: np.ndarray, label: bool) -> np.ndarray:
+    arr = np.asarray(array)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8)
+    if label:
+        # updateVolumeFromArray rejects int64 (np.argmax output); label maps fit int16.
+        if np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize > 2:
+            return arr.astype(np.int16)
+        if np.issubdtype(arr.dtype, np.floating):
+            return np.round(arr).astype(np.int16)
+    elif arr.dtype == np.int64 or arr.dtype == np.uint64:
+        return arr.astype(np.int32)
+    elif arr.dtype == np.float16:
+        return arr.astype(np.float32)
+    return np.ascontiguousarray(arr)
+
+
+def volume_node_from_array(
+    array: np.ndarray,
+    geometry: Geometry,
+    name: str,
+    node=None,
+    label: bool = False,
+):
+    """Put a ``[k, j, i]`` array on ``geometry`` into a (new or given) volume node.
+
+    Parameters
+    ----------
+    node
+        Existing node to update (its voxels and geometry are replaced), or None to
+        add a new ``vtkMRMLScalarVolumeNode`` (``vtkMRMLLabelMapVolumeNode`` when
+        ``label``) with default display nodes.
+    label
+        Store as a label map (int16).
+    """
+    slicer = _slicer()
+    arr = _storable_array(array, label)
+    if tuple(arr.shape) != tuple(geometry.shape):
+        raise ValueError(f"array shape {arr.shape} does not match geometry shape {tuple(geometry.shape)}")
+    if node is None:
+        class_name = "vtkMRMLLabelMapVolumeNode" if label else "vtkMRMLScalarVolumeNode"
+        node = slicer.util.addVolumeFromArray(arr, ijkToRAS=geometry.ijk_to_ras(), name=name,
+                                              nodeClassName=class_name)
+    else:
+        slicer.util.updateVolumeFromArray(node, arr)
+        set_node_geometry(node, geometry)
+        if name:
+            node.SetName(name)
+    return node
+
+
+# --------------------------------------------------------------------------------------
+# 4D series: sequence nodes and MultiVolume nodes
+
+
+def _seconds_per_unit(unit: Optional[str], what: str) -> float:
+    key = (unit or "").strip().lower()
+    if key not in _TIME_UNIT_SECONDS:
+        raise input_error(what, f"unknown time unit '{unit}' (expected s, ms or min)")
+    return _TIME_UNIT_SECONDS[key]
+
+
+def _relative_times(values: Sequence[str], unit: Optional[str], what: str) -> Optional[np.ndarray]:
+    try:
+        numbers = np.array([float(v) for v in values], dtype=float)
+    except ValueError:
+        return None
+    if numbers.size == 0 or not np.all(np.isfinite(numbers)):
+        return None
+    times = (numbers - numbers[0]) * _seconds_per_unit(unit, what)
+    if numbers.size > 1 and np.any(np.diff(times) <= 0):
+        raise input_error(what, "frame times are not strictly increasing; give the frame interval (TR) instead")
+    return times
+
+
+def is_multivolume_node(node) -> bool:
+    """True for a MultiVolume node (``vtkMRMLMultiVolumeNode`` or a volume with its attributes)."""
+    if node is None:
+        return False
+    if node.GetClassName() == "vtkMRMLMultiVolumeNode":
+        return True
+    return node.IsA("vtkMRMLVolumeNode") and node.GetAttribute("MultiVolume.FrameLabels") is not None
+
+
+def series_from_node(node, tr: Optional[float] = None) -> Series:
+    """Read a 4D series from a sequence node of volumes or a MultiVolume node.
+
+    Parameters
+    ----------
+    node
+        ``vtkMRMLSequenceNode`` whose data nodes are scalar volumes on one grid
+        (frame times from the index values and the index unit), or a MultiVolume
+        node (``[k, j, i, frames]`` voxels; times from the attribute
+        ``MultiVolume.FrameLabels`` in ``MultiVolume.FrameIdentifyingDICOMTagUnits``,
+        milliseconds when absent, as Slicer's MultiVolumeImporter writes them).
+    tr
+        Frame interval in seconds; when given it overrides the node's timing.
+
+    Returns
+    -------
+    Series
+        ``array`` float32 ``[k, j, i, t]``; ``times`` in s from the first frame (None
+        when the node has no numeric timing and no ``tr`` is given); ``te`` in s when
+        a MultiVolume node carries ``MultiVolume.DICOM.EchoTime`` (ms).
+    """
+    slicer = _slicer()
+    if node is None:
+        raise input_error(None, "no 4D series selected")
+    name = node.GetName()
+    te = None
+    if node.IsA("vtkMRMLSequenceNode"):
+        count = node.GetNumberOfDataNodes()
+        if count < 2:
+            raise input_error(name, f"sequence has {count} frame(s); a 4D series needs at least 2")
+        frames = []
+        geometry = None
+        for index in range(count):
+            frame = node.GetNthDataNode(index)
+            if frame is None or not frame.IsA("vtkMRMLScalarVolumeNode"):
+                raise input_error(name, f"frame {index} of the sequence is not a scalar volume")
+            array, frame_geometry = array_from_volume_node(frame)
+            if geometry is None:
+                geometry = frame_geometry
+            elif not geometry.same_grid(frame_geometry):
+                raise input_error(name, f"frame {index} is on another voxel grid than frame 0")
+            frames.append(array)
+        data = np.stack(frames, axis=-1).astype(np.float32, copy=False)
+        values = [node.GetNthIndexValue(i) for i in range(count)]
+        times = _relative_times(values, node.GetIndexUnit(), name)
+    elif is_multivolume_node(node):
+        data = np.array(slicer.util.arrayFromVolume(node), dtype=np.float32, copy=True)
+        if data.ndim != 4 or data.shape[-1] < 2:
+            raise input_error(name, f"MultiVolume node has no frames (array shape {data.shape})")
+        geometry = geometry_of_node(node)
+        labels = node.GetAttribute("MultiVolume.FrameLabels")
+        unit = node.GetAttribute("MultiVolume.FrameIdentifyingDICOMTagUnits")
+        times = None
+        if labels:
+            values = [v for v in labels.split(",") if v.strip()]
+            if len(values) != data.shape[-1]:
+                raise input_error(name, f"MultiVolume.FrameLabels has {len(values)} values for "
+                                        f"{data.shape[-1]} frames")
+            times = _relative_times(values, unit if unit else "ms", name)
+        echo = node.GetAttribute("MultiVolume.DICOM.EchoTime")
+        if echo:
+            try:
+                te = float(echo) * 1e-3
+            except ValueError:
+                te = None
+    else:
+        raise input_error(name, f"is a {node.GetClassName()}; a sequence of volumes or a MultiVolume "
+                                f"node was expected")
+    if tr is not None:
+        if not (math.isfinite(tr) and tr > 0):
+            raise input_error("TR", f"must be a positive number of seconds, got {tr}")
+        times = np.arange(data.shape[-1], dtype=float) * float(tr)
+    tr_value = float(tr) if tr is not None else (
+        float(np.median(np.diff(times))) if times is not None and times.size > 1 else None)
+    return Series(np.ascontiguousarray(data), geometry, times, tr_value, te, name)
+
+
+def sequence_node_from_series(
+    array: np.ndarray,
+    geometry: Geometry,
+    times: Sequence[float],
+    name: str,
+    index_unit: str = "s",
+    browser: bool = True,
+):
+    """Store a ``[k, j, i, t]`` series as a sequence node of scalar volumes.
+
+    Parameters
+    ----------
+    times
+        Frame times in ``index_unit``; written with ``repr`` precision so they read back exactly.
+    browser
+        Also add a sequence browser node (so the series can be browsed and shown).
+
+    Returns
+    -------
+    (sequence_node, browser_node or None)
+    """
+    slicer = _slicer()
+    scene = _scene()
+    data = np.asarray(array)
+    values = [float(t) for t in times]
+    if data.ndim != 4 or data.shape[-1] != len(values):
+        raise ValueError(f"array shape {data.shape} does not match {len(values)} frame times")
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
+    sequence.SetIndexName("time")
+    sequence.SetIndexUnit(index_unit)
+    frame = slicer.vtkMRMLScalarVolumeNode()
+    matrix = vtk_matrix_from_array(geometry.ijk_to_ras())
+    for index, value in enumerate(values):
+        slicer.util.updateVolumeFromArray(frame, np.ascontiguousarray(data[..., index]))
+        frame.SetIJKToRASMatrix(matrix)
+        # SetDataNodeAtValue deep-copies the frame, so one scratch node serves all frames.
+        sequence.SetDataNodeAtValue(frame, repr(value))
+    browser_node = None
+    if browser:
+        browser_node = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", name + " browser")
+        browser_node.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    return sequence, browser_node
+
+
+def reference_volume_of_series(node):
+    """A volume node with the series' voxel grid (frame 0 of a sequence, or the MultiVolume itself)."""
+    if node is not None and node.IsA("vtkMRMLSequenceNode"):
+        return node.GetNthDataNode(0)
+    return node
+
+
+# --------------------------------------------------------------------------------------
+# masks and segmentations
+
+
+def _temporary_reference_volume(geometry: Geometry):
+    slicer = _slicer()
+    return volume_node_from_array(np.zeros(tuple(geometry.shape), dtype=np.uint8), geometry,
+                                  "__perfusionai_reference__")
+
+
+def mask_from_node(node, reference: Geometry, segment_id: Optional[str] = None,
+                   what: str = "mask") -> np.ndarray:
+    """A boolean ``[k, j, i]`` mask on ``reference``'s grid from a label map or a segmentation.
+
+    Parameters
+    ----------
+    node
+        ``vtkMRMLLabelMapVolumeNode`` / scalar volume (nonzero voxels are inside; it
+        must lie on the reference grid), or ``vtkMRMLSegmentationNode`` (the
+        segment ``segment_id``, or the union of all segments when None, resampled
+        onto the reference grid by Slicer).
+    what
+        Name used in error messages ("AIF region", "brain mask").
+    """
+    slicer = _slicer()
+    scene = _scene()
+    if node is None:
+        raise input_error(None, f"no {what} selected")
+    if node.IsA("vtkMRMLSegmentationNode"):
+        import vtk
+
+        segmentation = node.GetSegmentation()
+        ids = vtk.vtkStringArray()
+        if segment_id:
+            if segmentation.GetSegment(segment_id) is None:
+                raise input_error(node.GetName(), f"has no segment '{segment_id}' for the {what}")
+            ids.InsertNextValue(segment_id)
+        else:
+            for index in range(segmentation.GetNumberOfSegments()):
+                ids.InsertNextValue(segmentation.GetNthSegmentID(index))
+        if ids.GetNumberOfValues() == 0:
+            raise input_error(node.GetName(), f"segmentation has no segments for the {what}")
+        reference_node = _temporary_reference_volume(reference)
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__perfusionai_mask__")
+        try:
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                node, ids, labelmap, reference_node)
+            if not ok:
+                raise input_error(node.GetName(), f"the {what} could not be converted to a label map")
+            mask = np.array(slicer.util.arrayFromVolume(labelmap)) != 0
+        finally:
+            display = labelmap.GetDisplayNode()
+            color = display.GetColorNode() if display is not None else None
+            scene.RemoveNode(labelmap)
+            if color is not None and color.GetName() and "__perfusionai_mask__" in color.GetName():
+                scene.RemoveNode(color)
+            scene.RemoveNode(reference_node)
+    elif node.IsA("vtkMRMLVolumeNode"):
+        array, geometry = array_from_volume_node(node)
+        if not geometry.same_grid(reference):
+            raise input_error(node.GetName(), f"{what} is not on the grid of the 4D series "
+                                              f"({geometry.describe()} vs {reference.describe()})")
+        mask = array != 0
+    else:
+        raise input_error(node.GetName(), f"is a {node.GetClassName()}; a label map or segmentation "
+                                          f"was expected for the {what}")
+    if mask.shape != tuple(reference.shape):
+        raise input_error(node.GetName(), f"{what} has shape {mask.shape}, expected {tuple(reference.shape)}")
+    if not mask.any():
+        raise input_error(node.GetName(), f"{what} is empty")
+    return mask
+
+
+def color_table_node_from_labels(table: Mapping[int, LabelInfo], name: str):
+    """A user colour table node with one named colour per label (label 0: transparent background)."""
+    scene = _scene()
+    size = max(table) + 1 if table else 1
+    color_node = scene.CreateNodeByClass("vtkMRMLColorTableNode")
+    color_node.SetTypeToUser()
+    color_node.SetNumberOfColors(size)
+    color_node.SetName(name)
+    color_node.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
+    for value in range(1, size):
+        info = table.get(value)
+        if info is None:
+            color_node.SetColor(value, f"label {value}", 0.5, 0.5, 0.5, 0.0)
+        else:
+            r, g, b = info.rgb
+            color_node.SetColor(value, info.name, float(r), float(g), float(b), 1.0)
+    color_node.HideFromEditorsOff()
+    scene.AddNode(color_node)
+    color_node.UnRegister(None)
+    return color_node
+
+
+def segmentation_node_from_labels(
+    labels: np.ndarray,
+    geometry: Geometry,
+    table: Mapping[int, LabelInfo],
+    name: str,
+    reference_volume_node=None,
+):
+    """Turn a ``[k, j, i]`` integer label map into a segmentation node.
+
+    Each label value present in ``labels`` and listed in ``table`` becomes one
+    segment named and coloured from ``table``; labels missing from ``table`` are
+    refused (they would get meaningless names). The segmentation's reference
+    geometry is ``reference_volume_node`` (e.g. the source image) or the label grid.
+    """
+    slicer = _slicer()
+    scene = _scene()
+    values = np.unique(np.asarray(labels))
+    unknown = [int(v) for v in values if v != 0 and int(v) not in table]
+    if unknown:
+        raise PerfusionAIError(f"label map '{name}' has labels {unknown} that have no name")
+    labelmap = volume_node_from_array(labels, geometry, name + " labels", label=True)
+    color_node = color_table_node_from_labels(table, name + " colors")
+    try:
+        labelmap.GetDisplayNode().SetAndObserveColorNodeID(color_node.GetID())
+        segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node or labelmap)
+        if reference_volume_node is not None:
+            segmentation.SetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole(),
+                                            reference_volume_node.GetID())
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+        if not ok:
+            raise PerfusionAIError(f"label map '{name}' could not be imported as a segmentation")
+    finally:
+        scene.RemoveNode(labelmap)
+        scene.RemoveNode(color_node)
+    return segmentation
+
+
+def segments_of(segmentation_node) -> list[tuple[str, str, tuple[float, float, float]]]:
+    """``[(segment id, name, (r, g, b)), ...]`` of a segmentation node, in order."""
+    segmentation = segmentation_node.GetSegmentation()
+    out = []
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        out.append((segmentation.GetNthSegmentID(index), segment.GetName(), tuple(segment.GetColor())))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# tables and plots
+
+
+def table_node_from_rows(rows: Sequence[Mapping[str, object]], name: str, node=None,
+                         units: Optional[Mapping[str, str]] = None):
+    """Write rows of ``{column: value}`` into a table node (strings stay text, numbers become doubles).
+
+    Columns appear in the order of first appearance; a missing cell is empty text
+    (string column) or NaN (numeric column). ``units`` sets column unit labels.
+    """
+    import vtk
+
+    scene = _scene()
+    columns: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    else:
+        node.RemoveAllColumns()
+        node.SetName(name)
+    table = node.GetTable()
+    for column in columns:
+        cells = [row.get(column) for row in rows]
+        numeric = all(c is None or (isinstance(c, (int, float, np.number)) and not isinstance(c, bool))
+                      for c in cells)
+        if numeric:
+            array = vtk.vtkDoubleArray()
+            for c in cells:
+                array.InsertNextValue(float("nan") if c is None else float(c))
+        else:
+            array = vtk.vtkStringArray()
+            for c in cells:
+                array.InsertNextValue("" if c is None else str(c))
+        array.SetName(column)
+        table.AddColumn(array)
+    table.Modified()
+    for column, unit in (units or {}).items():
+        if column in columns:
+            node.SetColumnUnitLabel(column, unit)
+    node.Modified()
+    return node
+
+
+def rows_of_table_node(node) -> list[dict[str, str]]:
+    """Read a table node back as rows of ``{column: text}``."""
+    columns = [node.GetColumnName(c) for c in range(node.GetNumberOfColumns())]
+    return [{columns[c]: node.GetCellText(r, c) for c in range(len(columns))}
+            for r in range(node.GetNumberOfRows())]
+
+
+def plot_curves(x: np.ndarray, curves: Mapping[str, np.ndarray], title: str, x_name: str = "time (s)",
+                show: bool = True, nodes: Optional[dict] = None):
+    """Plot curves against ``x`` in a chart (table, plot series and chart nodes).
+
+    Returns the chart node; ``nodes`` (a dict) receives ``table``, ``chart`` and
+    ``series`` so a later call can update the same plot.
+    """
+    slicer = _slicer()
+    names = list(curves)
+    columns = [np.asarray(x, dtype=float)] + [np.asarray(curves[n], dtype=float) for n in names]
+    length = columns[0].shape[0]
+    if any(c.shape != (length,) for c in columns):
+        raise ValueError("every curve needs one value per x")
+    nodes = {} if nodes is None else nodes
+    chart = slicer.util.plot(np.stack(columns, axis=1), xColumnIndex=0, columnNames=[x_name] + names,
+                             title=title, show=show, nodes=nodes)
+    for series in nodes.get("series", []):
+        series.SetPlotType(series.PlotTypeLine)
+    chart.SetXAxisTitle(x_name)
+    return chart
+
+
+# --------------------------------------------------------------------------------------
+# display
+
+
+def color_node_id_for_map(map_type: str) -> str:
+    """The first colour node id of ``MAP_COLOR_NODE_IDS[map_type]`` present in the scene."""
+    scene = _scene()
+    for node_id in MAP_COLOR_NODE_IDS.get(map_type.lower(), DEFAULT_MAP_COLOR_NODE_IDS):
+        if scene.GetNodeByID(node_id) is not None:
+            return node_id
+    for node_id in DEFAULT_MAP_COLOR_NODE_IDS:
+        if scene.GetNodeByID(node_id) is not None:
+            return node_id
+    raise RuntimeError("no colour table is available in the scene (the Colors module logic is not set up)")
+
+
+def display_range(array: np.ndarray, lower_percentile: float = 1.0,
+                  upper_percentile: float = 99.0) -> tuple[float, float]:
+    """Robust display range of a map: percentiles of its finite nonzero voxels.
+
+    Zero voxels are the background outside the mask, so they are left out.
+    Returns ``(0, 1)`` for an empty map.
+    """
+    values = np.asarray(array, dtype=float)
+    values = values[np.isfinite(values) & (values != 0)]
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(values, [lower_percentile, upper_percentile])
+    if not high > low:
+        high = low + max(abs(low) * 0.1, 1e-6)
+    return float(low), float(high)
+
+
+def show_map(volume_node, map_type: str, window: Optional[tuple[float, float]] = None,
+             hide_zero: bool = True) -> None:
+    """Set a parameter map's display: colour table for its type, window/level, zero hidden.
+
+    Parameters
+    ----------
+    window
+        ``(min, max)`` display range; default :func:`display_range` of the voxels.
+    hide_zero
+        Threshold out voxels at 0 (outside the mask) so the overlay shows only tissue.
+    """
+    slicer = _slicer()
+    display = volume_node.GetDisplayNode()
+    if display is None:
+        volume_node.CreateDefaultDisplayNodes()
+        display = volume_node.GetDisplayNode()
+    array = slicer.util.arrayFromVolume(volume_node)
+    low, high = window if window is not None else display_range(array)
+    display.SetAndObserveColorNodeID(color_node_id_for_map(map_type))
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(low, high)
+    if hide_zero:
+        display.AutoThresholdOff()
+        # Values at exactly 0 are background; a tiny positive floor keeps every tissue value.
+        floor = min(low, 0.0) if low < 0 else 1e-6 * max(abs(high), 1.0)
+        display.SetThreshold(floor, float(np.finfo(np.float32).max))
+        display.ApplyThresholdOn()
+    units = MAP_UNITS.get(map_type.lower())
+    volume_node.SetAttribute("PerfusionAI.MapType", map_type.lower())
+    if units:
+        volume_node.SetAttribute("PerfusionAI.Units", units)
+
+
+def show_overlay(background_node, foreground_node, opacity: float = 0.6, fit: bool = False) -> None:
+    """Show ``foreground_node`` over ``background_node`` in every slice view.
+
+    ``fit`` resets the slice views to the volume (only meaningful with a layout).
+    """
+    slicer = _slicer()
+    slicer.util.setSliceViewerLayers(background=background_node, foreground=foreground_node,
+                                     foregroundOpacity=float(opacity), fit=fit)
+
+
+def set_attributes(node, attributes: Mapping[str, object], prefix: str = "PerfusionAI.") -> None:
+    """Record small metadata (method, options, model) on a node; saved with the scene."""
+    for key, value in attributes.items():
+        node.SetAttribute(prefix + key, "" if value is None else str(value))
+
+
+def remove_nodes(nodes: Iterable) -> None:
+    """Remove nodes from the scene (None entries are skipped)."""
+    scene = _scene()
+    for node in nodes:
+        if node is not None and node.GetScene() is not None:
+            scene.RemoveNode(node)
