@@ -1,0 +1,85 @@
+"""``perfusionai demo``: every module on digital phantoms, one HTML report.
+
+Each domain package may provide ``perfusionai.<domain>.demo.run_demo(out_dir, progress)``
+returning a :class:`perfusionai.report.ReportSection`; it writes its files under
+``out_dir`` (a subfolder per domain). Sections are run in :data:`DEMO_ORDER`;
+a domain without a demo module is skipped. Everything shown is computed from
+phantoms with known truth, and learned models in the demo are trained on
+phantoms during the run (labelled as such).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import traceback
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .cli_common import make_progress
+from .errors import PerfusionAIError
+from .io import atomic_output_dir
+from .progress import Progress
+from .report.html import ReportSection, paragraph, write_report
+
+DEMO_ORDER = ("dsc", "prm", "ctpm", "dr")
+
+
+def available_demos() -> list[str]:
+    found = []
+    for domain in DEMO_ORDER:
+        try:
+            importlib.import_module(f"perfusionai.{domain}.demo")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith(f"perfusionai.{domain}"):
+                continue
+            raise
+        found.append(domain)
+    return found
+
+
+def run_demo(out_dir: str | Path, only: Optional[Sequence[str]] = None, progress_mode: str = "bar") -> Path:
+    """Run the demos and write ``out_dir/report.html``; returns the report path.
+
+    A domain whose demo raises an unexpected error gets a section showing the
+    error, and the run then fails with :class:`PerfusionAIError` after the
+    report is written, so a broken module is never silently hidden.
+    """
+    domains = available_demos()
+    if only:
+        unknown = sorted(set(only) - set(domains))
+        if unknown:
+            raise PerfusionAIError(f"--only: no demo for {', '.join(unknown)} (available: {', '.join(domains)})")
+        domains = [d for d in domains if d in only]
+
+    class _Args:
+        progress = progress_mode
+
+    callback = make_progress(_Args(), "demo")
+    progress = Progress(callback)
+    sections: list[ReportSection] = []
+    failures: list[str] = []
+    out = Path(out_dir)
+    with atomic_output_dir(out) as stage:
+        for index, domain in enumerate(domains):
+            sub = progress.sub(index / len(domains), (index + 1) / len(domains))
+            module = importlib.import_module(f"perfusionai.{domain}.demo")
+            start = time.perf_counter()
+            try:
+                section = module.run_demo(stage / domain, sub)
+            except PerfusionAIError:
+                raise
+            except Exception as exc:  # a bug in a module: show it, then fail loudly
+                failures.append(domain)
+                section = ReportSection(f"{domain}: FAILED",
+                                        paragraph(f"{type(exc).__name__}: {exc}")
+                                        + f"<pre>{traceback.format_exc()[-3000:]}</pre>")
+            section.html_body += paragraph(f"Section computed in {time.perf_counter() - start:.1f} s.")
+            sections.append(section)
+        progress(1.0, "report")
+        # image paths point into the staging folder: make them relative before moving
+        write_report(sections, stage, title="PerfusionAI demo on digital phantoms",
+                     meta={"data": "digital phantoms with known truth (no patient data)"})
+    if failures:
+        raise PerfusionAIError(f"demo sections failed: {', '.join(failures)} (see {out / 'report.html'})")
+    return out / "report.html"
