@@ -1,0 +1,9 @@
+"""Digital phantoms with known truth, used by the tests, the demo and the benchmarks.
+
+* :mod:`perfusionai.phantoms.dsc` -- 4D DSC-MRI series with known CBF, CBV, MTT, Tmax,
+  TTP, residue shape, dispersion, recirculation, BSW leakage and Rician noise.
+"""
+
+from .dsc import DSCPhantom, Tissue, make_brain_phantom, make_dsc_phantom
+
+__all__ = ["DSCPhantom", "Tissue", "make_dsc_phantom", "make_brain_phantom"]
