@@ -86,8 +86,9 @@ def register(subparsers) -> None:
 
     phantom = verbs.add_parser(
         "phantom", help="write a DSC digital phantom with known truth (4D series, masks, truth maps)",
-        description="Write a DSC-MRI digital phantom: OUT/dsc.nii.gz (4D, TR in the header), OUT/brain.nii.gz, "
-                    "OUT/aif.nii.gz (arterial voxels), OUT/rois.nii.gz and OUT/truth_<map>.nii.gz.")
+        description="Write a DSC-MRI digital phantom: OUT/dsc.nii.gz (4D, TR in the header), OUT/brain_mask.nii.gz, "
+                    "OUT/aif_mask.nii.gz (arterial voxels), OUT/rois.nii.gz, OUT/truth_<map>.nii.gz and "
+                    "OUT/truth.json (TE, TR and the region table).")
     phantom.add_argument("--out", required=True, help="output folder")
     phantom.add_argument("--snr", type=positive_float, default=None, help="signal-to-noise ratio (default: no noise)")
     phantom.add_argument("--residue", choices=("exponential", "gamma", "lorentzian"), default="exponential")
@@ -200,7 +201,6 @@ def run_phantom(args: argparse.Namespace) -> int:
     from ..phantoms.dsc import make_dsc_phantom
 
     phantom = make_dsc_phantom(snr=args.snr, residue=args.residue, leakage=args.leakage, seed=args.seed)
-    with atomic_output_dir(args.out) as stage:
-        phantom.save(stage)
+    phantom.save(args.out)
     print(f"phantom written to {args.out} (TR {phantom.tr} s, TE {phantom.te} s)")
     return 0
