@@ -286,3 +286,73 @@ def test_colour_lookup_without_colour_logic_fails_clearly():
             mrml.color_node_id_for_map("cbf")
     finally:
         slicer.mrmlScene = previous
+
+
+# --------------------------------------------------------------------------------------
+# The DSCDeconvolution Logic's data path: nodes -> core -> nodes
+
+
+def _dsc_phantom():
+    from perfusionai.phantoms.dsc import make_dsc_phantom
+
+    return make_dsc_phantom(shape=(4, 16, 16), n_frames=50, tumour=False, lesion=False)
+
+
+def test_dsc_nodes_to_core_to_nodes_matches_truth(scene):
+    from perfusionai.dsc.pipeline import DSCOptions, compute_dsc_maps
+    from perfusionai.labels import LabelInfo
+    from perfusionai.slicer_support import output_from_result
+
+    phantom = _dsc_phantom()
+    sequence, browser = mrml.sequence_node_from_series(phantom.signal, phantom.geometry, phantom.times, "DSC")
+    aif_segmentation = mrml.segmentation_node_from_labels(
+        phantom.aif_mask.astype(np.uint8), phantom.geometry, {1: LabelInfo("artery", "artery", (1, 0, 0))}, "AIF")
+    artery_id = mrml.segments_of(aif_segmentation)[0][0]
+    brain = mrml.volume_node_from_array(phantom.brain_mask, phantom.geometry, "brain", label=True)
+
+    inputs = mrml.dsc_inputs_from_nodes(sequence, te=phantom.te, aif_node=aif_segmentation,
+                                        aif_segment_id=artery_id, mask_node=brain)
+    np.testing.assert_array_equal(inputs.aif_mask, phantom.aif_mask)
+    np.testing.assert_array_equal(inputs.mask, phantom.brain_mask)
+    np.testing.assert_allclose(inputs.times, phantom.times)
+
+    result = compute_dsc_maps(inputs.series.array, inputs.times, DSCOptions(te=inputs.te, method="Tikhonov"),
+                              mask=inputs.mask, aif_mask=inputs.aif_mask)
+    output = output_from_result(result, inputs.series.geometry)
+    nodes = mrml.dsc_output_to_nodes(output, sequence, prefix="DSC", show=False,
+                                     attributes={"Method": "Tikhonov"})
+
+    tissue = phantom.tissue_mask
+    cbf_node = nodes["maps"]["cbf"]
+    cbf, geometry = mrml.array_from_volume_node(cbf_node)
+    assert geometry.same_grid(phantom.geometry)
+    truth_cbf = float(np.median(phantom.truth["cbf"][tissue]))
+    assert abs(float(np.median(cbf[tissue])) - truth_cbf) <= 0.10 * truth_cbf
+    cbv, _ = mrml.array_from_volume_node(nodes["maps"]["cbv"])
+    truth_cbv = float(np.median(phantom.truth["cbv_discrete"][tissue]))
+    assert abs(float(np.median(cbv[tissue])) - truth_cbv) <= 0.10 * truth_cbv
+    assert cbf_node.GetAttribute("PerfusionAI.Method") == "Tikhonov"
+    assert cbf_node.GetAttribute("PerfusionAI.Units") == "mL/100 g/min"
+
+    rows = mrml.rows_of_table_node(nodes["table"])
+    assert [r["map"] for r in rows] == ["cbv", "cbf", "mtt", "tmax", "ttp"]
+    medians = nodes["table"].GetTable().GetColumnByName("median")
+    for index, row in enumerate(rows):
+        assert medians.GetValue(index) == pytest.approx(result.summary["medians_in_mask"][row["map"]], rel=1e-12)
+    assert nodes["chart"].GetNumberOfPlotSeriesNodes() == 2
+    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(nodes["plot"]["table"], "AIF (1/s)"), result.aif)
+
+    # The overlay background is the mid-bolus frame (the AIF peak) of the input series.
+    frame = int(np.argmax(result.aif))
+    background, _ = mrml.array_from_volume_node(nodes["background"])
+    np.testing.assert_array_equal(background, phantom.signal[..., frame])
+
+
+def test_dsc_inputs_refuse_missing_or_millisecond_te(scene):
+    phantom = _dsc_phantom()
+    sequence, _ = mrml.sequence_node_from_series(phantom.signal, phantom.geometry, phantom.times, "DSC",
+                                                 browser=False)
+    with pytest.raises(PerfusionAIError, match="echo time .* is not known"):
+        mrml.dsc_inputs_from_nodes(sequence)
+    with pytest.raises(PerfusionAIError, match="looks like milliseconds"):
+        mrml.dsc_inputs_from_nodes(sequence, te=30.0)

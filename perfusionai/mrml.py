@@ -663,3 +663,146 @@ def remove_nodes(nodes: Iterable) -> None:
     for node in nodes:
         if node is not None and node.GetScene() is not None:
             scene.RemoveNode(node)
+
+
+# --------------------------------------------------------------------------------------
+# DSC: nodes in, nodes out (used by the DSCDeconvolution module's Logic)
+
+
+class DSCNodeInputs:
+    """The core inputs read from nodes: ``series`` (:class:`Series`), ``te`` s, masks ``[k, j, i]`` bool."""
+
+    def __init__(self, series: Series, te: float, mask: Optional[np.ndarray], aif_mask: Optional[np.ndarray]):
+        self.series = series
+        self.te = te
+        self.mask = mask
+        self.aif_mask = aif_mask
+
+    @property
+    def times(self) -> np.ndarray:
+        return self.series.frame_times()
+
+
+def _resolve_te(te: Optional[float], series: Series) -> float:
+    value = te if te is not None else series.te
+    if value is None:
+        raise input_error("TE", f"the echo time of '{series.path}' is not known; enter it in seconds (e.g. 0.03)")
+    if not (math.isfinite(value) and value > 0):
+        raise input_error("TE", f"the echo time must be a positive number of seconds, got {value}")
+    if value > 1.0:
+        raise input_error("TE", f"the echo time is in seconds; {value} looks like milliseconds ({value / 1000:g} s?)")
+    return float(value)
+
+
+def dsc_inputs_from_nodes(series_node, te: Optional[float] = None, tr: Optional[float] = None,
+                          aif_node=None, aif_segment_id: Optional[str] = None,
+                          mask_node=None, mask_segment_id: Optional[str] = None) -> DSCNodeInputs:
+    """Read a DSC run's inputs from the scene.
+
+    Parameters
+    ----------
+    series_node
+        Sequence node of volumes or MultiVolume node (:func:`series_from_node`).
+    te, tr
+        Echo time and frame interval in s; ``te`` None uses the node's (MultiVolume
+        ``MultiVolume.DICOM.EchoTime``), ``tr`` None the node's frame times.
+    aif_node, aif_segment_id
+        Arterial region: label map or segmentation (+ segment id); None for automatic AIF.
+    mask_node, mask_segment_id
+        Optional brain mask, same kinds.
+    """
+    series = series_from_node(series_node, tr=tr)
+    if series.times is None:
+        raise input_error(series_node.GetName(), "has no frame times; enter the frame interval (TR) in seconds")
+    resolved_te = _resolve_te(te, series)
+    reference = series.geometry
+    mask = mask_from_node(mask_node, reference, mask_segment_id, "brain mask") if mask_node is not None else None
+    aif_mask = mask_from_node(aif_node, reference, aif_segment_id, "AIF region") if aif_node is not None else None
+    return DSCNodeInputs(series, resolved_te, mask, aif_mask)
+
+
+def _browser_for_sequence(sequence_node):
+    scene = _scene()
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode")):
+        browser = scene.GetNthNodeByClass(index, "vtkMRMLSequenceBrowserNode")
+        if browser.IsSynchronizedSequenceNode(sequence_node.GetID(), True):
+            return browser
+    return None
+
+
+def frame_volume_node(series_node, frame: int, name: str, series: Optional[Series] = None):
+    """A volume showing frame ``frame`` of a series node.
+
+    For a sequence with a browser, the browser jumps to the frame and its proxy
+    node is returned; otherwise a new volume holding that frame is added.
+    """
+    if series_node.IsA("vtkMRMLSequenceNode"):
+        browser = _browser_for_sequence(series_node)
+        if browser is not None:
+            browser.SetSelectedItemNumber(int(frame))
+            proxy = browser.GetProxyNode(series_node)
+            if proxy is not None:
+                return proxy
+    if series is None:
+        series = series_from_node(series_node)
+    return volume_node_from_array(series.array[..., int(frame)], series.geometry, name)
+
+
+def _parent_with_input(nodes: Sequence, input_node, folder_name: str) -> None:
+    """Put result nodes in a subject-hierarchy folder next to the input (when the hierarchy exists)."""
+    slicer = _slicer()
+    scene = _scene()
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if hierarchy is None:
+        return
+    input_item = hierarchy.GetItemByDataNode(input_node)
+    parent = hierarchy.GetItemParent(input_item) if input_item else hierarchy.GetSceneItemID()
+    folder = hierarchy.CreateFolderItem(parent, folder_name)
+    for node in nodes:
+        item = hierarchy.GetItemByDataNode(node)
+        if item:
+            hierarchy.SetItemParent(item, folder)
+
+
+def dsc_output_to_nodes(output, series_node, prefix: str = "DSC", show: bool = True,
+                        overlay_map: str = "cbf", opacity: float = 0.6, attributes: Optional[Mapping] = None,
+                        series: Optional[Series] = None) -> dict:
+    """Put a DSC run's results into the scene and show them.
+
+    Parameters
+    ----------
+    output
+        :class:`perfusionai.slicer_support.DSCOutput`.
+    series_node
+        The input series (geometry, mid-bolus background frame, hierarchy parent).
+    show
+        Show ``overlay_map`` over the mid-bolus frame in the slice views and the
+        curves in a plot view; False only builds the nodes (batch, tests).
+
+    Returns
+    -------
+    dict
+        ``{"maps": {name: volume node}, "table": table node, "chart": chart node,
+        "plot": {table, chart, series}, "background": frame volume node}``.
+    """
+    map_nodes = {}
+    for name, array in output.maps.items():
+        node = volume_node_from_array(array, output.geometry, f"{prefix} {name.upper()}")
+        show_map(node, name)
+        set_attributes(node, attributes or {})
+        map_nodes[name] = node
+    table = table_node_from_rows(output.median_rows(), f"{prefix} medians")
+    plot_nodes: dict = {}
+    chart = plot_curves(np.asarray(output.times), {"AIF (1/s)": output.aif,
+                                                    "mean tissue (1/s)": output.tissue_curve},
+                        f"{prefix} curves", x_name="time (s)", show=show, nodes=plot_nodes)
+    frame = output.mid_bolus_frame()
+    background = frame_volume_node(series_node, frame, f"{prefix} frame {frame}", series=series)
+    if show and overlay_map in map_nodes:
+        show_overlay(background, map_nodes[overlay_map], opacity=opacity, fit=True)
+    created = list(map_nodes.values()) + [table, chart]
+    browser = _browser_for_sequence(series_node) if series_node.IsA("vtkMRMLSequenceNode") else None
+    if browser is None or not browser.IsProxyNode(background.GetID()):
+        created.append(background)
+    _parent_with_input(created, series_node, f"{prefix} results")
+    return {"maps": map_nodes, "table": table, "chart": chart, "plot": plot_nodes, "background": background}

@@ -1,0 +1,160 @@
+"""perfusionai.slicer_support: the Qt-free half of the Slicer modules (plain pytest).
+
+The background-process test runs the real ``python -m perfusionai dsc maps`` on a
+phantom through the same file exchange and command line the DSCDeconvolution
+module uses, and checks the maps against the phantom's truth.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from perfusionai.errors import PerfusionAIError
+from perfusionai import slicer_support as support
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("PROGRESS 0.2500 AIF", (0.25, "AIF")),
+    ("PROGRESS 1 done", (1.0, "done")),
+    ("  PROGRESS 0.5   deconvolution chunk 3/8  ", (0.5, "deconvolution chunk 3/8")),
+    ("PROGRESS 1.7 overshoot", (1.0, "overshoot")),
+    ("PROGRESS -0.1 negative", (0.0, "negative")),
+    ("PROGRESS 0.3", (0.3, "")),
+    ("maps written to /tmp/x", None),
+    ("PROGRESS nan message", None),
+    ("WARNING PROGRESS 0.5 not at line start", None),
+    ("", None),
+])
+def test_parse_progress_line(line, expected):
+    assert support.parse_progress_line(line) == expected
+
+
+def test_error_message_prefers_the_cli_error_line():
+    lines = ["PROGRESS 0.1 concentration", "perfusionai: error: /x/aif.nii.gz: AIF mask is empty"]
+    assert support.error_message_from_output(lines) == "/x/aif.nii.gz: AIF mask is empty"
+    assert support.error_message_from_output(["PROGRESS 0.1 a", "Traceback", "ValueError: boom"]) == \
+        "Traceback\nValueError: boom"
+
+
+def test_method_names():
+    assert [support.cli_method(m) for m in support.DSC_METHODS] == \
+        ["sSVD", "cSVD", "oSVD", "Tikhonov", "phae", "tmax-net"]
+    assert support.cli_method("osvd") == "oSVD"
+    assert support.is_learned("PHAE") and support.is_learned("tmax-net") and not support.is_learned("Tikhonov")
+    with pytest.raises(PerfusionAIError, match="unknown DSC method 'fSVD'"):
+        support.cli_method("fSVD")
+
+
+def _inputs(tmp_path, **kw):
+    return support.DSCInputFiles(series=tmp_path / "dsc.nii.gz", tr=1.5, **kw)
+
+
+def test_command_line_options(tmp_path):
+    cmd = support.build_dsc_maps_command("PythonSlicer", _inputs(tmp_path, aif_mask=tmp_path / "a.nii.gz"),
+                                         tmp_path / "out", te=0.03, method="cSVD", threshold=0.15,
+                                         leakage_correction=True)
+    assert cmd[:5] == ["PythonSlicer", "-m", "perfusionai", "dsc", "maps"]
+    assert cmd[cmd.index("--te") + 1] == "0.03" and cmd[cmd.index("--tr") + 1] == "1.5"
+    assert cmd[cmd.index("--method") + 1] == "cSVD"
+    assert cmd[cmd.index("--aif-mask") + 1].endswith("a.nii.gz") and "--aif-auto" not in cmd
+    assert cmd[cmd.index("--threshold") + 1] == "0.15" and "--leakage-correction" in cmd
+    assert cmd[cmd.index("--progress") + 1] == "lines" and "--mask" not in cmd and "--model" not in cmd
+    auto = support.build_dsc_maps_command(["py", "-X", "utf8"], _inputs(tmp_path), tmp_path / "o", te=0.02,
+                                          method="PHAE")
+    assert auto[:3] == ["py", "-X", "utf8"] and "--aif-auto" in auto
+    assert auto[auto.index("--method") + 1] == "phae" and "--model" not in auto  # CLI trains PHAE first
+    with pytest.raises(PerfusionAIError, match="tmax-net needs a model"):
+        support.build_dsc_maps_command("py", _inputs(tmp_path), tmp_path / "o", te=0.02, method="tmax-net")
+
+
+def test_background_run_through_files_matches_truth(tmp_path):
+    """Inputs written as the module writes them, the CLI run as a subprocess, outputs read back."""
+    from perfusionai.phantoms.dsc import make_dsc_phantom
+
+    phantom = make_dsc_phantom(shape=(4, 16, 16), n_frames=50, tumour=False, lesion=False)
+    inputs = support.write_dsc_inputs(tmp_path / "in", phantom.signal, phantom.geometry, phantom.times,
+                                      mask=phantom.brain_mask, aif_mask=phantom.aif_mask)
+    assert inputs.tr == pytest.approx(phantom.tr)
+    out = tmp_path / "out"
+    cmd = support.build_dsc_maps_command(sys.executable, inputs, out, te=phantom.te, method="Tikhonov")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    progress = [p for p in map(support.parse_progress_line, done.stdout.splitlines()) if p is not None]
+    fractions = [f for f, _ in progress]
+    assert len(fractions) >= 3 and fractions == sorted(fractions) and fractions[-1] == 1.0
+
+    output = support.read_dsc_outputs(out)
+    assert set(support.MAP_NAMES) <= set(output.maps)
+    assert output.geometry.same_grid(phantom.geometry)
+    tissue = phantom.tissue_mask
+    truth = float(np.median(phantom.truth["cbf"][tissue]))
+    assert abs(float(np.median(output.maps["cbf"][tissue])) - truth) <= 0.10 * truth
+    np.testing.assert_allclose(output.times, phantom.times, atol=1e-6)
+    assert output.mid_bolus_frame() == int(np.argmax(output.aif))
+    rows = output.median_rows()
+    assert [r["map"] for r in rows][:5] == list(support.MAP_NAMES)
+    assert rows[1]["unit"] == "mL/100 g/min"
+    brain = phantom.brain_mask
+    assert rows[1]["median"] == pytest.approx(float(np.median(output.maps["cbf"][brain])), rel=1e-5)
+
+
+def test_read_outputs_of_an_unfinished_run_is_refused(tmp_path):
+    with pytest.raises(PerfusionAIError, match="did not finish"):
+        support.read_dsc_outputs(tmp_path)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the child-process script below uses POSIX sleep semantics")
+def test_kill_process_tree_stops_launcher_and_child(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    # A "launcher" that starts a long-running child, like PythonSlicer starting python-real.
+    script = ("import subprocess, sys, time; "
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(60)")
+    launcher = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 20
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    killed = support.kill_process_tree(launcher.pid)
+    assert launcher.pid in killed and child in killed
+    assert launcher.wait(timeout=10) != 0
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        # A killed child of a dead parent may linger as a zombie until reaped by init.
+        status = Path(f"/proc/{child}/status")
+        if status.exists() and "State:\tZ" in status.read_text():
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the child process survived kill_process_tree")
+
+
+def test_requirements_file_and_missing_check(tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text("# comment\nnumpy>=1.20  # bundled with Slicer\n\nsurely-not-installed-pkg-3141>=1\n")
+    assert support.read_requirements(req) == ["numpy>=1.20", "surely-not-installed-pkg-3141>=1"]
+    assert support.missing_requirements(support.read_requirements(req)) == ["surely-not-installed-pkg-3141>=1"]
+
+
+def test_module_requirement_files_parse():
+    root = Path(__file__).resolve().parents[1] / "DSCDeconvolution" / "Resources"
+    for name in ("requirements.txt", "requirements-learned.txt"):
+        lines = support.read_requirements(root / name)
+        assert lines and all(not ln.lower().startswith(("torch", "numpy", "simpleitk", "vtk")) for ln in lines)
+
+
+def test_python_launcher_prefers_pythonslicer():
+    assert support.python_launcher(lambda name: "/opt/Slicer/bin/PythonSlicer") == "/opt/Slicer/bin/PythonSlicer"
+    assert support.python_launcher(lambda name: None) == sys.executable

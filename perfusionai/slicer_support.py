@@ -1,0 +1,326 @@
+"""Qt-free helpers behind the Slicer modules (no ``slicer``, ``qt`` or ``vtk`` imports).
+
+The module files only bind widgets and call these; keeping the logic here makes
+it testable with plain pytest:
+
+* the background-process pattern: command lines for ``python -m perfusionai``,
+  parsing of ``PROGRESS <fraction> <message>`` lines, killing a process tree;
+* the file exchange with that process (inputs written, outputs read back);
+* the DSC result in one shape, whether it came from the in-process core or the CLI;
+* checks of which Python requirements are missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from .errors import PerfusionAIError, input_error
+from .io import Geometry, read_volume, write_series, write_volume
+
+#: Methods as the DSCDeconvolution GUI lists them, and the CLI's spelling of each.
+DSC_METHODS = ("sSVD", "cSVD", "oSVD", "Tikhonov", "PHAE", "tmax-net")
+_CLI_METHOD = {"ssvd": "sSVD", "csvd": "cSVD", "osvd": "oSVD", "tikhonov": "Tikhonov",
+               "phae": "phae", "tmax-net": "tmax-net"}
+LEARNED_METHODS = ("phae", "tmax-net")
+MAP_NAMES = ("cbv", "cbf", "mtt", "tmax", "ttp")
+
+_PROGRESS_LINE = re.compile(r"^\s*PROGRESS\s+([-+0-9.eE]+)\s*(.*?)\s*$")
+
+
+def cli_method(method: str) -> str:
+    """The CLI spelling of a method name (case-insensitive); refuses unknown names."""
+    key = _CLI_METHOD.get(str(method).strip().lower())
+    if key is None:
+        raise input_error("method", f"unknown DSC method {method!r}; choose from {', '.join(DSC_METHODS)}")
+    return key
+
+
+def is_learned(method: str) -> bool:
+    """True for methods that need torch and a model (PHAE, tmax-net)."""
+    return cli_method(method) in LEARNED_METHODS
+
+
+def parse_progress_line(line: str) -> Optional[tuple[float, str]]:
+    """``(fraction, message)`` of a ``PROGRESS <fraction> <message>`` line, else None.
+
+    The fraction is clamped to [0, 1]; other output lines (logs, warnings) give None.
+    """
+    match = _PROGRESS_LINE.match(line or "")
+    if not match:
+        return None
+    try:
+        fraction = float(match.group(1))
+    except ValueError:
+        return None
+    if fraction != fraction:  # NaN
+        return None
+    return min(max(fraction, 0.0), 1.0), match.group(2)
+
+
+def error_message_from_output(lines: Sequence[str]) -> str:
+    """The user-facing error of a failed CLI run: its ``perfusionai: error:`` line, else the last lines."""
+    for line in reversed(list(lines)):
+        if "perfusionai: error:" in line:
+            return line.split("perfusionai: error:", 1)[1].strip()
+    tail = [ln for ln in lines if ln.strip() and parse_progress_line(ln) is None][-5:]
+    return "\n".join(tail) if tail else "the background process failed without a message"
+
+
+# --------------------------------------------------------------------------------------
+# file exchange with the background process
+
+
+@dataclass
+class DSCInputFiles:
+    """Paths written by :func:`write_dsc_inputs` (None where not given)."""
+
+    series: Path
+    tr: float
+    mask: Optional[Path] = None
+    aif_mask: Optional[Path] = None
+
+
+def frame_interval(times: np.ndarray) -> float:
+    """Median frame interval in seconds of frame times ``(t,)``."""
+    t = np.asarray(times, dtype=float)
+    if t.size < 2:
+        raise input_error("frame times", "at least two frames are needed")
+    return float(np.median(np.diff(t)))
+
+
+def write_dsc_inputs(work_dir: str | os.PathLike, signal_kjit: np.ndarray, geometry: Geometry,
+                     times: np.ndarray, mask: Optional[np.ndarray] = None,
+                     aif_mask: Optional[np.ndarray] = None) -> DSCInputFiles:
+    """Write the series ``[k, j, i, t]`` and optional masks ``[k, j, i]`` as NIfTI for the CLI."""
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    tr = frame_interval(times)
+    files = DSCInputFiles(series=write_series(signal_kjit, geometry, work / "dsc.nii.gz", tr=tr), tr=tr)
+    if mask is not None:
+        files.mask = write_volume(np.asarray(mask).astype(np.uint8), geometry, work / "mask.nii.gz")
+    if aif_mask is not None:
+        files.aif_mask = write_volume(np.asarray(aif_mask).astype(np.uint8), geometry, work / "aif_mask.nii.gz")
+    return files
+
+
+def build_dsc_maps_command(
+    python: str | Sequence[str],
+    inputs: DSCInputFiles,
+    out_dir: str | os.PathLike,
+    te: float,
+    method: str = "oSVD",
+    threshold: Optional[float] = None,
+    kh: float = 0.73,
+    rho: float = 1.04,
+    leakage_correction: bool = False,
+    model_path: Optional[str] = None,
+) -> list[str]:
+    """The ``python -m perfusionai dsc maps ...`` command line (``--progress lines``).
+
+    ``python`` is the interpreter (Slicer: the ``PythonSlicer`` launcher) or a list
+    of leading arguments. A learned method without ``model_path`` makes the CLI
+    train PHAE on this series first (tmax-net needs a model).
+    """
+    key = cli_method(method)
+    if key == "tmax-net" and not model_path:
+        raise input_error("model", "tmax-net needs a model file; choose one or use PHAE")
+    head = [python] if isinstance(python, str) else list(python)
+    command = head + ["-m", "perfusionai", "dsc", "maps", "--dsc", str(inputs.series),
+                      "--te", repr(float(te)), "--tr", repr(float(inputs.tr)), "--method", key,
+                      "--kh", repr(float(kh)), "--rho", repr(float(rho)), "--out", str(out_dir),
+                      "--progress", "lines"]
+    if inputs.aif_mask is not None:
+        command += ["--aif-mask", str(inputs.aif_mask)]
+    else:
+        command += ["--aif-auto"]
+    if inputs.mask is not None:
+        command += ["--mask", str(inputs.mask)]
+    if threshold is not None:
+        command += ["--threshold", repr(float(threshold))]
+    if leakage_correction:
+        command += ["--leakage-correction"]
+    if model_path:
+        command += ["--model", str(model_path)]
+    return command
+
+
+@dataclass
+class DSCOutput:
+    """A DSC run's results in one shape for the Slicer side.
+
+    maps: ``{name: float32 [k, j, i]}``; times, aif, tissue_curve: ``(t,)`` (s, 1/s, 1/s);
+    medians: ``{map name: median inside the mask}`` (None when undefined); units per map.
+    """
+
+    maps: dict
+    geometry: Geometry
+    times: np.ndarray
+    aif: np.ndarray
+    tissue_curve: np.ndarray
+    medians: dict
+    units: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+    def median_rows(self) -> list[dict]:
+        """Rows ``{"map", "median", "unit"}`` for a table, in the standard map order."""
+        order = [m for m in MAP_NAMES if m in self.maps] + [m for m in self.maps if m not in MAP_NAMES]
+        return [{"map": name, "median": self.medians.get(name), "unit": self.units.get(name, "")}
+                for name in order]
+
+    def mid_bolus_frame(self) -> int:
+        """Index of the frame where the AIF peaks (the frame to show under the overlays)."""
+        return int(np.nanargmax(np.asarray(self.aif, dtype=float)))
+
+
+_UNITS = {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "tmax": "s", "ttp": "s", "k2": "1/s"}
+
+
+def output_from_result(result, geometry: Geometry) -> DSCOutput:
+    """Wrap a :class:`perfusionai.dsc.pipeline.DSCResult` (in-process run)."""
+    medians = dict((result.summary or {}).get("medians_in_mask", {}))
+    return DSCOutput(maps={k: np.asarray(v, dtype=np.float32) for k, v in result.maps.items()},
+                     geometry=geometry, times=np.asarray(result.times, dtype=float),
+                     aif=np.asarray(result.aif, dtype=float),
+                     tissue_curve=np.asarray(result.tissue_curve, dtype=float),
+                     medians=medians, units={k: _UNITS.get(k, "") for k in result.maps},
+                     summary=dict(result.summary or {}))
+
+
+def read_dsc_outputs(out_dir: str | os.PathLike) -> DSCOutput:
+    """Read what ``perfusionai dsc maps`` wrote: ``<map>.nii.gz``, ``aif.csv``, ``summary.json``."""
+    out = Path(out_dir)
+    summary_path = out / "summary.json"
+    if not summary_path.exists():
+        raise input_error(out, "has no summary.json; the DSC run did not finish")
+    summary = json.loads(summary_path.read_text())
+    maps: dict = {}
+    geometry = None
+    for path in sorted(out.glob("*.nii.gz")):
+        name = path.name[: -len(".nii.gz")]
+        volume = read_volume(path, name)
+        maps[name] = np.asarray(volume.array, dtype=np.float32)
+        geometry = geometry or volume.geometry
+    if geometry is None:
+        raise input_error(out, "contains no maps")
+    times, aif, tissue = [], [], []
+    with open(out / "aif.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            times.append(float(row["time_s"]))
+            aif.append(float(row["aif_delta_r2star_per_s"]))
+            text = row.get("tissue_mean_delta_r2star_per_s") or "nan"
+            tissue.append(float(text))
+    medians, units = {}, {}
+    for name, entry in summary.get("medians_in_mask", {}).items():
+        if isinstance(entry, Mapping):
+            medians[name] = entry.get("median")
+            units[name] = entry.get("unit", _UNITS.get(name, ""))
+        else:
+            medians[name] = entry
+            units[name] = _UNITS.get(name, "")
+    return DSCOutput(maps=maps, geometry=geometry, times=np.asarray(times), aif=np.asarray(aif),
+                     tissue_curve=np.asarray(tissue), medians=medians, units=units, summary=summary)
+
+
+# --------------------------------------------------------------------------------------
+# processes
+
+
+def _children_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` via ``pgrep -P`` (Linux and macOS); [] when unavailable."""
+    try:
+        done = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [int(tok) for tok in done.stdout.split() if tok.isdigit()]
+
+
+def kill_process_tree(pid: int) -> list[int]:
+    """Kill a process and all its descendants; returns the pids signalled.
+
+    ``PythonSlicer`` is a launcher that starts the real interpreter as a child, so
+    killing only the launcher would leave the computation running. Uses psutil
+    when installed, ``taskkill /T`` on Windows, else walks ``pgrep -P``.
+    """
+    try:
+        import psutil  # type: ignore
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            parent = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            return []
+        procs = parent.children(recursive=True) + [parent]
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return [p.pid for p in procs]
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True)
+        return [pid]
+    tree, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        tree.append(current)
+        frontier.extend(_children_pids(current))
+    # Children first, so none is re-parented and missed while its parent dies.
+    for target in reversed(tree):
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except PermissionError as exc:
+            raise PerfusionAIError(f"cannot stop process {target}: {exc}") from None
+    return tree
+
+
+# --------------------------------------------------------------------------------------
+# requirements
+
+
+def read_requirements(path: str | os.PathLike) -> list[str]:
+    """Requirement lines of a requirements file (comments and blanks dropped)."""
+    lines = []
+    for raw in Path(path).read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement.strip(), maxsplit=1)[0]
+
+
+def missing_requirements(requirements: Sequence[str]) -> list[str]:
+    """The requirements whose distribution is not installed (names only; versions are not compared)."""
+    from importlib import metadata
+
+    missing = []
+    for requirement in requirements:
+        try:
+            metadata.version(_requirement_name(requirement))
+        except metadata.PackageNotFoundError:
+            missing.append(requirement)
+    return missing
+
+
+def python_launcher(which=None) -> str:
+    """The interpreter for background runs: Slicer's ``PythonSlicer`` when on PATH, else this Python."""
+    import shutil
+
+    found = (which or shutil.which)("PythonSlicer")
+    return found or sys.executable
