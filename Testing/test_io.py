@@ -140,3 +140,17 @@ def test_dicom_3d_volume_and_empty_folder(tmp_path):
     (tmp_path / "empty" / "readme.txt").write_text("hello")
     with pytest.raises(PerfusionAIError, match="no readable DICOM"):
         io.read_series(tmp_path / "empty")
+
+
+def test_nan_voxels_survive_nifti_reading(tmp_path):
+    # ITK's NIfTI reader turns NaN into 0; broken frames must stay visible
+    arr = np.ones((3, 4, 5, 6), np.float32)
+    arr[..., 2] = np.nan
+    s = io.read_series(io.write_series(arr, io.Geometry((3, 4, 5)), tmp_path / "n.nii.gz", tr=1.0))
+    assert np.isnan(s.array[..., 2]).all() and np.isfinite(np.delete(s.array, 2, axis=-1)).all()
+    vol = np.ones((3, 4, 5), np.float32)
+    vol[1, 2, 3] = np.nan
+    back = io.read_volume(io.write_volume(vol, io.Geometry((3, 4, 5)), tmp_path / "v.nii"))
+    assert np.isnan(back.array[1, 2, 3]) and np.isnan(back.array).sum() == 1
+    with pytest.raises(PerfusionAIError, match=r"n\.nii\.gz.*NaN.*frame\(s\) 3 of 6"):
+        io.check_finite_series(s, None, "the series")

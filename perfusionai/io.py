@@ -200,6 +200,31 @@ def _read_sitk_file(p: Path):
     return img, meta
 
 
+def _restore_nifti_nans(p: Path, arr: np.ndarray) -> np.ndarray:
+    """Put back the NaNs that ITK's NIfTI reader turns into zeros.
+
+    ITK reads NaN voxels of a float NIfTI file as 0, which would silently hide
+    broken frames; nibabel reads the raw values. ``arr`` is in SimpleITK order
+    (the reverse of the file's axis order).
+    """
+    if not (p.name.endswith(".nii") or p.name.endswith(".nii.gz")) or not np.issubdtype(arr.dtype, np.floating):
+        return arr
+    import nibabel
+
+    raw = np.asanyarray(nibabel.load(str(p)).dataobj)
+    nan = np.isnan(raw)
+    if not nan.any():
+        return arr
+    nan = nan.T
+    if nan.shape != arr.shape:  # vector/4D layouts: compare element counts in file order
+        nan = nan.reshape(arr.shape) if nan.size == arr.size else None
+    if nan is None:
+        return arr
+    arr = np.array(arr, copy=True)
+    arr[nan] = np.nan
+    return arr
+
+
 def _bids_sidecar(p: Path) -> dict:
     name = p.name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
@@ -292,7 +317,7 @@ def read_volume(path: str | os.PathLike, name: str = "image") -> Volume:
         img = sitk.JoinSeries(img)
     if img.GetDimension() != 3:
         raise input_error(p, f"has {img.GetDimension()} dimensions; a 3D {name} was expected")
-    arr = sitk.GetArrayFromImage(img)
+    arr = _restore_nifti_nans(p, sitk.GetArrayFromImage(img))
     if arr.size == 0:
         raise input_error(p, "contains no voxels")
     return Volume(arr, _geometry_from_sitk(img, arr.shape), str(p), meta)
@@ -361,7 +386,7 @@ def _read_series_file(p: Path) -> Series:
         geometry = _geometry_from_sitk(img, arr.shape[:3])
         times = _nrrd_frame_times(meta, arr.shape[-1])
     elif img.GetDimension() == 4:
-        arr4 = sitk.GetArrayFromImage(img)  # (t, k, j, i)
+        arr4 = _restore_nifti_nans(p, sitk.GetArrayFromImage(img))  # (t, k, j, i)
         arr = np.moveaxis(arr4, 0, -1)
         geometry = _geometry_from_sitk(img, arr.shape[:3])
         step = _nifti_time_step_seconds(meta)
@@ -547,3 +572,22 @@ def write_json(data: dict, path: str | os.PathLike) -> Path:
 
 def unique_suffix() -> str:
     return uuid.uuid4().hex[:8]
+
+
+def check_finite_series(series: Series, mask: Optional[np.ndarray] = None, name: str = "series") -> None:
+    """Refuse a series with NaN or infinite values inside ``mask`` (whole image when None).
+
+    The message names the file and the first affected frames (1-based), since a
+    broken frame is the usual cause (an interrupted acquisition or conversion).
+    """
+    data = series.array
+    if not np.issubdtype(data.dtype, np.floating):
+        return
+    inside = data[mask] if mask is not None else data.reshape(-1, data.shape[-1])
+    bad = ~np.isfinite(inside).all(axis=0)
+    if bad.any():
+        frames = np.flatnonzero(bad) + 1
+        listed = ", ".join(str(f) for f in frames[:8]) + (" ..." if frames.size > 8 else "")
+        where = "inside the mask" if mask is not None else ""
+        raise input_error(series.path, f"{name} has NaN or infinite values {where} in frame(s) {listed} "
+                                       f"of {series.n_frames}; remove or repair those frames".replace("  ", " "))

@@ -19,7 +19,7 @@ import numpy as np
 from .. import __version__
 from ..cli_common import add_common_options, make_progress, positive_float
 from ..errors import input_error
-from ..io import atomic_output_dir, read_mask, read_series, write_json, write_volume
+from ..io import atomic_output_dir, check_finite_series, read_mask, read_series, write_json, write_volume
 
 METHODS = ("sSVD", "cSVD", "oSVD", "Tikhonov", "phae", "tmax-net")
 MAP_NAMES = ("cbv", "cbf", "mtt", "tmax", "ttp")
@@ -47,7 +47,7 @@ def register(subparsers) -> None:
                     "DSC-MRI series. Writes OUT/{cbv,cbf,mtt,tmax,ttp}.nii.gz on the input grid, OUT/aif.csv "
                     "and OUT/summary.json.")
     maps.add_argument("--dsc", required=True, help="4D DSC series: NIfTI/NRRD file or DICOM folder (time last)")
-    maps.add_argument("--te", type=positive_float, default=None,
+    maps.add_argument("--te", type=float, default=None,
                       help="echo time in SECONDS (e.g. 0.03); default: from the DICOM header or BIDS sidecar")
     maps.add_argument("--tr", type=positive_float, default=None,
                       help="frame interval in seconds; default: from the header")
@@ -127,6 +127,9 @@ def run_maps(args: argparse.Namespace) -> int:
     te = resolve_te(args.te, series)
     mask = read_mask(args.mask, series.geometry, "brain mask") if args.mask else None
     aif_mask = read_mask(args.aif_mask, series.geometry, "AIF mask") if args.aif_mask else None
+    # values outside the brain (and AIF) mask are never used, so NaN there is harmless
+    used = None if mask is None else (mask | aif_mask if aif_mask is not None else mask)
+    check_finite_series(series, used, "the DSC series")
     options = DSCOptions(
         te=te, method=args.method, threshold=args.threshold, oi_threshold=args.oi,
         tikhonov_lambda=args.tikhonov_lambda,

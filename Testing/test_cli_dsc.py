@@ -1,0 +1,129 @@
+"""``perfusionai dsc maps`` end to end, and every bad input the issue lists."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from perfusionai import io
+from perfusionai.cli import main
+from perfusionai.phantoms.dsc import make_dsc_phantom
+
+MAPS = ("cbv", "cbf", "mtt", "tmax", "ttp")
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantom")
+    phantom = make_dsc_phantom(shape=(6, 24, 24), n_frames=40, tr=1.5, te=0.03, snr=np.inf, seed=0)
+    phantom.save(folder)
+    return folder, phantom
+
+
+def run(argv, capsys):
+    code = main(argv + ["--progress", "none"])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+@pytest.mark.parametrize("aif", ["mask", "auto"])
+def test_maps_written_on_input_grid(phantom_dir, tmp_path, capsys, aif):
+    folder, phantom = phantom_dir
+    out = tmp_path / "out"
+    aif_args = ["--aif-mask", str(folder / "aif_mask.nii.gz")] if aif == "mask" else ["--aif-auto"]
+    code, err = run(["dsc", "maps", "--dsc", str(folder / "dsc.nii.gz"), "--te", "0.03", "--tr", "1.5",
+                     *aif_args, "--mask", str(folder / "brain_mask.nii.gz"), "--method", "ssvd",
+                     "--threshold", "0.01", "--out", str(out)], capsys)
+    assert code == 0, err
+    series = io.read_series(folder / "dsc.nii.gz")
+    for m in MAPS:
+        vol = io.read_volume(out / f"{m}.nii.gz")
+        assert vol.geometry.same_grid(series.geometry)
+        assert vol.array.dtype == np.float32
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["options"]["method"] == "sSVD"
+    assert summary["aif"]["mode"] == ("mask" if aif == "mask" else "automatic")
+    if aif == "auto":
+        assert len(summary["aif"]["voxels_kji"]) > 0
+    # noise-free inverse-crime phantom, almost no regularisation: grey-matter CBF is recovered
+    cbf = io.read_volume(out / "cbf.nii.gz").array
+    gm = phantom.rois == 1
+    assert np.median(cbf[gm]) == pytest.approx(np.median(phantom.truth["cbf"][gm]), rel=0.02)
+    assert summary["medians_in_mask"]["cbf"]["median"] == pytest.approx(
+        float(np.median(cbf[phantom.brain_mask])), rel=1e-4)
+    table = np.genfromtxt(out / "aif.csv", delimiter=",", names=True)
+    np.testing.assert_allclose(table["time_s"], np.arange(40) * 1.5, atol=1e-6)
+    if aif == "mask":
+        np.testing.assert_allclose(table["aif_delta_r2star_per_s"], phantom.aif, rtol=1e-3, atol=1e-3)
+
+
+def test_console_script_reports_error_without_traceback(phantom_dir, tmp_path):
+    folder, _ = phantom_dir
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "perfusionai", "dsc", "maps", "--dsc",
+                           str(folder / "brain_mask.nii.gz"), "--te", "0.03", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "brain_mask.nii.gz" in proc.stderr and "4D" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def _write_series(folder, name, arr, tr=1.5):
+    return io.write_series(arr, io.Geometry(arr.shape[:3]), folder / name, tr=tr)
+
+
+def bad_cases(folder, phantom, tmp):
+    """(argv, expected message pieces) for every bad input of the issue."""
+    geom = io.Geometry(phantom.signal.shape[:3], (1.8, 1.8, 5.0))
+    dsc = str(folder / "dsc.nii.gz")
+    mask = str(folder / "brain_mask.nii.gz")
+    aif = str(folder / "aif_mask.nii.gz")
+    nan = phantom.signal.copy()
+    nan[..., 20] = np.nan
+    nan_path = io.write_series(nan, phantom.geometry, tmp / "nan.nii.gz", tr=1.5)
+    short_path = io.write_series(phantom.signal[..., :8], phantom.geometry, tmp / "short.nii.gz", tr=1.5)
+    zero_aif = io.write_volume((phantom.rois == 2).astype(np.uint8), phantom.geometry, tmp / "wm_as_aif.nii.gz")
+    flat = phantom.signal.copy()
+    flat[phantom.aif_mask] = phantom.s0  # arteries without a bolus: an all-zero AIF
+    flat_path = io.write_series(flat, phantom.geometry, tmp / "flat_aif.nii.gz", tr=1.5)
+    empty = io.write_volume(np.zeros(geom.shape, np.uint8), phantom.geometry, tmp / "empty.nii.gz")
+    other = io.write_volume(np.ones((3, 4, 5), np.uint8), io.Geometry((3, 4, 5)), tmp / "other_grid.nii.gz")
+    base = ["dsc", "maps", "--tr", "1.5", "--mask", mask]
+    return {
+        "3d_instead_of_4d": (["dsc", "maps", "--dsc", mask, "--te", "0.03", "--aif-auto"], ["brain_mask.nii.gz", "4D"]),
+        "nan_frames": (base + ["--dsc", str(nan_path), "--te", "0.03", "--aif-mask", aif], ["NaN"]),
+        "te_missing": (base + ["--dsc", dsc, "--aif-mask", aif], ["dsc.nii.gz", "TE"]),
+        "te_zero": (base + ["--dsc", dsc, "--te", "0", "--aif-mask", aif], ["--te"]),
+        "te_in_ms": (base + ["--dsc", dsc, "--te", "30", "--aif-mask", aif], ["--te", "milliseconds"]),
+        "all_zero_aif": (base + ["--dsc", str(flat_path), "--te", "0.03", "--aif-mask", aif], ["AIF"]),
+        "empty_mask": (["dsc", "maps", "--dsc", dsc, "--te", "0.03", "--mask", str(empty), "--aif-auto"],
+                       ["empty.nii.gz", "empty"]),
+        "mask_other_grid": (["dsc", "maps", "--dsc", dsc, "--te", "0.03", "--mask", str(other), "--aif-auto"],
+                            ["other_grid.nii.gz", "grid"]),
+        "empty_aif_mask": (base + ["--dsc", dsc, "--te", "0.03", "--aif-mask", str(empty)], ["empty.nii.gz", "empty"]),
+        "fewer_than_10_frames": (base + ["--dsc", str(short_path), "--te", "0.03", "--aif-mask", aif],
+                                 ["short.nii.gz", "8 frames", "10"]),
+        "wm_as_aif": (base + ["--dsc", dsc, "--te", "0.03", "--aif-mask", str(zero_aif)], None),
+    }
+
+
+@pytest.mark.parametrize("case", ["3d_instead_of_4d", "nan_frames", "te_missing", "te_zero", "te_in_ms",
+                                  "all_zero_aif", "empty_mask", "mask_other_grid", "empty_aif_mask",
+                                  "fewer_than_10_frames"])
+def test_bad_input_one_clear_error_nothing_written(phantom_dir, tmp_path, capsys, case):
+    folder, phantom = phantom_dir
+    argv, pieces = bad_cases(folder, phantom, tmp_path)[case]
+    out = tmp_path / "out"
+    before = sorted(p.name for p in folder.iterdir())
+    code, err = run(argv + ["--out", str(out)], capsys)
+    assert code == 2, err
+    assert err.startswith("perfusionai: error: ")
+    assert len(err.strip().splitlines()) == 1
+    for piece in pieces:
+        assert piece in err, (piece, err)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert sorted(p.name for p in folder.iterdir()) == before
