@@ -72,7 +72,7 @@ SWEEP_LABEL_START = 10
 
 RESIDUES = ("exponential", "gamma", "lorentzian")
 DISCRETISATIONS = ("inverse-crime", "fine")
-TRUTH_MAPS = ("cbf", "cbv", "cbv_discrete", "mtt", "mtt_discrete", "tmax", "ttp", "delay", "k2")
+TRUTH_MAPS = ("cbf", "cbv", "cbv_discrete", "cbv_window", "mtt", "mtt_discrete", "tmax", "ttp", "delay", "k2")
 FINE_STEP_S = 0.01
 
 
@@ -136,7 +136,9 @@ class DSCPhantom:
     truth
         ``[k, j, i]`` float32 maps: ``cbf`` mL/100 g/min, ``cbv`` mL/100 g (nominal),
         ``cbv_discrete`` (what the sum ratio gives on noise-free data, see module
-        doc), ``mtt`` and ``mtt_discrete`` s, ``tmax`` s (time of the residue
+        doc), ``cbv_window`` (the noise-free, leakage-free sum ratio over the acquired
+        frames, kh/rho applied: ``cbv_discrete`` minus the residue tail beyond the last
+        frame), ``mtt`` and ``mtt_discrete`` s, ``tmax`` s (time of the residue
         maximum, = delay without dispersion), ``ttp`` s (time of the noise-free
         concentration peak on the frame grid), ``delay`` s, ``k2`` 1/s.
     aif
@@ -319,11 +321,13 @@ def _tissue_curves(tissues: Sequence[Tissue], times: np.ndarray, aif_fn, kh: flo
         curves[row] = c[::sub]
         # Effective residue maximum (dispersion shifts it); the fine grid resolves it to 0.01 s.
         if tis.dispersion_s > 0:
-            fine = np.arange(int(round(6 * tis.dispersion_s / FINE_STEP_S)) + 2) * FINE_STEP_S
-            k_f = np.exp(-fine / tis.dispersion_s)
-            k_f /= k_f.sum()
-            eff_f = _causal_convolve(k_f, residue_function(fine, tis.mtt, residue, gamma_shape), 1.0)
-            tmax[row] = tis.delay_s + fine[int(np.argmax(eff_f))]
+            # midpoint-rule convolution on a 1 ms grid: the peak of (kernel * R) to ~1 ms
+            step_t = 1e-3
+            fine = np.arange(int(round(8 * tis.dispersion_s / step_t)) + 2) * step_t
+            k_f = np.exp(-(fine + 0.5 * step_t) / tis.dispersion_s) / tis.dispersion_s
+            r_f = residue_function(fine + 0.5 * step_t, tis.mtt, residue, gamma_shape)
+            eff_f = _causal_convolve(k_f, r_f, step_t)
+            tmax[row] = tis.delay_s + (int(np.argmax(eff_f)) + 1) * step_t
         else:
             tmax[row] = tis.delay_s
         del effective
@@ -560,6 +564,8 @@ def make_dsc_phantom(
         else:
             cbv_d = t.cbv
         truth_rows["cbv_discrete"][lab] = cbv_d
+        # the sum ratio over the acquired frames (misses the residue tail beyond the window)
+        truth_rows["cbv_window"][lab] = 100.0 * (kh / rho) * vascular[row].sum() / aif.sum()
         truth_rows["mtt_discrete"][lab] = 60.0 * cbv_d / t.cbf
         truth_rows["tmax"][lab] = tmax_eff[row]
         truth_rows["ttp"][lab] = times[int(np.argmax(vascular[row]))]
