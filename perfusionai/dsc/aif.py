@@ -20,7 +20,8 @@ Peruzzo et al. (2011): every step is one array operation over all voxels.
    the ``roughness_quantile`` roughest of them (Mouridsen: 10 % and 25 %).
 4. Clustering: k-means (k = ``n_clusters``) of area-normalised curves, keep the
    cluster whose centroid has the smallest first moment (earliest, narrowest
-   bolus), repeat once on that cluster.
+   bolus; merged with the next-earliest while smaller than ``n_voxels``), repeat
+   once on that cluster.
 5. The ``n_voxels`` voxels of that cluster with the best score
    ``peak / (FWHM * time from global arrival to peak)`` (high, narrow, early)
    form the AIF, their mean curve.
@@ -332,8 +333,10 @@ def select_aif_auto(
         centroids = sums / np.maximum(counts, 1)[:, None]
         first_moment = (centroids * times[None, :]).sum(axis=1) / np.maximum(centroids.sum(axis=1), 1e-30)
         first_moment[counts == 0] = np.inf
-        best = int(np.argmin(first_moment))
-        keep(labels == best, "later cluster")
+        # earliest cluster; merge the next-earliest ones while it holds fewer than n_voxels
+        order = np.argsort(first_moment, kind="stable")
+        n_take = int(np.searchsorted(np.cumsum(counts[order]), n_voxels) + 1)
+        keep(np.isin(labels, order[:n_take]), "later cluster")
         cluster_sizes.append(curves.shape[0])
 
     t_arrival = times[nb]
