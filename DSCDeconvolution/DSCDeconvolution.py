@@ -1,0 +1,596 @@
+"""DSCDeconvolution: CBV, CBF, MTT, Tmax and TTP maps from a 4D DSC-MRI series in 3D Slicer.
+
+The module binds widgets and calls the Logic; the Logic converts nodes with
+``perfusionai.mrml``, runs one core function (``perfusionai.dsc.pipeline.compute_dsc_maps``
+in-process, or the same computation as ``PythonSlicer -m perfusionai dsc maps`` in a
+background process) and converts the results back to nodes. All numerics live in
+the ``perfusionai`` package, which the extension installs next to this file.
+"""
+
+import logging
+import os
+import pathlib
+import shutil
+import sys
+import time
+from typing import Annotated, Optional, Union
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+from slicer import (
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLSequenceNode,
+)
+
+
+def _makePerfusionAIImportable():
+    """In a built extension ``perfusionai/`` lies next to this file; in a source checkout
+    (module folder added to the additional module paths) it lies one folder up."""
+    try:
+        import perfusionai  # noqa: F401
+    except ImportError:
+        checkoutRoot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.isdir(os.path.join(checkoutRoot, "perfusionai")) and checkoutRoot not in sys.path:
+            sys.path.insert(0, checkoutRoot)
+
+
+_makePerfusionAIImportable()
+
+from perfusionai import mrml  # noqa: E402
+from perfusionai import slicer_support  # noqa: E402
+from perfusionai.errors import PerfusionAIError  # noqa: E402
+
+METHOD_CHOICES = list(slicer_support.DSC_METHODS)
+AIF_MODES = ["Automatic", "Region"]
+
+
+#
+# DSCDeconvolution
+#
+
+
+class DSCDeconvolution(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("DSC Deconvolution")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Perfusion")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["PerfusionAI team"]
+        self.parent.helpText = _("""
+Perfusion maps from a dynamic susceptibility contrast (DSC) MRI series: CBV [mL/100 g],
+CBF [mL/100 g/min], MTT [s], Tmax [s] and TTP [s] by deconvolution (sSVD, cSVD, oSVD, Tikhonov)
+or learned methods (PHAE, tmax-net; trained on phantoms). Select the 4D series (sequence or
+MultiVolume), the AIF (automatic or a drawn region), optionally a brain mask, then Apply.
+""")
+        self.parent.acknowledgementText = _("""
+Built on the PerfusionAI library. Deconvolution after Ostergaard et al. 1996 and Wu et al. 2003.
+""")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+#
+# Sample data: the DSC phantom, generated on the fly (no download)
+#
+
+
+def registerSampleData():
+    """Add the DSC phantom to the Sample Data module (built from perfusionai.phantoms when clicked)."""
+    import SampleData
+
+    iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="PerfusionAI",
+        sampleName="DSCPhantom",
+        thumbnailFileName=os.path.join(iconsPath, "DSCDeconvolution.png"),
+        uris="perfusionai://phantoms/dsc",
+        fileNames="DSCPhantom.seq.nrrd",
+        nodeNames="DSCPhantom",
+        customDownloader=loadDSCPhantom,
+    )
+
+
+def loadDSCPhantom(source=None, shape=(8, 32, 32), frames=50):
+    """Build the DSC phantom in the scene: a 4D sequence, its brain mask and its arterial voxels.
+
+    Returns ``{"series": sequence node, "browser": browser node, "brainMask": label map,
+    "aifMask": label map, "phantom": perfusionai.phantoms.dsc.DSCPhantom}``.
+    """
+    from perfusionai.phantoms.dsc import make_dsc_phantom
+
+    phantom = make_dsc_phantom(shape=shape, n_frames=frames, snr=80.0, seed=1)
+    sequence, browser = mrml.sequence_node_from_series(phantom.signal, phantom.geometry, phantom.times,
+                                                       "DSCPhantom")
+    mrml.set_attributes(sequence, {"EchoTime_s": phantom.te, "Note": "digital phantom with known truth"})
+    brain = mrml.volume_node_from_array(phantom.brain_mask, phantom.geometry, "DSCPhantom brain", label=True)
+    aif = mrml.volume_node_from_array(phantom.aif_mask, phantom.geometry, "DSCPhantom arteries", label=True)
+    proxy = browser.GetProxyNode(sequence)
+    if proxy is not None:
+        slicer.util.setSliceViewerLayers(background=proxy, fit=slicer.app.layoutManager() is not None)
+    return {"series": sequence, "browser": browser, "brainMask": brain, "aifMask": aif, "phantom": phantom}
+
+
+#
+# DSCDeconvolutionParameterNode
+#
+
+
+@parameterNodeWrapper
+class DSCDeconvolutionParameterNode:
+    """The module's settings, saved with the scene.
+
+    inputSeries - the 4D DSC series (sequence of volumes, or MultiVolume / sequence proxy volume).
+    aifMode - "Automatic" AIF selection or the drawn "Region".
+    aifRegion, aifSegmentId - arterial region (segmentation + segment, or label map).
+    brainMask, brainMaskSegmentId - optional mask (maps are computed inside it).
+    method - deconvolution or learned method.
+    echoTime - TE in s (0: from the series). frameInterval - TR in s (0: from the series).
+    svdThreshold - sSVD/cSVD truncation relative to the largest singular value (0: method default).
+    kh, rho - haematocrit factor and brain density.
+    leakageCorrection - Boxerman-Schmainda-Weisskoff correction.
+    modelPath - model folder/zip for PHAE / tmax-net. trainPhaeOnSeries - train PHAE on this series first.
+    runInBackground - run in a background process (GUI stays responsive, Cancel works).
+    overlayOpacity - opacity of the CBF overlay.
+    """
+
+    inputSeries: Union[vtkMRMLSequenceNode, vtkMRMLScalarVolumeNode]
+    aifMode: Annotated[str, Choice(AIF_MODES)] = "Automatic"
+    aifRegion: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    aifSegmentId: str = ""
+    brainMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    brainMaskSegmentId: str = ""
+    method: Annotated[str, Choice(METHOD_CHOICES)] = "oSVD"
+    echoTime: Annotated[float, WithinRange(0.0, 0.5)] = 0.0
+    frameInterval: Annotated[float, WithinRange(0.0, 60.0)] = 0.0
+    svdThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
+    kh: Annotated[float, WithinRange(0.1, 2.0)] = 0.73
+    rho: Annotated[float, WithinRange(0.5, 2.0)] = 1.04
+    leakageCorrection: bool = False
+    modelPath: pathlib.Path
+    trainPhaeOnSeries: bool = False
+    runInBackground: bool = True
+    overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
+
+
+#
+# DSCDeconvolutionWidget
+#
+
+
+class DSCDeconvolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DSCDeconvolution.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = DSCDeconvolutionLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.aifSegmentSelector.connect("currentSegmentChanged(QString)", self.onAifSegmentChanged)
+        self.ui.brainMaskSegmentSelector.connect("currentSegmentChanged(QString)", self.onBrainMaskSegmentChanged)
+
+        self.ui.progressBar.setVisible(False)
+        self.ui.cancelButton.enabled = False
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputSeries:
+            firstSequence = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSequenceNode")
+            if firstSequence:
+                self._parameterNode.inputSeries = firstSequence
+
+    def setParameterNode(self, inputParameterNode: Optional[DSCDeconvolutionParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Widgets with a "SlicerParameterName" property in the .ui file are bound here.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+            self._updateGui()
+
+    def _updateGui(self, caller=None, event=None) -> None:
+        """Show the widgets that apply to the current choices; enable Apply when inputs are set."""
+        p = self._parameterNode
+        if not p:
+            return
+        regionMode = p.aifMode == "Region"
+        self.ui.aifRegionSelector.setVisible(regionMode)
+        self.ui.aifRegionLabel.setVisible(regionMode)
+        aifIsSegmentation = regionMode and p.aifRegion is not None and p.aifRegion.IsA("vtkMRMLSegmentationNode")
+        self.ui.aifSegmentSelector.setVisible(aifIsSegmentation)
+        if aifIsSegmentation:
+            self.ui.aifSegmentSelector.setCurrentNode(p.aifRegion)
+        maskIsSegmentation = p.brainMask is not None and p.brainMask.IsA("vtkMRMLSegmentationNode")
+        self.ui.brainMaskSegmentSelector.setVisible(maskIsSegmentation)
+        if maskIsSegmentation:
+            self.ui.brainMaskSegmentSelector.setCurrentNode(p.brainMask)
+
+        learned = slicer_support.is_learned(p.method)
+        self.ui.modelPathLineEdit.enabled = learned and not p.trainPhaeOnSeries
+        self.ui.trainPhaeCheckBox.enabled = slicer_support.cli_method(p.method) == "phae"
+        self.ui.learnedNoteLabel.setVisible(learned)
+        self.ui.svdThresholdSpinBox.enabled = slicer_support.cli_method(p.method) in ("sSVD", "cSVD")
+
+        running = self.logic.isRunning
+        ready = p.inputSeries is not None and (not regionMode or p.aifRegion is not None)
+        self.ui.applyButton.enabled = ready and not running
+        self.ui.cancelButton.enabled = running
+        self.ui.applyButton.toolTip = _("Compute the perfusion maps") if ready else _("Select the 4D DSC series "
+                                                                                       "(and the AIF region)")
+
+    def onAifSegmentChanged(self, segmentId) -> None:
+        if self._parameterNode:
+            self._parameterNode.aifSegmentId = segmentId or ""
+
+    def onBrainMaskSegmentChanged(self, segmentId) -> None:
+        if self._parameterNode:
+            self._parameterNode.brainMaskSegmentId = segmentId or ""
+
+    def onApplyButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Computing the DSC maps failed."), waitCursor=False):
+            if not self.logic.ensureDependencies(p.method):
+                return
+            self.ui.progressBar.setVisible(True)
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Starting...")
+            self.logic.processWithParameterNode(p, waitForCompletion=not p.runInBackground,
+                                                progressCallback=self.onProgress,
+                                                completedCallback=self.onCompleted)
+            self._updateGui()
+
+    def onCancelButton(self) -> None:
+        self.logic.cancel()
+        self.ui.statusLabel.text = _("Cancelling...")
+
+    def onProgress(self, fraction, message) -> None:
+        self.ui.progressBar.value = int(round(100 * fraction))
+        self.ui.statusLabel.text = message
+        if not self._parameterNode.runInBackground:
+            slicer.app.processEvents()
+
+    def onCompleted(self, outcome) -> None:
+        """``outcome``: {"nodes": ...} on success, {"cancelled": True} or {"error": message}."""
+        self.ui.progressBar.setVisible(False)
+        self._updateGui()
+        if outcome.get("cancelled"):
+            self.ui.statusLabel.text = _("Cancelled.")
+        elif outcome.get("error"):
+            self.ui.statusLabel.text = _("Failed.")
+            slicer.util.errorDisplay(_("Computing the DSC maps failed:") + "\n" + outcome["error"])
+        else:
+            self.ui.statusLabel.text = _("Done: maps, curves and medians added to the scene.")
+            self.ui.resultsTableView.setMRMLTableNode(outcome["nodes"]["table"])
+
+
+#
+# DSCDeconvolutionLogic
+#
+
+
+class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
+    """Nodes in, perfusionai core, nodes out. Usable without the GUI (see the README)::
+
+        logic = DSCDeconvolution.DSCDeconvolutionLogic()
+        results = logic.process(getNode("DSCPhantom"), te=0.03, method="oSVD")
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._process = None
+        self._processOutput = []
+        self._cancelRequested = False
+        self._workDir = None
+        self._pending = None
+
+    def getParameterNode(self):
+        return DSCDeconvolutionParameterNode(super().getParameterNode())
+
+    @property
+    def isRunning(self) -> bool:
+        return self._process is not None
+
+    # -- dependencies -------------------------------------------------------------------
+
+    def _requirements(self, method):
+        resources = os.path.join(os.path.dirname(__file__), "Resources")
+        requirements = slicer_support.read_requirements(os.path.join(resources, "requirements.txt"))
+        if slicer_support.is_learned(method):
+            requirements += slicer_support.read_requirements(os.path.join(resources, "requirements-learned.txt"))
+        return requirements
+
+    def ensureDependencies(self, method) -> bool:
+        """Install missing Python packages after one confirmation; torch only via the PyTorch extension.
+
+        Returns False when the user declined.
+        """
+        if slicer_support.is_learned(method) and not self._ensureTorch():
+            return False
+        missing = slicer_support.missing_requirements(self._requirements(method))
+        if not missing:
+            return True
+        try:
+            import slicer.packaging as packaging  # Slicer >= 5.12
+        except ImportError:
+            packaging = None
+        if packaging is not None:
+            packaging.pip_ensure(missing, requester="DSCDeconvolution")
+        else:
+            if not slicer.util.confirmOkCancelDisplay(
+                    _("DSCDeconvolution needs these Python packages, which will be downloaded and installed now:"),
+                    detailedText="\n".join(missing)):
+                return False
+            slicer.util.pip_install(missing)
+        return not slicer_support.missing_requirements(missing)
+
+    def _ensureTorch(self) -> bool:
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise PerfusionAIError(_("The learned methods (PHAE, tmax-net) need the PyTorch extension. "
+                                     "Install 'PyTorch' from the Extensions Manager and restart Slicer."))
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.1")
+            if torch is None:
+                return False
+        return True
+
+    # -- processing ---------------------------------------------------------------------
+
+    def processWithParameterNode(self, p, waitForCompletion=True, progressCallback=None, completedCallback=None):
+        """Run :meth:`process` with the settings stored in a parameter node."""
+        model = str(p.modelPath) if p.modelPath and str(p.modelPath) not in ("", ".") else None
+        return self.process(
+            p.inputSeries,
+            te=p.echoTime or None,
+            tr=p.frameInterval or None,
+            aifNode=p.aifRegion if p.aifMode == "Region" else None,
+            aifSegmentId=p.aifSegmentId or None,
+            maskNode=p.brainMask,
+            maskSegmentId=p.brainMaskSegmentId or None,
+            method=p.method,
+            threshold=p.svdThreshold or None,
+            kh=p.kh,
+            rho=p.rho,
+            leakageCorrection=p.leakageCorrection,
+            modelPath=None if (p.trainPhaeOnSeries and slicer_support.cli_method(p.method) == "phae") else model,
+            overlayOpacity=p.overlayOpacity,
+            waitForCompletion=waitForCompletion,
+            progressCallback=progressCallback,
+            completedCallback=completedCallback,
+        )
+
+    def process(self, seriesNode, te=None, tr=None, aifNode=None, aifSegmentId=None, maskNode=None,
+                maskSegmentId=None, method="oSVD", threshold=None, kh=0.73, rho=1.04, leakageCorrection=False,
+                modelPath=None, overlayOpacity=0.6, showResults=True, waitForCompletion=True,
+                progressCallback=None, completedCallback=None):
+        """Compute DSC maps from scene nodes and add the results to the scene.
+
+        :param seriesNode: sequence node of volumes, or MultiVolume node.
+        :param te: echo time in seconds (None: from the series).
+        :param tr: frame interval in seconds (None: from the series).
+        :param aifNode: segmentation or label map of arterial voxels; None selects the AIF automatically.
+        :param maskNode: optional brain mask (segmentation or label map).
+        :param method: sSVD, cSVD, oSVD, Tikhonov, PHAE or tmax-net.
+        :param modelPath: model for PHAE / tmax-net; PHAE without a model is trained on this series first.
+        :param waitForCompletion: True computes in this process and returns the result nodes;
+            False starts a background process, returns None and calls ``completedCallback(outcome)``.
+        :return: ``{"maps": {name: volume node}, "table", "chart", "plot", "background"}`` when waiting.
+        """
+        if self.isRunning:
+            raise PerfusionAIError(_("A DSC computation is already running; cancel it first."))
+        inputs = mrml.dsc_inputs_from_nodes(seriesNode, te=te, tr=tr, aif_node=aifNode, aif_segment_id=aifSegmentId,
+                                            mask_node=maskNode, mask_segment_id=maskSegmentId)
+        key = slicer_support.cli_method(method)
+        settings = {"method": key, "te": inputs.te, "threshold": threshold, "kh": kh, "rho": rho,
+                    "leakageCorrection": leakageCorrection, "modelPath": modelPath,
+                    "overlayOpacity": overlayOpacity, "showResults": showResults}
+        trainFirst = key == "phae" and not modelPath
+        if waitForCompletion and not trainFirst:
+            return self._processInThisProcess(seriesNode, inputs, settings, progressCallback)
+        return self._startBackgroundProcess(seriesNode, inputs, settings, waitForCompletion,
+                                            progressCallback, completedCallback)
+
+    def _attributes(self, settings):
+        attributes = {"Method": settings["method"], "EchoTime_s": settings["te"], "kh": settings["kh"],
+                      "rho": settings["rho"], "LeakageCorrection": settings["leakageCorrection"]}
+        if slicer_support.is_learned(settings["method"]):
+            attributes["Model"] = settings["modelPath"] or "PHAE trained on this series"
+            attributes["ModelNote"] = "trained on phantoms"
+        return attributes
+
+    def _processInThisProcess(self, seriesNode, inputs, settings, progressCallback):
+        from perfusionai.dsc.pipeline import DSCOptions, compute_dsc_maps
+
+        options = DSCOptions(te=settings["te"], method=settings["method"], threshold=settings["threshold"],
+                             kh=settings["kh"], rho=settings["rho"],
+                             leakage_correction=settings["leakageCorrection"], model_path=settings["modelPath"])
+        result = compute_dsc_maps(inputs.series.array, inputs.times, options, mask=inputs.mask,
+                                  aif_mask=inputs.aif_mask, aif_auto=inputs.aif_mask is None,
+                                  progress=progressCallback)
+        output = slicer_support.output_from_result(result, inputs.series.geometry)
+        return mrml.dsc_output_to_nodes(output, seriesNode, prefix=f"DSC {settings['method']}",
+                                        show=settings["showResults"], opacity=settings["overlayOpacity"],
+                                        attributes=self._attributes(settings), series=inputs.series)
+
+    def _startBackgroundProcess(self, seriesNode, inputs, settings, waitForCompletion, progressCallback,
+                                completedCallback):
+        self._workDir = slicer.util.tempDirectory("DSCDeconvolution")
+        files = slicer_support.write_dsc_inputs(os.path.join(self._workDir, "inputs"), inputs.series.array,
+                                                inputs.series.geometry, inputs.times, mask=inputs.mask,
+                                                aif_mask=inputs.aif_mask)
+        outDir = os.path.join(self._workDir, "maps")
+        command = slicer_support.build_dsc_maps_command(
+            slicer_support.python_launcher(), files, outDir, te=settings["te"], method=settings["method"],
+            threshold=settings["threshold"], kh=settings["kh"], rho=settings["rho"],
+            leakage_correction=settings["leakageCorrection"], model_path=settings["modelPath"])
+        logging.info("DSCDeconvolution: " + " ".join(command))
+        self._processOutput = []
+        self._cancelRequested = False
+        self._pending = (seriesNode, inputs, settings, outDir, progressCallback, completedCallback)
+        # CPU only: the subprocess must not grab a GPU the Slicer process may be using.
+        environment = {"CUDA_VISIBLE_DEVICES": "-1"} if not slicer_support.is_learned(settings["method"]) else None
+        if waitForCompletion:
+            self._process = slicer.util.launchConsoleProcess(command, updateEnvironment=environment)
+            for line in self._process.stdout:
+                self._onProcessLine(line.rstrip("\n"))
+            returnCode = self._process.wait()
+            return self._onProcessCompleted(returnCode)
+        self._process = slicer.util.launchConsoleProcess(command, updateEnvironment=environment, blocking=False,
+                                                         logCallback=self._onProcessLine,
+                                                         completedCallback=self._onProcessCompleted)
+        return None
+
+    def _onProcessLine(self, line) -> None:
+        self._processOutput.append(line)
+        parsed = slicer_support.parse_progress_line(line)
+        progressCallback = self._pending[4] if self._pending else None
+        if parsed is not None and progressCallback is not None:
+            progressCallback(parsed[0], parsed[1])
+        elif parsed is None and line.strip():
+            logging.info("perfusionai: " + line)
+
+    def _onProcessCompleted(self, returnCode):
+        seriesNode, inputs, settings, outDir, progressCallback, completedCallback = self._pending
+        self._process = None
+        self._pending = None
+        outcome = {}
+        try:
+            if self._cancelRequested:
+                outcome = {"cancelled": True}
+            elif returnCode != 0:
+                outcome = {"error": slicer_support.error_message_from_output(self._processOutput)}
+            else:
+                output = slicer_support.read_dsc_outputs(outDir)
+                outcome = {"nodes": mrml.dsc_output_to_nodes(
+                    output, seriesNode, prefix=f"DSC {settings['method']}", show=settings["showResults"],
+                    opacity=settings["overlayOpacity"], attributes=self._attributes(settings),
+                    series=inputs.series)}
+        except PerfusionAIError as exc:
+            outcome = {"error": str(exc)}
+        finally:
+            if self._workDir and os.path.isdir(self._workDir):
+                shutil.rmtree(self._workDir, ignore_errors=True)
+            self._workDir = None
+        if completedCallback is not None:
+            completedCallback(outcome)
+        if outcome.get("error"):
+            logging.error("DSCDeconvolution: " + outcome["error"])
+        return outcome.get("nodes")
+
+    def cancel(self) -> None:
+        """Stop a running background computation (the launcher and the Python process it started)."""
+        if self._process is None:
+            return
+        self._cancelRequested = True
+        slicer_support.kill_process_tree(self._process.pid)
+
+
+#
+# DSCDeconvolutionTest
+#
+
+
+class DSCDeconvolutionTest(ScriptedLoadableModuleTest):
+    """Runs the Logic on the DSC phantom built in the scene and checks the maps against its truth."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_DSCDeconvolution_InProcess()
+        self.setUp()
+        self.test_DSCDeconvolution_BackgroundProcess()
+
+    def _phantom(self):
+        return loadDSCPhantom(shape=(4, 16, 16), frames=50)
+
+    def _assertMatchesTruth(self, nodes, phantom, tolerance=0.10):
+        tissue = phantom.tissue_mask
+        for mapName, truthName in (("cbf", "cbf"), ("cbv", "cbv_discrete")):
+            values, geometry = mrml.array_from_volume_node(nodes["maps"][mapName])
+            self.assertTrue(geometry.same_grid(phantom.geometry))
+            measured = slicer_support.median_inside(values, tissue)
+            truth = slicer_support.median_inside(phantom.truth[truthName], tissue)
+            self.assertLessEqual(abs(measured - truth), tolerance * truth, f"{mapName}: {measured} vs {truth}")
+        self.assertEqual(nodes["table"].GetNumberOfRows(), 5)
+        self.assertEqual(nodes["chart"].GetNumberOfPlotSeriesNodes(), 2)
+
+    def test_DSCDeconvolution_InProcess(self):
+        self.delayDisplay("Building the DSC phantom")
+        scene = self._phantom()
+        phantom = scene["phantom"]
+        logic = DSCDeconvolutionLogic()
+        nodes = logic.process(scene["series"], te=phantom.te, aifNode=scene["aifMask"], maskNode=scene["brainMask"],
+                              method="Tikhonov", waitForCompletion=True)
+        self._assertMatchesTruth(nodes, phantom)
+        self.assertEqual(nodes["maps"]["cbf"].GetAttribute("PerfusionAI.Method"), "Tikhonov")
+        self.delayDisplay("In-process DSC maps match the phantom truth")
+
+    def test_DSCDeconvolution_BackgroundProcess(self):
+        scene = self._phantom()
+        phantom = scene["phantom"]
+        logic = DSCDeconvolutionLogic()
+        seen = []
+        outcomes = []
+        logic.process(scene["series"], te=phantom.te, aifNode=scene["aifMask"], maskNode=scene["brainMask"],
+                      method="Tikhonov", waitForCompletion=False,
+                      progressCallback=lambda f, m: seen.append(f), completedCallback=outcomes.append)
+        while logic.isRunning:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        self.assertEqual(len(outcomes), 1, "the completion callback runs once")
+        self.assertNotIn("error", outcomes[0], outcomes[0].get("error"))
+        self.assertTrue(seen and seen[-1] == 1.0)
+        self._assertMatchesTruth(outcomes[0]["nodes"], phantom)
+        self.delayDisplay("Background-process DSC maps match the phantom truth")
