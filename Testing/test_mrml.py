@@ -30,6 +30,7 @@ def scene():
     colors.SetMRMLScene(sc)
     sequences = slicer.vtkSlicerSequencesLogic()
     sequences.SetMRMLScene(sc)
+    sc.sequences_logic = sequences
     yield sc
     sequences.SetMRMLScene(None)
     colors.SetMRMLScene(None)
@@ -304,7 +305,9 @@ def test_dsc_nodes_to_core_to_nodes_matches_truth(scene):
     from perfusionai.slicer_support import output_from_result
 
     phantom = _dsc_phantom()
-    sequence, browser = mrml.sequence_node_from_series(phantom.signal, phantom.geometry, phantom.times, "DSC")
+    sequence, browser = mrml.sequence_node_from_series(phantom.signal, phantom.geometry, phantom.times, "DSC",
+                                                       sequences_logic=scene.sequences_logic)
+    assert browser.GetProxyNode(sequence) is not None
     aif_segmentation = mrml.segmentation_node_from_labels(
         phantom.aif_mask.astype(np.uint8), phantom.geometry, {1: LabelInfo("artery", "artery", (1, 0, 0))}, "AIF")
     artery_id = mrml.segments_of(aif_segmentation)[0][0]
@@ -320,7 +323,7 @@ def test_dsc_nodes_to_core_to_nodes_matches_truth(scene):
                               mask=inputs.mask, aif_mask=inputs.aif_mask)
     output = output_from_result(result, inputs.series.geometry)
     nodes = mrml.dsc_output_to_nodes(output, sequence, prefix="DSC", show=False,
-                                     attributes={"Method": "Tikhonov"})
+                                     attributes={"Method": "Tikhonov"}, sequences_logic=scene.sequences_logic)
 
     tissue = phantom.tissue_mask
     cbf_node = nodes["maps"]["cbf"]
@@ -342,8 +345,10 @@ def test_dsc_nodes_to_core_to_nodes_matches_truth(scene):
     assert nodes["chart"].GetNumberOfPlotSeriesNodes() == 2
     np.testing.assert_allclose(slicer.util.arrayFromTableColumn(nodes["plot"]["table"], "AIF (1/s)"), result.aif)
 
-    # The overlay background is the mid-bolus frame (the AIF peak) of the input series.
+    # The overlay background is the browser's proxy volume, moved to the mid-bolus frame (the AIF peak).
     frame = int(np.argmax(result.aif))
+    assert browser.IsProxyNode(nodes["background"].GetID())
+    assert browser.GetSelectedItemNumber() == frame
     background, _ = mrml.array_from_volume_node(nodes["background"])
     np.testing.assert_array_equal(background, phantom.signal[..., frame])
 

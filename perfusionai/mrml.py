@@ -311,6 +311,7 @@ def sequence_node_from_series(
     name: str,
     index_unit: str = "s",
     browser: bool = True,
+    sequences_logic=None,
 ):
     """Store a ``[k, j, i, t]`` series as a sequence node of scalar volumes.
 
@@ -320,6 +321,9 @@ def sequence_node_from_series(
         Frame times in ``index_unit``; written with ``repr`` precision so they read back exactly.
     browser
         Also add a sequence browser node (so the series can be browsed and shown).
+    sequences_logic
+        ``vtkSlicerSequencesLogic`` that creates the browser's proxy node; default
+        ``slicer.modules.sequences.logic()`` in the application (none in slicer-core).
 
     Returns
     -------
@@ -345,6 +349,12 @@ def sequence_node_from_series(
     if browser:
         browser_node = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", name + " browser")
         browser_node.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+        if sequences_logic is None:
+            modules = getattr(slicer, "modules", None)  # only in the application
+            sequences_logic = modules.sequences.logic() if modules is not None else None
+        if sequences_logic is not None:
+            # Creates the proxy volume that the slice views show for the selected frame.
+            sequences_logic.UpdateProxyNodesFromSequences(browser_node)
     return sequence, browser_node
 
 
@@ -730,7 +740,8 @@ def _browser_for_sequence(sequence_node):
     return None
 
 
-def frame_volume_node(series_node, frame: int, name: str, series: Optional[Series] = None):
+def frame_volume_node(series_node, frame: int, name: str, series: Optional[Series] = None,
+                      sequences_logic=None):
     """A volume showing frame ``frame`` of a series node.
 
     For a sequence with a browser, the browser jumps to the frame and its proxy
@@ -740,6 +751,8 @@ def frame_volume_node(series_node, frame: int, name: str, series: Optional[Serie
         browser = _browser_for_sequence(series_node)
         if browser is not None:
             browser.SetSelectedItemNumber(int(frame))
+            if sequences_logic is not None:
+                sequences_logic.UpdateProxyNodesFromSequences(browser)
             proxy = browser.GetProxyNode(series_node)
             if proxy is not None:
                 return proxy
@@ -766,7 +779,7 @@ def _parent_with_input(nodes: Sequence, input_node, folder_name: str) -> None:
 
 def dsc_output_to_nodes(output, series_node, prefix: str = "DSC", show: bool = True,
                         overlay_map: str = "cbf", opacity: float = 0.6, attributes: Optional[Mapping] = None,
-                        series: Optional[Series] = None) -> dict:
+                        series: Optional[Series] = None, sequences_logic=None) -> dict:
     """Put a DSC run's results into the scene and show them.
 
     Parameters
@@ -797,7 +810,11 @@ def dsc_output_to_nodes(output, series_node, prefix: str = "DSC", show: bool = T
                                                     "mean tissue (1/s)": output.tissue_curve},
                         f"{prefix} curves", x_name="time (s)", show=show, nodes=plot_nodes)
     frame = output.mid_bolus_frame()
-    background = frame_volume_node(series_node, frame, f"{prefix} frame {frame}", series=series)
+    if sequences_logic is None:
+        modules = getattr(_slicer(), "modules", None)  # only in the application
+        sequences_logic = modules.sequences.logic() if modules is not None else None
+    background = frame_volume_node(series_node, frame, f"{prefix} frame {frame}", series=series,
+                                   sequences_logic=sequences_logic)
     if show and overlay_map in map_nodes:
         show_overlay(background, map_nodes[overlay_map], opacity=opacity, fit=True)
     created = list(map_nodes.values()) + [table, chart]

@@ -183,6 +183,13 @@ class DSCOutput:
         return int(np.nanargmax(np.asarray(self.aif, dtype=float)))
 
 
+def median_inside(array: np.ndarray, mask: np.ndarray) -> float:
+    """Median of the finite values of ``array`` inside the boolean ``mask`` (NaN when none)."""
+    values = np.asarray(array, dtype=float)[np.asarray(mask, dtype=bool)]
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size else float("nan")
+
+
 _UNITS = {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "tmax": "s", "ttp": "s", "k2": "1/s"}
 
 
