@@ -19,12 +19,12 @@ the frame times. Two models:
 * ``model="bsw"``: the classic 2-column design ``[Cref, -cumint(Cref)]``.
 * ``model="bsw-transit"`` (default): the same leakage column, but the non-leaky
   part is a combination of ``Cref`` delayed by ``delays_s`` (0, 2, 4 s) and
-  dispersed by exponential kernels of mean ``dispersions_s`` (0, 3, 8 s). The
+  dispersed by exponential kernels of mean ``dispersions_s`` (0, 4, 10 s). The
   classic fit mistakes tissue whose transit time or arrival differs from the
   reference (white matter, an ischaemic lesion) for leakage -- a known bias of
   BSW (Bjornerud et al., JCBFM 2011; Leigh et al., AJNR 2012); on the phantoms
-  here the classic model changes a delayed lesion's CBV by -50 % and white
-  matter's by -8 %, the extended one by < 3 %. K1 is then the sum of the
+  here (noise-free) the classic model changes a delayed (3 s), long-MTT (10 s)
+  lesion's CBV by -50 % and white matter's by -8 %, the extended one by < 1 %. K1 is then the sum of the
   non-leaky coefficients (every column has the reference's area). The price is
   more noise in K2 per voxel.
 
@@ -137,7 +137,7 @@ def bsw_correct(
     reference_name: str = "leakage reference mask",
     model: str = "bsw-transit",
     delays_s: Sequence[float] = (0.0, 2.0, 4.0),
-    dispersions_s: Sequence[float] = (0.0, 3.0, 8.0),
+    dispersions_s: Sequence[float] = (0.0, 4.0, 10.0),
 ) -> LeakageResult:
     """Fit the BSW model in every masked voxel and return the corrected curves.
 
