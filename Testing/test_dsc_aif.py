@@ -77,3 +77,17 @@ def test_aif_from_mask_is_the_mean_curve_and_rejects_bad_masks():
         aif_from_mask(np.zeros_like(conc), p.aif_mask, name="aif.nii.gz")
     with pytest.raises(PerfusionAIError, match="has shape"):
         aif_from_mask(conc, p.aif_mask[:2])
+
+
+def test_pipeline_with_automatic_aif_matches_the_drawn_aif():
+    from perfusionai.dsc.pipeline import DSCOptions, compute_dsc_maps
+
+    p = make_dsc_phantom(snr=80.0, seed=4)
+    options = DSCOptions(te=p.te, method="cSVD", kh=p.kh, rho=p.rho)
+    drawn = compute_dsc_maps(p.signal, p.times, options, mask=p.brain_mask, aif_mask=p.aif_mask)
+    auto = compute_dsc_maps(p.signal, p.times, options, mask=p.brain_mask, aif_auto=True)
+    assert _chosen(p.aif_mask, np.asarray(auto.aif_voxels)).mean() >= 0.8
+    gm = p.rois == LABELS["grey_matter"]
+    for key in ("cbf", "cbv"):
+        ratio = np.median(auto.maps[key][gm]) / np.median(drawn.maps[key][gm])
+        assert abs(ratio - 1) < 0.1, key
