@@ -84,8 +84,12 @@ def test_background_run_through_files_matches_truth(tmp_path):
     assert inputs.tr == pytest.approx(phantom.tr)
     out = tmp_path / "out"
     cmd = support.build_dsc_maps_command(sys.executable, inputs, out, te=phantom.te, method="Tikhonov")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    # Only what the module passes (plus this interpreter's own environment), run from another folder,
+    # so the package is found through background_environment's PYTHONPATH.
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env.update(support.background_environment(None, cpu_only=True))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     progress = [p for p in map(support.parse_progress_line, done.stdout.splitlines()) if p is not None]
     fractions = [f for f, _ in progress]
@@ -153,6 +157,15 @@ def test_module_requirement_files_parse():
     for name in ("requirements.txt", "requirements-learned.txt"):
         lines = support.read_requirements(root / name)
         assert lines and all(not ln.lower().startswith(("torch", "numpy", "simpleitk", "vtk")) for ln in lines)
+
+
+def test_background_environment_puts_the_package_first(tmp_path):
+    env = support.background_environment(os.pathsep.join(["/opt/x", "", "/opt/y"]), cpu_only=False)
+    paths = env["PYTHONPATH"].split(os.pathsep)
+    assert paths == [str(Path(support.__file__).resolve().parents[1]), "/opt/x", "/opt/y"]
+    assert (Path(paths[0]) / "perfusionai" / "__init__.py").is_file()
+    assert "CUDA_VISIBLE_DEVICES" not in env
+    assert support.background_environment(None)["CUDA_VISIBLE_DEVICES"] == "-1"
 
 
 def test_python_launcher_prefers_pythonslicer():

@@ -325,6 +325,25 @@ def missing_requirements(requirements: Sequence[str]) -> list[str]:
     return missing
 
 
+def package_root() -> str:
+    """The folder that contains the ``perfusionai`` package (what a subprocess needs on PYTHONPATH)."""
+    return str(Path(__file__).resolve().parent.parent)
+
+
+def background_environment(existing_pythonpath: Optional[str] = None, cpu_only: bool = True) -> dict:
+    """Environment additions for ``PythonSlicer -m perfusionai``.
+
+    PythonSlicer does not see the extension's module folders (the application adds them to
+    ``sys.path`` only inside Slicer), so the folder holding ``perfusionai/`` goes first on
+    PYTHONPATH. ``cpu_only`` hides GPUs from the classical methods, which do not use them.
+    """
+    paths = [package_root()] + [p for p in (existing_pythonpath or "").split(os.pathsep) if p]
+    environment = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+    if cpu_only:
+        environment["CUDA_VISIBLE_DEVICES"] = "-1"
+    return environment
+
+
 def python_launcher(which=None) -> str:
     """The interpreter for background runs: Slicer's ``PythonSlicer`` when on PATH, else this Python."""
     import shutil
