@@ -111,7 +111,7 @@ def test_anatomical_regions_and_truth_maps():
 
 def test_brain_phantom_size():
     # generation time (< 3 s on 2 cores) is measured by benchmarks/dsc_speed.py
-    p = make_brain_phantom()
+    p = make_brain_phantom(snr=np.inf)
     assert p.signal.shape == (24, 128, 128, 60) and p.signal.dtype == np.float32
     assert 140_000 <= np.count_nonzero(p.brain_mask) <= 160_000
     assert 200 <= np.count_nonzero(p.aif_mask) <= 2000

@@ -310,12 +310,10 @@ def _tissue_curves(tissues: Sequence[Tissue], times: np.ndarray, aif_fn, kh: flo
     for row, tis in enumerate(tissues):
         a_t = aif_fn(grid - tis.delay_s)
         r = residue_function(grid, tis.mtt, residue, gamma_shape)
-        effective = r
         if tis.dispersion_s > 0:
             kernel = np.exp(-grid / tis.dispersion_s)
             kernel /= kernel.sum()  # unit area on this grid: dispersion keeps the AIF's area
             a_t = _causal_convolve(a_t, kernel, 1.0)
-            effective = _causal_convolve(kernel, r, 1.0)
         f = tis.cbf / 6000.0
         c = (rho / kh) * f * _causal_convolve(a_t, r, step)
         curves[row] = c[::sub]
@@ -330,7 +328,6 @@ def _tissue_curves(tissues: Sequence[Tissue], times: np.ndarray, aif_fn, kh: flo
             tmax[row] = tis.delay_s + (int(np.argmax(eff_f)) + 1) * step_t
         else:
             tmax[row] = tis.delay_s
-        del effective
     return curves, tmax
 
 
