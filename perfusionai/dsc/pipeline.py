@@ -46,8 +46,8 @@ class DSCOptions:
     te: echo time [s] (required). method: sSVD, cSVD, oSVD (default), Tikhonov, phae,
     tmax-net (case-insensitive). threshold: sSVD/cSVD truncation relative to s_max (None:
     0.2 / 0.1). oi_threshold: oSVD oscillation-index limit. tikhonov_lambda: fixed lambda
-    relative to s_max (None: automatic by ``tikhonov_criterion`` "lcurve" | "gcv" | "fixed",
-    the last meaning 0.1). discretisation: "rectangle" | "simpson". kh, rho: haematocrit
+    relative to s_max (None: automatic per voxel by ``tikhonov_criterion`` "gcv" (default) |
+    "lcurve", or "fixed" meaning 0.1). discretisation: "rectangle" | "simpson". kh, rho: haematocrit
     and density factors. baseline_frames: pre-bolus frames for S0 (None: detected).
     leakage_correction: Boxerman-Schmainda-Weisskoff correction. model_path: model for the
     learned methods (None: the packaged default). cbv_integration: "trapezoid" | "sum";
@@ -59,7 +59,7 @@ class DSCOptions:
     threshold: Optional[float] = None
     oi_threshold: float = dec.DEFAULT_OI_THRESHOLD
     tikhonov_lambda: Optional[float] = None
-    tikhonov_criterion: str = "lcurve"
+    tikhonov_criterion: str = "gcv"
     discretisation: str = "rectangle"
     kh: float = maps_mod.DEFAULT_KH
     rho: float = maps_mod.DEFAULT_RHO
