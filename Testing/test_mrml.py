@@ -110,7 +110,8 @@ def test_sequence_round_trip_values_and_frame_times(scene, kind):
     rng = np.random.default_rng(2)
     times = np.array([0.0, 1.5, 3.0, 4.5, 6.1])
     data = rng.uniform(0, 500, size=tuple(geometry.shape) + (times.size,)).astype(np.float32)
-    sequence, browser = mrml.sequence_node_from_series(data, geometry, times, "dsc")
+    sequence, browser = mrml.sequence_node_from_series(data, geometry, times, "dsc",
+                                                       sequences_logic=scene.sequences_logic)
     assert sequence.GetNumberOfDataNodes() == times.size
     assert browser.GetMasterSequenceNode().GetID() == sequence.GetID()
     series = mrml.series_from_node(sequence)
@@ -118,6 +119,10 @@ def test_sequence_round_trip_values_and_frame_times(scene, kind):
     np.testing.assert_array_equal(series.times, times)
     _assert_same_geometry(series.geometry, geometry)
     assert series.tr == pytest.approx(1.5)
+    # The proxy volume the browser shows (what users see in the views) stands for the whole series.
+    proxy = browser.GetProxyNode(sequence)
+    assert proxy is not None and mrml.sequence_of_proxy(proxy).GetID() == sequence.GetID()
+    np.testing.assert_array_equal(mrml.series_from_node(proxy).array, data)
 
 
 def test_sequence_times_in_milliseconds_start_at_zero(scene):

@@ -251,6 +251,9 @@ def series_from_node(node, tr: Optional[float] = None) -> Series:
     slicer = _slicer()
     if node is None:
         raise input_error(None, "no 4D series selected")
+    sequence = sequence_of_proxy(node)
+    if sequence is not None:
+        node = sequence  # the volume a sequence browser shows stands for its whole sequence
     name = node.GetName()
     te = None
     if node.IsA("vtkMRMLSequenceNode"):
@@ -302,6 +305,18 @@ def series_from_node(node, tr: Optional[float] = None) -> Series:
     tr_value = float(tr) if tr is not None else (
         float(np.median(np.diff(times))) if times is not None and times.size > 1 else None)
     return Series(np.ascontiguousarray(data), geometry, times, tr_value, te, name)
+
+
+def sequence_of_proxy(node):
+    """The sequence whose browser shows ``node`` as its proxy (current frame), else None."""
+    if node is None or node.IsA("vtkMRMLSequenceNode") or node.GetScene() is None:
+        return None
+    scene = node.GetScene()
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode")):
+        browser = scene.GetNthNodeByClass(index, "vtkMRMLSequenceBrowserNode")
+        if browser.IsProxyNode(node.GetID()):
+            return browser.GetSequenceNode(node)
+    return None
 
 
 def sequence_node_from_series(
@@ -809,6 +824,7 @@ def dsc_output_to_nodes(output, series_node, prefix: str = "DSC", show: bool = T
     chart = plot_curves(np.asarray(output.times), {"AIF (1/s)": output.aif,
                                                     "mean tissue (1/s)": output.tissue_curve},
                         f"{prefix} curves", x_name="time (s)", show=show, nodes=plot_nodes)
+    series_node = sequence_of_proxy(series_node) or series_node
     frame = output.mid_bolus_frame()
     if sequences_logic is None:
         modules = getattr(_slicer(), "modules", None)  # only in the application
