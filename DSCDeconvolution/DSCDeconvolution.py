@@ -15,7 +15,6 @@ import sys
 import time
 from typing import Annotated, Optional, Union
 
-import qt
 import vtk
 
 import slicer

@@ -108,9 +108,6 @@ class Api:
             cls = entry.get("superclass")
         return out
 
-    def qt_signals(self, cls: str) -> set:
-        return {m for m in self.qt_members(cls)}
-
     def python_symbol(self, module: str, name: str) -> Optional[dict]:
         """The index entry of ``module.name`` (function, class or export), or None."""
         mod = self.modules.get(module)
@@ -242,17 +239,19 @@ def check_python_source(source: str, filename: str, a: Api, ui_widgets: Optional
 
     checked_attr_nodes = set()
 
+    def check_symbol(node, module: str, name: str) -> None:
+        entry = a.python_symbol(module, name)
+        if entry is None:
+            report(node, f"{module}.{name} does not exist in Slicer")
+        elif a.target not in entry["in"]:
+            report(node, f"{module}.{name} is not available in Slicer {a.target}")
+
     def check_chain(node, chain: list[str]) -> None:
         head = facts.aliases.get(chain[0], chain[0])
         if head in ("slicer",) and len(chain) >= 2:
             second = chain[1]
             if second in SLICER_SUBMODULES and len(chain) >= 3:
-                module = SLICER_SUBMODULES[second]
-                entry = a.python_symbol(module, chain[2])
-                if entry is None:
-                    report(node, f"{module}.{chain[2]} does not exist in Slicer")
-                elif a.target not in entry["in"]:
-                    report(node, f"{module}.{chain[2]} is not available in Slicer {a.target}")
+                check_symbol(node, SLICER_SUBMODULES[second], chain[2])
             elif second == "app" and len(chain) >= 3:
                 if chain[2] not in a.qt_members("qSlicerApplication"):
                     report(node, f"slicer.app.{chain[2]} is not a qSlicerApplication member")
@@ -266,11 +265,7 @@ def check_python_source(source: str, filename: str, a: Api, ui_widgets: Optional
             elif second not in SLICER_NAMESPACE and second not in a.known_classes:
                 report(node, f"slicer.{second} does not exist in Slicer")
         elif head.startswith("slicer.") and head in a.modules and len(chain) >= 2:
-            entry = a.python_symbol(head, chain[1])
-            if entry is None:
-                report(node, f"{head}.{chain[1]} does not exist in Slicer")
-            elif a.target not in entry["in"]:
-                report(node, f"{head}.{chain[1]} is not available in Slicer {a.target}")
+            check_symbol(node, head, chain[1])
         elif head == "qt" and len(chain) >= 2:
             if chain[1] != "Qt" and chain[1] not in a.qt:
                 report(node, f"qt.{chain[1]} is not a known Qt class")
@@ -316,7 +311,7 @@ def check_python_source(source: str, filename: str, a: Api, ui_widgets: Optional
             chain = _dotted(node)
             if chain is None:
                 continue
-            # Check each maximal chain once (inner Attribute nodes are prefixes of the outer one).
+            # Prefix chains (a.b of a.b.c) are visited too; duplicate reports are dropped below.
             check_chain(node, chain)
 
     # de-duplicate chain reports: a chain a.b.c also visits a.b

@@ -385,7 +385,6 @@ def reference_volume_of_series(node):
 
 
 def _temporary_reference_volume(geometry: Geometry):
-    slicer = _slicer()
     return volume_node_from_array(np.zeros(tuple(geometry.shape), dtype=np.uint8), geometry,
                                   "__perfusionai_reference__")
 
