@@ -180,6 +180,7 @@ class DSCDeconvolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._syncingSegments = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -248,13 +249,23 @@ class DSCDeconvolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.aifRegionSelector.setVisible(regionMode)
         self.ui.aifRegionLabel.setVisible(regionMode)
         aifIsSegmentation = regionMode and p.aifRegion is not None and p.aifRegion.IsA("vtkMRMLSegmentationNode")
-        self.ui.aifSegmentSelector.setVisible(aifIsSegmentation)
-        if aifIsSegmentation:
-            self.ui.aifSegmentSelector.setCurrentNode(p.aifRegion)
         maskIsSegmentation = p.brainMask is not None and p.brainMask.IsA("vtkMRMLSegmentationNode")
+        self.ui.aifSegmentSelector.setVisible(aifIsSegmentation)
         self.ui.brainMaskSegmentSelector.setVisible(maskIsSegmentation)
-        if maskIsSegmentation:
-            self.ui.brainMaskSegmentSelector.setCurrentNode(p.brainMask)
+        # The segment selectors are not bound by connectGui (segment lists are dynamic); syncing them
+        # emits currentSegmentChanged, which must not write back while the GUI is being updated.
+        self._syncingSegments = True
+        try:
+            if aifIsSegmentation:
+                self.ui.aifSegmentSelector.setCurrentNode(p.aifRegion)
+                if p.aifSegmentId:
+                    self.ui.aifSegmentSelector.setCurrentSegmentID(p.aifSegmentId)
+            if maskIsSegmentation:
+                self.ui.brainMaskSegmentSelector.setCurrentNode(p.brainMask)
+                if p.brainMaskSegmentId:
+                    self.ui.brainMaskSegmentSelector.setCurrentSegmentID(p.brainMaskSegmentId)
+        finally:
+            self._syncingSegments = False
 
         learned = slicer_support.is_learned(p.method)
         self.ui.modelPathLineEdit.enabled = learned and not p.trainPhaeOnSeries
@@ -270,11 +281,11 @@ class DSCDeconvolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                                                        "(and the AIF region)")
 
     def onAifSegmentChanged(self, segmentId) -> None:
-        if self._parameterNode:
+        if self._parameterNode and not self._syncingSegments:
             self._parameterNode.aifSegmentId = segmentId or ""
 
     def onBrainMaskSegmentChanged(self, segmentId) -> None:
-        if self._parameterNode:
+        if self._parameterNode and not self._syncingSegments:
             self._parameterNode.brainMaskSegmentId = segmentId or ""
 
     def onApplyButton(self) -> None:
