@@ -253,14 +253,17 @@ def _as_curves(concentration: np.ndarray) -> np.ndarray:
 def _filtered_pinv(u: np.ndarray, s: np.ndarray, vt: np.ndarray, factors: np.ndarray,
                    n_in: int) -> np.ndarray:
     """``V diag(f / s) U^T`` restricted to the first ``n_in`` input samples: ``(L, n_in)``."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        gain = np.where(factors > 0, factors / s, 0.0)
-    return (vt.T * gain) @ u[:n_in, :].T
+    keep = factors > 0  # truncated SVD: only the kept rank contributes
+    gain = factors[keep] / s[keep]
+    return (vt[keep].T * gain) @ u[:n_in, keep].T
 
 
 def _truncation_factors(s: np.ndarray, threshold: float) -> np.ndarray:
     # ">=" as in dsc-mri-toolbox; s > 0 keeps threshold 0 (no regularisation) finite.
     return ((s >= threshold * s[0]) & (s > 0)).astype(np.float64)
+
+
+_THREADPOOL_CONTROLLER = []
 
 
 def _single_threaded_blas():
@@ -269,12 +272,35 @@ def _single_threaded_blas():
     A 322 x 322 SVD gains nothing from threads, and a multi-threaded OpenBLAS on a busy
     machine can take seconds for it; the big per-voxel GEMMs run outside this context.
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: without it the factorisation just uses the default pool
-        import contextlib
+    import contextlib
+
+    if not _THREADPOOL_CONTROLLER:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _THREADPOOL_CONTROLLER.append(ThreadpoolController())
+        except ImportError:  # optional: without it the factorisation uses the default pool
+            _THREADPOOL_CONTROLLER.append(None)
+    controller = _THREADPOOL_CONTROLLER[0]
+    if controller is None:
         return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    return controller.limit(limits=1, user_api="blas")
+
+
+_SVD_CACHE: dict = {}
+
+
+def _matrix_svd(aif: np.ndarray, dt: float, discretisation: str, circulant: bool):
+    """SVD of the convolution matrix, cached for the last few AIFs (tests and batch runs
+    deconvolve many volumes with one AIF)."""
+    key = (aif.tobytes(), float(dt), discretisation, bool(circulant))
+    if key not in _SVD_CACHE:
+        matrix = convolution_matrix(aif, dt, discretisation, circulant)
+        with _single_threaded_blas():
+            decomposition = np.linalg.svd(matrix)
+        if len(_SVD_CACHE) >= 8:
+            _SVD_CACHE.pop(next(iter(_SVD_CACHE)))
+        _SVD_CACHE[key] = decomposition
+    return _SVD_CACHE[key]
 
 
 def _chunks(n: int, size: int):
@@ -370,10 +396,8 @@ def deconvolve(
     if tikhonov_lambda is not None and not (tikhonov_lambda >= 0):
         raise input_error("--tikhonov-lambda", f"lambda must be >= 0, got {tikhonov_lambda}")
 
-    matrix = convolution_matrix(a, dt, discretisation, circulant)
-    with _single_threaded_blas():
-        u, s, vt = np.linalg.svd(matrix)
-    length = matrix.shape[0]
+    u, s, vt = _matrix_svd(a, dt, discretisation, circulant)
+    length = u.shape[0]
     n_voxels = curves.shape[0]
     report = as_progress(progress)
     work = np.float32 if curves.dtype == np.float32 else np.float64
@@ -419,31 +443,48 @@ def deconvolve(
                                dt=float(dt), n_frames=n_frames, oscillation_index=oi_out, info=info)
 
 
+_OSVD_CACHE: dict = {}
+
+
+def _osvd_operators(u, s, vt, n_frames, candidates, work):
+    """Deduplicated candidate pseudo-inverses, each with its second-difference rows appended:
+    list of ``(t, 2L - 2)`` arrays and the thresholds they stand for (cached per SVD)."""
+    key = (id(u), u.shape, tuple(candidates), np.dtype(work).str)
+    cached = _OSVD_CACHE.get(key)
+    if cached is not None and cached[0] is u:
+        return cached[1], cached[2]
+    stack, used = [], []
+    previous_kept = None
+    with _single_threaded_blas():
+        for value in candidates:
+            factors = _truncation_factors(s, value)
+            kept = int(factors.sum())
+            if kept == previous_kept:
+                continue
+            previous_kept = kept
+            stack.append(_filtered_pinv(u, s, vt, factors, n_frames).T)  # (t, L)
+            used.append(value)
+    # Append the second-difference operator to each pseudo-inverse so that one GEMM gives
+    # both the residue and its second differences (the OI numerator) without temporaries.
+    combined = [np.concatenate([p, p[:, 2:] - 2.0 * p[:, 1:-1] + p[:, :-2]], axis=1).astype(work)
+                for p in stack]
+    if len(_OSVD_CACHE) >= 8:
+        _OSVD_CACHE.pop(next(iter(_OSVD_CACHE)))
+    _OSVD_CACHE[key] = (u, combined, used)
+    return combined, used
+
+
 def _osvd(curves, u, s, vt, n_frames, oi_threshold, candidates, chunk_voxels,
           residue, regularisation, oi_out, report) -> None:
     candidates = [float(c) for c in candidates]
     if not candidates:
         raise input_error("--osvd-thresholds", "need at least one candidate threshold")
     # Thresholds that keep the same singular values give the same residue; keep the first.
-    stack, used = [], []
-    previous_kept = None
-    for value in candidates:
-        factors = _truncation_factors(s, value)
-        kept = int(factors.sum())
-        if kept == previous_kept:
-            continue
-        previous_kept = kept
-        with _single_threaded_blas():
-            stack.append(_filtered_pinv(u, s, vt, factors, n_frames).T)  # (t, L)
-        used.append(value)
-    # Append the second-difference operator to each pseudo-inverse so that one GEMM gives
-    # both the residue and its second differences (the OI numerator) without temporaries.
-    length = stack[0].shape[1]
+    length = u.shape[0]
     work = residue.dtype
-    combined = [np.concatenate([p, p[:, 2:] - 2.0 * p[:, 1:-1] + p[:, :-2]], axis=1).astype(work)
-                for p in stack]
+    combined, used = _osvd_operators(u, s, vt, n_frames, candidates, work)
     n_voxels = curves.shape[0]
-    last = len(stack) - 1
+    last = len(combined) - 1
     for start, stop in _chunks(n_voxels, chunk_voxels):
         block = curves[start:stop].astype(work, copy=False)
         pending = np.arange(stop - start)
