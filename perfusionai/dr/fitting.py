@@ -130,33 +130,41 @@ def fit_clinical(
 
 
 def _two_pool_grid(y: np.ndarray, g1: np.ndarray, g2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Best candidate of ``y ~ a g1[k] + c g2[k]`` with ``a, c >= 0`` solved exactly per candidate.
+    """Best candidate of ``y ~ a g1[k] + c g2[k]``, amplitudes solved exactly per candidate.
 
-    y ``(N, n)``; g1, g2 ``(K, n)``. Returns the best candidate index, ``a`` and ``c``, each ``(N,)``.
-    The non-negative least squares of two columns is exact: the unconstrained solution when both
-    amplitudes are non-negative, else the better of the two one-column fits.
+    y ``(N, n)``; g1, g2 ``(K, n)``. Returns the best candidate index, ``a`` and ``c`` (each ``(N,)``).
+    The candidates are ranked by the squared norm of the projection of ``y`` onto their two-column
+    span (one matrix product with an orthonormalised basis, float32: this is only the start value);
+    the amplitudes of the chosen candidate are then the exact non-negative least-squares solution
+    (both columns when both amplitudes come out non-negative, else the better single column).
     """
-    a11 = np.sum(g1 * g1, axis=1)
-    a22 = np.sum(g2 * g2, axis=1)
-    a12 = np.sum(g1 * g2, axis=1)
+    n1 = np.linalg.norm(g1, axis=1, keepdims=True)
+    q1 = g1 / n1
+    g2_perp = g2 - np.sum(g2 * q1, axis=1, keepdims=True) * q1
+    n2 = np.linalg.norm(g2_perp, axis=1, keepdims=True)
+    q2 = np.where(n2 > 1e-9 * np.linalg.norm(g2, axis=1, keepdims=True), g2_perp / np.maximum(n2, 1e-300), 0.0)
+    y32 = y.astype(np.float32)
+    p1 = y32 @ q1.T.astype(np.float32)
+    gain = p1 * p1
+    p2 = y32 @ q2.T.astype(np.float32)
+    p2 *= p2
+    gain += p2
+    best = np.argmax(gain, axis=1)
+    b1 = g1[best]
+    b2 = g2[best]
+    a11 = np.sum(b1 * b1, axis=1)
+    a22 = np.sum(b2 * b2, axis=1)
+    a12 = np.sum(b1 * b2, axis=1)
+    y1 = np.sum(y * b1, axis=1)
+    y2 = np.sum(y * b2, axis=1)
     det = a11 * a22 - a12 * a12
-    well_posed = det > 1e-12 * a11 * a22
-    y1 = y @ g1.T
-    y2 = y @ g2.T
     with np.errstate(divide="ignore", invalid="ignore"):
         a = (a22 * y1 - a12 * y2) / det
         c = (a11 * y2 - a12 * y1) / det
-    both = (a >= 0) & (c >= 0) & well_posed
-    gain_both = np.where(both, a * y1 + c * y2, -np.inf)
-    gain_1 = np.where(y1 > 0, y1 * y1 / a11, 0.0)
-    gain_2 = np.where(y2 > 0, y2 * y2 / a22, 0.0)
-    gain = np.maximum(gain_both, np.maximum(gain_1, gain_2))
-    best = np.argmax(gain, axis=1)
-    rows = np.arange(y.shape[0])
-    use_both = both[rows, best] & (gain_both[rows, best] >= np.maximum(gain_1, gain_2)[rows, best])
-    only_1 = ~use_both & (gain_1[rows, best] >= gain_2[rows, best])
-    a_best = np.where(use_both, a[rows, best], np.where(only_1, np.maximum(y1[rows, best], 0) / a11[best], 0.0))
-    c_best = np.where(use_both, c[rows, best], np.where(only_1, 0.0, np.maximum(y2[rows, best], 0) / a22[best]))
+    both = (a >= 0) & (c >= 0) & (det > 1e-12 * a11 * a22)
+    only_1 = ~both & (np.maximum(y1, 0) ** 2 / a11 >= np.maximum(y2, 0) ** 2 / a22)
+    a_best = np.where(both, a, np.where(only_1, np.maximum(y1, 0) / a11, 0.0))
+    c_best = np.where(both, c, np.where(only_1, 0.0, np.maximum(y2, 0) / a22))
     return best, a_best, c_best
 
 
@@ -182,7 +190,7 @@ def _noise_floor(pred: np.ndarray, jac: Optional[np.ndarray], floor: Optional[np
     out = np.sqrt(pred * pred + floor[:, None] ** 2)
     if jac is None:
         return out, None
-    return out, jac * (pred / np.maximum(out, 1e-300))[..., None]
+    return out, jac * (pred / np.maximum(out, 1e-300))[:, None, :]
 
 
 def levenberg_marquardt(
@@ -193,13 +201,13 @@ def levenberg_marquardt(
     upper: np.ndarray,
     noise_floor: Optional[np.ndarray] = None,
     max_iter: int = 200,
-    ftol: float = 1e-10,
+    ftol: float = 1e-9,
     xtol: float = 1e-10,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Minimise ``sum_m (model(p)_m - y_m)^2`` for all voxels together, with box bounds.
 
     ``model(p, rows, with_jacobian)`` returns the prediction ``(N', n)`` and, when asked, the
-    Jacobian ``(N', n, P)`` for the parameter rows ``p`` ``(N', P)`` of voxels ``rows``.
+    Jacobian ``(N', P, n)`` (parameter axis before the measurement axis, for contiguous rows) for the parameter rows ``p`` ``(N', P)`` of voxels ``rows``.
     Bounds are handled by projection with an active set: a parameter sitting on a bound whose
     gradient points outwards is frozen for that step. Damping follows Marquardt (the diagonal of
     J^T J scaled by lambda; lambda x 0.2 after a successful step, x 5 after a failed one).
@@ -226,8 +234,8 @@ def levenberg_marquardt(
         j_a = jac[idx]
         r_a = resid[idx]
         p_a = p[idx]
-        grad = np.matmul(j_a.transpose(0, 2, 1), r_a[..., None])[..., 0]
-        hess = np.matmul(j_a.transpose(0, 2, 1), j_a)
+        grad = np.matmul(j_a, r_a[..., None])[..., 0]
+        hess = np.matmul(j_a, j_a.transpose(0, 2, 1))
         frozen = ((p_a <= lower[idx]) & (grad > 0)) | ((p_a >= upper[idx]) & (grad < 0))
         free = ~frozen
         diag = np.diagonal(hess, axis1=1, axis2=2)
@@ -281,15 +289,14 @@ def _advanced_model(b: np.ndarray, te: np.ndarray):
             return pred, None
         sv = s0 * f * vascular
         st = s0 * (1 - f) * tissue
-        jac = np.stack([
-            mix,
-            s0 * (vascular - tissue),
-            -b * sv,
-            sv * te / (t2v * t2v),
-            st * (-b + k * b * bd / 3.0),
-            st * bd * bd / 6.0,
-            st * te / (t2t * t2t),
-        ], axis=-1)
+        jac = np.empty((p.shape[0], 7, pred.shape[1]))
+        jac[:, 0] = mix
+        jac[:, 1] = s0 * (vascular - tissue)
+        jac[:, 2] = -b * sv
+        jac[:, 3] = sv * te / (t2v * t2v)
+        jac[:, 4] = st * (-b + k * b * bd / 3.0)
+        jac[:, 5] = st * bd * bd / 6.0
+        jac[:, 6] = st * te / (t2t * t2t)
         return pred, jac
 
     return model
@@ -412,7 +419,7 @@ def _ivim_model(b: np.ndarray):
         pred = s0 * mix
         if not with_jacobian:
             return pred, None
-        jac = np.stack([mix, s0 * (fast - slow), -b * s0 * f * fast, -b * s0 * (1 - f) * slow], axis=-1)
+        jac = np.stack([mix, s0 * (fast - slow), -b * s0 * f * fast, -b * s0 * (1 - f) * slow], axis=1)
         return pred, jac
 
     return model

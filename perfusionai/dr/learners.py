@@ -1,0 +1,399 @@
+"""Learned prediction of the advanced diffusion-relaxation protocol from the clinical one.
+
+Two strategies (Macarro et al., JMRI 2025):
+
+* ``signal-to-signal``: predict the 21 advanced-protocol signals from the 5 clinical signals
+  (both divided by the voxel's clinical b=0 signal), then fit T2-IVIM-Kurtosis to the prediction;
+* ``maps-to-maps``: predict the T2-IVIM-Kurtosis maps ``f, dv, t2v, dt, k, t2t`` directly from
+  the clinical maps ``adc_fast, adc_slow, f_proxy``. (S0 is a scale without a clinical counterpart
+  in these inputs and is not predicted by this strategy.)
+
+Algorithms (keys of :data:`ALGORITHMS`): ``lr`` linear regression, ``rf`` random forest, ``etr``
+extra trees, ``gbr`` histogram gradient boosting (one model per output), ``slnn`` single-hidden-
+layer network, ``mlnn`` three-hidden-layer network (both voxel-wise), and ``patchnn`` a network
+whose input is the 3x3 in-plane neighbourhood of every input channel. Networks are scikit-learn
+``MLPRegressor`` (ReLU, Adam, early stopping); all inputs and outputs are standardised.
+
+Model directory (no pickles, ever): ``model.json`` (algorithm, strategy, protocols, hyper-
+parameters, standardisation, training description incl. "trained on phantoms", metrics, package
+versions, sha256 of the weights) and ``weights.safetensors`` (numpy arrays only):
+
+* ``lr``: coefficients and intercept; prediction is a matrix product;
+* networks: every layer's weights and biases; prediction is a numpy ReLU forward pass;
+* tree ensembles (``rf``, ``etr``, ``gbr``): their training arrays. Loading refits the estimator with
+  the stored hyper-parameters and random seed (deterministic) and refuses the model when the refit
+  does not reproduce the predictions stored for check rows (e.g. another scikit-learn version).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .. import __version__
+from ..errors import input_error
+from . import fitting
+from . import models as M
+
+STRATEGIES = ("signal-to-signal", "maps-to-maps")
+ALGORITHMS = ("lr", "rf", "etr", "gbr", "slnn", "mlnn", "patchnn")
+ALGORITHM_NAMES = {"lr": "linear regression", "rf": "random forest", "etr": "extra trees",
+                   "gbr": "gradient boosting", "slnn": "single-layer neural network",
+                   "mlnn": "multi-layer neural network", "patchnn": "patch-wise (3x3) neural network"}
+#: Inputs of maps-to-maps and the maps it predicts.
+M2M_INPUTS = ("adc_fast", "adc_slow", "f_proxy")
+M2M_OUTPUTS = ("f", "dv", "t2v", "dt", "k", "t2t")
+FORMAT_VERSION = 1
+
+
+def default_hyperparameters(algorithm: str) -> dict:
+    """Hyper-parameters of each algorithm (the paper's are unpublished; sizes limited for speed)."""
+    return {
+        "lr": {},
+        "rf": {"n_estimators": 60, "min_samples_leaf": 3, "max_features": 1.0},
+        "etr": {"n_estimators": 60, "min_samples_leaf": 3, "max_features": 1.0},
+        "gbr": {"max_iter": 60, "learning_rate": 0.15, "max_leaf_nodes": 15},
+        "slnn": {"hidden_layer_sizes": [64], "max_iter": 400, "learning_rate_init": 0.003, "alpha": 1e-4},
+        "mlnn": {"hidden_layer_sizes": [64, 64, 64], "max_iter": 400, "learning_rate_init": 0.002, "alpha": 1e-4},
+        "patchnn": {"hidden_layer_sizes": [96, 64], "max_iter": 400, "learning_rate_init": 0.002, "alpha": 1e-4},
+    }[algorithm]
+
+
+# --------------------------------------------------------------------------------------
+# features
+
+
+@dataclass
+class PatientFeatures:
+    """Learning data of one patient's region of interest.
+
+    All arrays are ``(N, ...)`` over the ROI voxels in C order of the ``[k, j, i]`` mask.
+    ``x_signal`` ``(N, 5)`` clinical signals / ``s_ref``; ``x_signal_patch`` ``(N, 45)`` their 3x3
+    neighbourhoods (divided by the centre's ``s_ref``); ``x_maps`` ``(N, 3)`` clinical maps;
+    ``x_maps_patch`` ``(N, 27)``; ``s_ref`` ``(N,)`` the clinical b=0 signal; ``y_signal``
+    ``(N, 21)`` advanced signals / ``s_ref`` and ``y_maps`` name -> ``(N,)`` reference maps (when
+    the advanced data are known).
+    """
+
+    name: str
+    x_signal: np.ndarray
+    x_signal_patch: np.ndarray
+    x_maps: np.ndarray
+    x_maps_patch: np.ndarray
+    s_ref: np.ndarray
+    y_signal: Optional[np.ndarray] = None
+    y_maps: Optional[dict] = None
+    roi: Optional[np.ndarray] = None
+    extra: dict = field(default_factory=dict)
+
+
+def _neighbourhood(volume: np.ndarray, roi: np.ndarray) -> np.ndarray:
+    """3x3 in-plane neighbourhoods ``(N, 9, C)`` of a ``[k, j, i, C]`` volume at the ROI voxels (edges replicated)."""
+    padded = np.pad(volume, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    kk, jj, ii = np.nonzero(roi)
+    offsets = [(dj, di) for dj in (0, 1, 2) for di in (0, 1, 2)]
+    return np.stack([padded[kk, jj + dj, ii + di] for dj, di in offsets], axis=1)
+
+
+def clinical_features(clinical_dwi: np.ndarray, clinical_protocol: M.Protocol, roi: np.ndarray,
+                      name: str = "patient") -> PatientFeatures:
+    """Inputs of both strategies from a clinical series ``[k, j, i, 5]`` (b 0..900 s/mm^2, one TE)."""
+    clinical_dwi = np.asarray(clinical_dwi, float)
+    order = np.argsort(clinical_protocol.bvals, kind="stable")
+    dwi = clinical_dwi[..., order]
+    bvals = clinical_protocol.bvals[order]
+    s_ref_vol = np.maximum(dwi[..., 0], 1e-6 * max(float(dwi.max()), 1e-30))
+    maps_fit = fitting.fit_clinical(dwi.reshape(-1, dwi.shape[-1]), bvals)
+    maps_vol = np.stack([maps_fit.maps[k].reshape(roi.shape) for k in M2M_INPUTS], axis=-1)
+    s_ref = s_ref_vol[roi]
+    sig_patch = _neighbourhood(dwi, roi) / s_ref[:, None, None]
+    map_patch = _neighbourhood(maps_vol, roi)
+    return PatientFeatures(name, dwi[roi] / s_ref[:, None], sig_patch.reshape(len(s_ref), -1), maps_vol[roi],
+                           map_patch.reshape(len(s_ref), -1), s_ref, roi=roi,
+                           extra={"clinical_bvals": bvals.tolist()})
+
+
+def patient_features(dwi: np.ndarray, protocol: M.Protocol, roi: np.ndarray, name: str = "patient",
+                     reference_maps: Optional[dict] = None, progress=None) -> PatientFeatures:
+    """Training/evaluation data from a full advanced series ``[k, j, i, 21]`` and its ROI.
+
+    The clinical protocol is extracted (5 lowest b at the minimum TE); the reference maps are the
+    T2-IVIM-Kurtosis fit of the advanced protocol (as in the paper) unless ``reference_maps``
+    (name -> ``[k, j, i]``) are given.
+    """
+    idx = protocol.clinical_indices()
+    feats = clinical_features(dwi[..., idx], M.Protocol(protocol.bvals[idx], protocol.tes[idx]), roi, name)
+    advanced = np.asarray(dwi, float)[roi]
+    feats.y_signal = advanced / feats.s_ref[:, None]
+    if reference_maps is None:
+        fit = fitting.fit_t2ivimkurtosis(advanced, protocol.bvals, protocol.tes, progress=progress)
+        feats.y_maps = fit.maps
+    else:
+        feats.y_maps = {k: np.asarray(v, float)[roi] for k, v in reference_maps.items()}
+    feats.extra["advanced_protocol"] = protocol.to_dict()
+    return feats
+
+
+def _inputs(features: PatientFeatures, strategy: str, algorithm: str) -> np.ndarray:
+    patch = algorithm == "patchnn"
+    if strategy == "signal-to-signal":
+        return features.x_signal_patch if patch else features.x_signal
+    return features.x_maps_patch if patch else features.x_maps
+
+
+def _targets(features: PatientFeatures, strategy: str) -> np.ndarray:
+    if strategy == "signal-to-signal":
+        return features.y_signal
+    return np.stack([features.y_maps[k] for k in M2M_OUTPUTS], axis=1)
+
+
+# --------------------------------------------------------------------------------------
+# estimators
+
+
+def _make_estimator(algorithm: str, hyper: dict, seed: int):
+    from sklearn.ensemble import ExtraTreesRegressor, HistGradientBoostingRegressor, RandomForestRegressor
+    from sklearn.linear_model import LinearRegression
+    from sklearn.multioutput import MultiOutputRegressor
+    from sklearn.neural_network import MLPRegressor
+
+    if algorithm == "lr":
+        return LinearRegression()
+    if algorithm == "rf":
+        return RandomForestRegressor(random_state=seed, n_jobs=2, **hyper)
+    if algorithm == "etr":
+        return ExtraTreesRegressor(random_state=seed, n_jobs=2, **hyper)
+    if algorithm == "gbr":
+        return MultiOutputRegressor(HistGradientBoostingRegressor(random_state=seed, early_stopping=False, **hyper))
+    h = dict(hyper)
+    h["hidden_layer_sizes"] = tuple(h["hidden_layer_sizes"])
+    return MLPRegressor(activation="relu", solver="adam", early_stopping=True, validation_fraction=0.15,
+                        n_iter_no_change=15, random_state=seed, **h)
+
+
+class Learner:
+    """One trained predictor: standardisation + estimator (see the module doc for storage).
+
+    ``predict_standardised``-free API: :meth:`fit` and :meth:`predict` take raw ``(N, F)`` inputs
+    and return raw ``(N, T)`` outputs.
+    """
+
+    def __init__(self, algorithm: str, strategy: str, seed: int = 0, hyper: Optional[dict] = None) -> None:
+        if algorithm not in ALGORITHMS:
+            raise input_error("--algorithm", f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
+        if strategy not in STRATEGIES:
+            raise input_error("--strategy", f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+        self.algorithm = algorithm
+        self.strategy = strategy
+        self.seed = int(seed)
+        self.hyper = dict(default_hyperparameters(algorithm) if hyper is None else hyper)
+        self.arrays: dict = {}
+        self._estimator = None
+
+    # standardisation keeps every algorithm on comparable, O(1) scales
+    def _std_x(self, x):
+        return (x - self.arrays["x_mean"]) / self.arrays["x_std"]
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> "Learner":
+        x = np.asarray(x, np.float64)
+        y = np.asarray(y, np.float64)
+        self.arrays = {"x_mean": x.mean(0), "x_std": x.std(0) + 1e-12, "y_mean": y.mean(0), "y_std": y.std(0) + 1e-12}
+        xs = self._std_x(x)
+        ys = (y - self.arrays["y_mean"]) / self.arrays["y_std"]
+        est = _make_estimator(self.algorithm, self.hyper, self.seed)
+        est.fit(xs, ys)
+        self._estimator = est
+        if self.algorithm == "lr":
+            self.arrays["coef"] = est.coef_.T.copy()
+            self.arrays["intercept"] = np.asarray(est.intercept_, float).reshape(-1)
+        elif self.algorithm in ("slnn", "mlnn", "patchnn"):
+            for i, (w, b) in enumerate(zip(est.coefs_, est.intercepts_)):
+                self.arrays[f"layer{i}_weight"] = w
+                self.arrays[f"layer{i}_bias"] = b
+        else:
+            self.arrays["train_x"] = x.astype(np.float32)
+            self.arrays["train_y"] = y.astype(np.float32)
+            n_check = min(64, len(x))
+            self.arrays["check_rows"] = np.arange(n_check)
+            self.arrays["check_y"] = self.predict(x[:n_check])
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        xs = self._std_x(np.asarray(x, np.float64))
+        if self.algorithm == "lr":
+            ys = xs @ self.arrays["coef"] + self.arrays["intercept"]
+        elif self.algorithm in ("slnn", "mlnn", "patchnn"):
+            n_layers = sum(1 for k in self.arrays if k.endswith("_weight"))
+            h = xs
+            for i in range(n_layers):
+                h = h @ self.arrays[f"layer{i}_weight"] + self.arrays[f"layer{i}_bias"]
+                if i < n_layers - 1:
+                    h = np.maximum(h, 0.0)
+            ys = h
+        else:
+            if self._estimator is None:
+                self._refit()
+            ys = self._estimator.predict(xs)
+        ys = np.asarray(ys, float).reshape(len(xs), -1)
+        return ys * self.arrays["y_std"] + self.arrays["y_mean"]
+
+    def _refit(self) -> None:
+        x = self.arrays["train_x"].astype(np.float64)
+        y = self.arrays["train_y"].astype(np.float64)
+        est = _make_estimator(self.algorithm, self.hyper, self.seed)
+        est.fit(self._std_x(x), (y - self.arrays["y_mean"]) / self.arrays["y_std"])
+        self._estimator = est
+
+
+# --------------------------------------------------------------------------------------
+# training and prediction on patients
+
+
+@dataclass
+class TrainedModel:
+    """A learner plus what it needs to be applied: strategy, protocols, description."""
+
+    learner: Learner
+    clinical_bvals: list
+    advanced_protocol: dict
+    description: dict = field(default_factory=dict)
+
+    @property
+    def strategy(self) -> str:
+        return self.learner.strategy
+
+    @property
+    def algorithm(self) -> str:
+        return self.learner.algorithm
+
+
+def train(patients: list[PatientFeatures], algorithm: str, strategy: str, seed: int = 0,
+          hyper: Optional[dict] = None, trained_on_phantoms: bool = False) -> TrainedModel:
+    """Train one learner on the pooled ROI voxels of ``patients``."""
+    if not patients:
+        raise input_error("--cohort", "no training patient")
+    x = np.concatenate([_inputs(p, strategy, algorithm) for p in patients])
+    y = np.concatenate([_targets(p, strategy) for p in patients])
+    learner = Learner(algorithm, strategy, seed, hyper).fit(x, y)
+    return TrainedModel(learner, patients[0].extra["clinical_bvals"], patients[0].extra["advanced_protocol"],
+                        {"patients": [p.name for p in patients], "voxels": int(len(x)),
+                         "trained_on_phantoms": bool(trained_on_phantoms)})
+
+
+def predict(model: TrainedModel, features: PatientFeatures, progress=None) -> dict:
+    """Predicted T2-IVIM-Kurtosis maps (name -> ``(N,)``) for a patient's ROI voxels.
+
+    signal-to-signal also returns ``"signals"`` ``(N, 21)`` (predicted advanced signals in signal
+    units) and ``s0``; maps-to-maps returns ``f, dv, t2v, dt, k, t2t`` clipped to the fit bounds.
+    """
+    x = _inputs(features, model.strategy, model.algorithm)
+    y = model.learner.predict(x)
+    if model.strategy == "signal-to-signal":
+        protocol = M.Protocol(model.advanced_protocol["bvals"], model.advanced_protocol["tes"])
+        signals = y * features.s_ref[:, None]
+        # a learner may predict slightly negative signals at high b; the magnitude model cannot
+        fit = fitting.fit_t2ivimkurtosis(np.maximum(signals, 1e-6 * features.s_ref[:, None]),
+                                         protocol.bvals, protocol.tes, progress=progress)
+        out = dict(fit.maps)
+        out["signals"] = signals
+        return out
+    lower = dict(zip(M.ADVANCED_MAPS, M.ADVANCED_LOWER))
+    upper = dict(zip(M.ADVANCED_MAPS, M.ADVANCED_UPPER))
+    return {name: np.clip(y[:, i], lower[name], upper[name]) for i, name in enumerate(M2M_OUTPUTS)}
+
+
+# --------------------------------------------------------------------------------------
+# model directory
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model(model: TrainedModel, folder: str | Path, metrics: Optional[dict] = None) -> Path:
+    """Write ``model.json`` + ``weights.safetensors`` into ``folder`` (created)."""
+    import sklearn
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {k: np.ascontiguousarray(v) for k, v in model.learner.arrays.items()}
+    weights = folder / "weights.safetensors"
+    save_file(arrays, str(weights))
+    learner = model.learner
+    card = {
+        "format": "perfusionai.dr.learner", "format_version": FORMAT_VERSION,
+        "architecture": learner.algorithm, "architecture_name": ALGORITHM_NAMES[learner.algorithm],
+        "strategy": learner.strategy, "hyperparameters": learner.hyper, "seed": learner.seed,
+        "inputs": {"clinical_bvals_s_per_mm2": list(model.clinical_bvals),
+                   "features": "clinical signals / S(b=0)" if learner.strategy == "signal-to-signal"
+                   else list(M2M_INPUTS),
+                   "patch": "3x3 in-plane" if learner.algorithm == "patchnn" else None,
+                   "normalisation": "x_mean/x_std and y_mean/y_std in the weights file"},
+        "outputs": ("advanced-protocol signals / S(b=0), then T2-IVIM-Kurtosis fit"
+                    if learner.strategy == "signal-to-signal" else list(M2M_OUTPUTS)),
+        "advanced_protocol": model.advanced_protocol,
+        "training": model.description,
+        "trained_on_phantoms": bool(model.description.get("trained_on_phantoms", False)),
+        "storage": ("training arrays; refit deterministically on load and verified against stored check predictions"
+                    if learner.algorithm in ("rf", "etr", "gbr") else "parameters as arrays; numpy forward pass"),
+        "metrics": metrics or {},
+        "versions": {"perfusionai": __version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__},
+        "weights_sha256": _sha256(weights),
+    }
+    (folder / "model.json").write_text(json.dumps(card, indent=2) + "\n")
+    return folder
+
+
+def load_model(folder: str | Path) -> TrainedModel:
+    """Read a model directory written by :func:`save_model`, checking everything it can.
+
+    Refuses (with :class:`PerfusionAIError`) a missing file, a wrong format, a weights file whose
+    sha256 differs from the card's, missing arrays, and tree ensembles whose deterministic refit
+    does not reproduce the stored check predictions.
+    """
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    card_path = folder / "model.json"
+    weights = folder / "weights.safetensors"
+    if not folder.is_dir() or not card_path.is_file() or not weights.is_file():
+        raise input_error(folder, "is not a DiffusionRelaxation model folder (model.json and weights.safetensors expected)")
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise input_error(card_path, f"is not valid JSON ({exc.msg})") from None
+    if card.get("format") != "perfusionai.dr.learner":
+        raise input_error(card_path, f"is a {card.get('format')!r} model, not a DiffusionRelaxation learner")
+    if card.get("format_version") != FORMAT_VERSION:
+        raise input_error(card_path, f"has format version {card.get('format_version')}; this version reads {FORMAT_VERSION}")
+    if _sha256(weights) != card.get("weights_sha256"):
+        raise input_error(weights, "does not match the sha256 in model.json (modified or from another model)")
+    arrays = load_file(str(weights))
+    learner = Learner(card["architecture"], card["strategy"], card.get("seed", 0), card.get("hyperparameters"))
+    needed = {"x_mean", "x_std", "y_mean", "y_std"}
+    if not needed <= set(arrays):
+        raise input_error(weights, f"lacks the arrays {sorted(needed - set(arrays))}")
+    learner.arrays = {k: np.asarray(v, np.float64) if v.dtype != np.int64 else v for k, v in arrays.items()}
+    if learner.algorithm in ("rf", "etr", "gbr"):
+        learner.arrays["train_x"] = arrays["train_x"]
+        learner.arrays["train_y"] = arrays["train_y"]
+        learner._refit()
+        rows = arrays["check_rows"].astype(int)
+        again = learner.predict(arrays["train_x"][rows].astype(np.float64))
+        if not np.allclose(again, arrays["check_y"], rtol=1e-5, atol=1e-6 * (np.abs(arrays["check_y"]).max() + 1)):
+            raise input_error(folder, "the tree ensemble could not be rebuilt identically here (different "
+                                      f"scikit-learn version? trained with {card['versions'].get('scikit-learn')})")
+    model = TrainedModel(learner, card["inputs"]["clinical_bvals_s_per_mm2"], card["advanced_protocol"],
+                         card.get("training", {}))
+    model.description["card"] = card
+    return model

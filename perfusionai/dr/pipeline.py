@@ -1,0 +1,241 @@
+"""From a 4D diffusion series to maps on the input grid (shared by the CLI and the Slicer module).
+
+* :func:`read_scheme_file` reads FSL-style ``bvals`` (s/mm^2) and echo-time files (ms):
+  whitespace-separated numbers on one row (one column is accepted too).
+* :func:`check_protocol` refuses every inconsistent input with a message naming it.
+* :func:`fit_series` fits one model over a ``[k, j, i, n]`` array (vectorised over voxels).
+* :func:`run_fit` is ``perfusionai dr fit``: read, check, fit, write maps + summary.json atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .. import __version__
+from ..errors import input_error
+from ..io import atomic_output_dir, read_mask, read_series, write_json, write_volume
+from ..progress import as_progress
+from . import fitting
+from . import models as M
+
+
+def read_scheme_file(path: str | os.PathLike, name: str = "b-value file") -> np.ndarray:
+    """Numbers of an FSL-style scheme file (one row, whitespace separated; one column accepted).
+
+    Returns ``(n,)`` float64. Raises a clear error for a missing, empty, non-numeric or 2D file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise input_error(p, f"{name} not found")
+    text = p.read_text(errors="replace")
+    rows = [line.split() for line in text.replace(",", " ").splitlines() if line.strip()]
+    if not rows:
+        raise input_error(p, f"{name} is empty")
+    if len(rows) > 1 and any(len(r) > 1 for r in rows):
+        raise input_error(p, f"{name} has {len(rows)} rows of several numbers; expected one row "
+                             f"(FSL bvals style) or one column")
+    tokens = [t for r in rows for t in r]
+    try:
+        values = np.asarray([float(t) for t in tokens])
+    except ValueError:
+        bad = next(t for t in tokens if not _is_number(t))
+        raise input_error(p, f"{name} contains {bad!r}, which is not a number") from None
+    if not np.all(np.isfinite(values)):
+        raise input_error(p, f"{name} contains non-finite values")
+    return values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_protocol(n_volumes: int, bvals: np.ndarray, tes: Optional[np.ndarray], model: str,
+                   bvals_name="--bvals", tes_name="--tes") -> M.Protocol:
+    """Validate b-values (s/mm^2) and echo times (ms) against the series and the model.
+
+    Raises :class:`PerfusionAIError` naming the offending input: counts differing from the number of
+    volumes, negative b, non-positive or second-looking TEs, missing TEs or a single TE for the
+    advanced model, too few distinct b-values for the model.
+    """
+    if model not in M.MODELS:
+        raise input_error("--model", f"unknown model {model!r}; choose from {', '.join(M.MODELS)}")
+    bvals = np.asarray(bvals, float).reshape(-1)
+    if bvals.size != n_volumes:
+        raise input_error(bvals_name, f"has {bvals.size} b-values but the diffusion series has {n_volumes} volumes")
+    if np.any(bvals < 0):
+        raise input_error(bvals_name, f"contains negative b-values ({', '.join(f'{b:g}' for b in bvals[bvals < 0])}); "
+                                      f"b must be >= 0 s/mm^2")
+    if tes is not None:
+        tes = np.asarray(tes, float).reshape(-1)
+        if tes.size == 1 and n_volumes > 1:
+            tes = np.full(n_volumes, tes[0])
+        if tes.size != n_volumes:
+            raise input_error(tes_name, f"has {tes.size} echo times but the diffusion series has {n_volumes} volumes")
+        if np.any(tes <= 0):
+            raise input_error(tes_name, "echo times must be positive (in ms)")
+        if np.all(tes < 1.0):
+            raise input_error(tes_name, f"echo times are in ms; {tes.max():g} looks like seconds "
+                                        f"({tes.max() * 1000:g} ms?)")
+    if model == "t2ivimkurtosis":
+        if tes is None:
+            raise input_error(tes_name, "the t2ivimkurtosis model needs the echo time (ms) of every volume; "
+                                        "give a TE file with --tes")
+        if np.unique(tes).size < 2:
+            raise input_error(tes_name, "the t2ivimkurtosis model needs at least 2 different echo times; "
+                                        "for single-TE data use --model ivim or clinical")
+        if np.unique(bvals).size < 4 or n_volumes < 7:
+            raise input_error(bvals_name, "the t2ivimkurtosis model needs at least 7 volumes and 4 different "
+                                          "b-values")
+    if model == "ivim":
+        te_sel = np.ones(n_volumes, bool) if tes is None else np.isclose(tes, tes.min())
+        if np.unique(bvals[te_sel]).size < 4:
+            raise input_error(bvals_name, "the ivim model needs at least 4 different b-values at one echo time")
+    return M.Protocol(bvals, tes)
+
+
+def _fit_region(dwi: np.ndarray, mask: Optional[np.ndarray], source) -> np.ndarray:
+    """Voxels to fit ``[k, j, i]``: inside the mask (or the whole image) with a finite, non-zero signal."""
+    finite = np.all(np.isfinite(dwi), axis=-1)
+    signal = np.any(dwi > 0, axis=-1) & finite
+    region = signal if mask is None else (mask & signal)
+    if not region.any():
+        where = "inside the mask" if mask is not None else "in the series"
+        raise input_error(source, f"every voxel {where} is zero (or not finite) in all volumes; "
+                                  f"there is no signal to fit")
+    return region
+
+
+def fit_series(
+    dwi: np.ndarray,
+    protocol: M.Protocol,
+    model: str,
+    mask: Optional[np.ndarray] = None,
+    noise_sigma: Optional[float] = None,
+    progress=None,
+    source: str = "diffusion series",
+    **options,
+) -> tuple[dict, np.ndarray, dict]:
+    """Fit ``model`` to every voxel of a diffusion series.
+
+    Parameters
+    ----------
+    dwi
+        ``[k, j, i, n]`` magnitude series (volume axis last).
+    protocol
+        b-values (s/mm^2) and echo times (ms), checked by :func:`check_protocol`.
+    model
+        ``clinical``, ``t2ivimkurtosis`` or ``ivim``.
+    mask
+        Optional ``[k, j, i]`` boolean; voxels outside it (and voxels without signal) get 0.
+    noise_sigma
+        Noise SD for the noise-floor correction of the non-linear fits (signal units).
+    options
+        Passed to the fit function (bounds, grid_points, clinical b subsets, ...).
+
+    Returns
+    -------
+    maps
+        name -> ``[k, j, i]`` float32 (names and units in :mod:`.models`).
+    status
+        ``[k, j, i]`` int8: 1 converged, -1 iteration limit, 0 not fitted.
+    info
+        What was done (method, b-values used, voxel counts).
+    """
+    dwi = np.asarray(dwi)
+    protocol = check_protocol(dwi.shape[-1], protocol.bvals, protocol.tes, model)
+    region = _fit_region(dwi, mask, source)
+    signals = dwi[region].astype(np.float64)
+    progress = as_progress(progress)
+    if model == "clinical":
+        try:
+            result = fitting.fit_clinical(signals, protocol.bvals, protocol.tes, **options)
+        except ValueError as exc:
+            raise input_error("--bvals", str(exc)) from None
+    elif model == "ivim":
+        sel = np.ones(protocol.n, bool) if protocol.tes is None else np.isclose(protocol.tes, protocol.tes.min())
+        result = fitting.fit_ivim(signals[:, sel], protocol.bvals[sel], noise_sigma=noise_sigma,
+                                  progress=progress, **options)
+        result.info["volumes_used"] = int(sel.sum())
+    else:
+        result = fitting.fit_t2ivimkurtosis(signals, protocol.bvals, protocol.tes, noise_sigma=noise_sigma,
+                                            progress=progress, **options)
+    maps = {}
+    for name, values in result.maps.items():
+        full = np.zeros(region.shape, np.float32)
+        full[region] = values
+        maps[name] = full
+    status = np.zeros(region.shape, np.int8)
+    status[region] = result.status
+    info = dict(result.info)
+    info["voxels_fitted"] = int(region.sum())
+    if mask is not None:
+        info["mask_voxels_without_signal"] = int((mask & ~region).sum())
+    info["voxels_at_iteration_limit"] = int((status == -1).sum())
+    return maps, status, info
+
+
+def run_fit(
+    dwi_path: str | os.PathLike,
+    bvals_path: str | os.PathLike,
+    tes_path: Optional[str | os.PathLike],
+    model: str,
+    out_dir: str | os.PathLike,
+    mask_path: Optional[str | os.PathLike] = None,
+    noise_sigma: Optional[float] = None,
+    progress=None,
+    **options,
+) -> dict:
+    """``perfusionai dr fit``: maps as NIfTI on the input grid plus ``summary.json`` in ``out_dir``.
+
+    Everything is read and checked before anything is written; outputs appear atomically.
+    Returns the summary dictionary.
+    """
+    progress = as_progress(progress)
+    started = time.perf_counter()
+    series, protocol = read_dwi_and_protocol(dwi_path, bvals_path, tes_path, model)
+    mask = read_mask(mask_path, series.geometry) if mask_path is not None else None
+    progress(0.05, "data read")
+    maps, status, info = fit_series(series.array, protocol, model, mask, noise_sigma,
+                                    progress=progress.sub(0.05, 0.9), source=dwi_path, **options)
+    region = status != 0
+    summary = {
+        "perfusionai": __version__,
+        "command": "dr fit",
+        "model": model,
+        "inputs": {"dwi": str(dwi_path), "bvals": str(bvals_path), "tes": None if tes_path is None else str(tes_path),
+                   "mask": None if mask_path is None else str(mask_path)},
+        "protocol": protocol.to_dict(),
+        "units": {name: M.MAP_UNITS[name] for name in maps} | {"bvals": "s/mm2", "tes": "ms"},
+        "options": {"noise_sigma": noise_sigma, **{k: v for k, v in options.items()}},
+        "fit": info,
+        "median_in_fitted_voxels": {name: float(np.median(m[region])) for name, m in maps.items()},
+        "geometry": series.geometry.to_dict(),
+    }
+    with atomic_output_dir(out_dir) as stage:
+        for name, values in maps.items():
+            write_volume(values, series.geometry, stage / f"{name}.nii.gz")
+        write_volume(status, series.geometry, stage / "status.nii.gz")
+        summary["seconds"] = round(time.perf_counter() - started, 3)
+        write_json(summary, stage / "summary.json")
+    progress(1.0, "maps written")
+    return summary
+
+
+def read_dwi_and_protocol(dwi_path, bvals_path, tes_path, model: str):
+    """Read a series and its scheme files and check them together; returns ``(series, protocol)``."""
+    series = read_series(dwi_path, name="diffusion series", min_frames=2)
+    bvals = read_scheme_file(bvals_path, "b-value file")
+    tes = read_scheme_file(tes_path, "echo-time file") if tes_path is not None else None
+    protocol = check_protocol(series.n_frames, bvals, tes, model, bvals_name=bvals_path,
+                              tes_name=tes_path if tes_path is not None else "--tes")
+    return series, protocol
+
