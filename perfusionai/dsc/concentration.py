@@ -4,12 +4,13 @@
 pre-bolus (baseline) frames of each voxel.
 
 Baseline detection works on the mean signal of the mask (robust to voxel noise): the
-bolus arrives at the first frame ``i >= min_baseline`` that lies below the mean of frames
-``0 .. i-1`` by more than ``max(k_sigma * sd, min_drop * mean)`` (``sd`` the standard
-deviation of those frames, ``min_drop`` a relative floor because two or three frames give no
-usable ``sd``). The baseline is frames ``0 .. i-2``: like dsc-mri-toolbox, the frame just
-before the detected drop is left out because the bolus front may already touch it; at least
-``min_baseline`` frames are kept.
+reference level is the median of the first ``max(min_baseline, argmin // 2)`` frames and
+the bolus depth is that level minus the curve minimum (a depth below ``min_drop`` = 2 % of
+the level means "no bolus"). The bolus arrives at the first frame that lies below the level
+by more than ``max(k_sigma * sd, arrival_fraction * depth)`` (``sd`` of the reference
+frames, ``k_sigma`` 4, ``arrival_fraction`` 10 %). The baseline is frames ``0 .. arrival-2``:
+like dsc-mri-toolbox, the frame just before the detected drop is left out because the bolus
+front may already touch it; at least ``min_baseline`` (2) frames are kept.
 
 Arrays are time-last: ``[k, j, i, t]`` or ``(n_voxels, t)``.
 
@@ -33,6 +34,7 @@ MIN_SIGNAL_RATIO = 1e-3
 DEFAULT_K_SIGMA = 4.0
 DEFAULT_MIN_DROP = 0.02
 DEFAULT_MIN_BASELINE = 2
+DEFAULT_ARRIVAL_FRACTION = 0.1
 
 
 @dataclass
@@ -96,6 +98,7 @@ def check_finite_frames(signal: np.ndarray, name: str = "DSC series") -> None:
 
 def detect_bolus_arrival(signal: np.ndarray, mask: Optional[np.ndarray] = None,
                          k_sigma: float = DEFAULT_K_SIGMA, min_drop: float = DEFAULT_MIN_DROP,
+                         arrival_fraction: float = DEFAULT_ARRIVAL_FRACTION,
                          min_baseline: int = DEFAULT_MIN_BASELINE, name: str = "DSC series") -> BolusArrival:
     """Find the bolus arrival and the number of baseline frames from the mean signal of ``mask``.
 
@@ -122,18 +125,27 @@ def detect_bolus_arrival(signal: np.ndarray, mask: Optional[np.ndarray] = None,
         curve = np.nanmean(np.where(np.isfinite(flat), flat, np.nan), axis=0).astype(np.float64)
     n = curve.size
     lowest = int(np.nanargmin(curve))
-    for i in range(max(2, int(min_baseline)), max(lowest, 2) + 1):
-        if i >= n:
-            break
-        base = curve[:i]
-        mean = base.mean()
-        sd = base.std(ddof=1) if i >= 3 else 0.0
-        if curve[i] < mean - max(k_sigma * sd, min_drop * abs(mean)):
-            baseline = max(int(min_baseline), i - 1)
-            return BolusArrival(baseline_frames=baseline, arrival_index=i, mean_curve=curve)
-    raise input_error(name, "no bolus passage found: the mean signal of the mask never drops "
-                      f"clearly below its first frames (needs > {100 * min_drop:.0f} %); "
-                      "check the series, or give the number of baseline frames explicitly")
+    reference_frames = max(int(min_baseline), lowest // 2)
+    if lowest <= int(min_baseline) or reference_frames >= n:
+        raise input_error(name, "no bolus passage found: the signal minimum of the mask is in the first "
+                          f"{int(min_baseline) + 1} frames; check the series, or give the number of baseline "
+                          "frames explicitly")
+    reference = curve[:reference_frames]
+    level = float(np.median(reference))
+    depth = level - float(curve[lowest])
+    if not depth > min_drop * abs(level):
+        raise input_error(name, "no bolus passage found: the mean signal of the mask never drops "
+                          f"clearly below its first frames (needs > {100 * min_drop:.0f} %); "
+                          "check the series, or give the number of baseline frames explicitly")
+    noise = float(reference.std(ddof=1)) if reference.size >= 3 else 0.0
+    threshold = level - max(k_sigma * noise, arrival_fraction * depth)
+    below = np.nonzero(curve[: lowest + 1] < threshold)[0]
+    arrival = int(below[0])
+    baseline = max(int(min_baseline), arrival - 1)
+    if baseline >= lowest:
+        raise input_error(name, "the bolus arrives too early to leave baseline frames; give the number "
+                          "of baseline frames explicitly")
+    return BolusArrival(baseline_frames=baseline, arrival_index=arrival, mean_curve=curve)
 
 
 def signal_to_concentration(signal: np.ndarray, te: float, baseline_frames: Optional[int] = None,

@@ -214,7 +214,7 @@ def compute_dsc_maps(signal: np.ndarray, times: np.ndarray, options: DSCOptions,
         if aif_module is None or not hasattr(aif_module, "select_aif_auto"):
             raise PerfusionAIError("automatic AIF selection is not available in this installation; "
                                    "give an AIF mask (--aif-mask)")
-        selection = aif_module.select_aif_auto(concentration, brain, t)
+        selection = aif_module.select_aif_auto(concentration, brain, t, baseline_frames=baseline)
         aif = selection.curve
         aif_voxels = np.asarray(selection.voxels, dtype=int).reshape(-1, 3)
         aif_info = {"source": "automatic", "n_voxels": int(aif_voxels.shape[0]),
