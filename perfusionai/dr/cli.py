@@ -69,6 +69,9 @@ def register(subparsers) -> None:
     fit.add_argument("--noise-sigma", type=positive_float, default=None,
                      help="noise SD of the magnitude images (signal units): enables the noise-floor correction "
                           "of the ivim/t2ivimkurtosis fits")
+    fit.add_argument("--noise-model", choices=("rician", "offset"), default="rician",
+                     help="noise-floor model with --noise-sigma: exact Rician mean (default) or the offset-Gaussian "
+                          "sqrt(S^2 + pi/2 sigma^2) of the authors' fitter")
     fit.add_argument("--grid-points", type=int, default=4,
                      help="t2ivimkurtosis start grid: values per non-linear parameter (default 4 -> 1024 candidates)")
     fit.add_argument("--out", required=True, help="output folder")
@@ -151,6 +154,8 @@ def run_fit(args: argparse.Namespace) -> int:
     if args.grid_points < 2 or args.grid_points > 8:
         raise input_error("--grid-points", f"must be between 2 and 8, got {args.grid_points}")
     options = {"grid_points": args.grid_points} if args.model == "t2ivimkurtosis" else {}
+    if args.noise_sigma is not None and args.model != "clinical":
+        options["noise_model"] = args.noise_model
     summary = fit(args.dwi, args.bvals, args.tes, args.model, args.out, mask_path=args.mask,
                   noise_sigma=args.noise_sigma, progress=make_progress(args, f"dr fit {args.model}"), **options)
     print(f"{args.model} maps ({', '.join(M.MODEL_MAPS[args.model])}) written to {args.out} "

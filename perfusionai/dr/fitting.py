@@ -183,14 +183,34 @@ def _grid_values(lo: float, hi: float, n: int, log: bool = False) -> np.ndarray:
 ModelFn = Callable[[np.ndarray, np.ndarray, bool], tuple]
 
 
-def _noise_floor(pred: np.ndarray, jac: Optional[np.ndarray], floor: Optional[np.ndarray]):
-    """Offset-Gaussian expectation sqrt(S^2 + nf^2) of a magnitude signal (and its Jacobian)."""
+def _noise_floor(pred: np.ndarray, jac: Optional[np.ndarray], floor: Optional[np.ndarray], mode: str = "rician"):
+    """Expected magnitude of a noisy signal (and its Jacobian) given the noise-free prediction.
+
+    ``floor`` is the noise SD sigma per voxel (normalised units). ``mode``:
+
+    * ``"rician"``: the exact Rician mean sigma sqrt(pi/2) L_1/2(-S^2 / 2 sigma^2), written with
+      exponentially scaled Bessel functions, d/dS = sqrt(pi/2) S/(2 sigma) [I0e(x/2) + I1e(x/2)],
+      x = S^2 / (2 sigma^2);
+    * ``"offset"``: the offset-Gaussian sqrt(S^2 + nf^2) with nf = sqrt(pi/2) sigma (the authors' fitter).
+    """
     if floor is None:
         return pred, jac
-    out = np.sqrt(pred * pred + floor[:, None] ** 2)
+    sigma = floor[:, None]
+    if mode == "offset":
+        nf = np.sqrt(np.pi / 2) * sigma
+        out = np.sqrt(pred * pred + nf * nf)
+        slope = pred / np.maximum(out, 1e-300)
+    else:
+        from scipy.special import ive
+
+        half_x = pred * pred / (4.0 * sigma * sigma)
+        i0 = ive(0, half_x)
+        i1 = ive(1, half_x)
+        out = sigma * np.sqrt(np.pi / 2) * ((1 + 2 * half_x) * i0 + 2 * half_x * i1)
+        slope = np.sqrt(np.pi / 2) * pred / (2 * sigma) * (i0 + i1)
     if jac is None:
         return out, None
-    return out, jac * (pred / np.maximum(out, 1e-300))[:, None, :]
+    return out, jac * slope[:, None, :]
 
 
 def levenberg_marquardt(
@@ -203,6 +223,7 @@ def levenberg_marquardt(
     max_iter: int = 200,
     ftol: float = 1e-9,
     xtol: float = 1e-10,
+    noise_model: str = "rician",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Minimise ``sum_m (model(p)_m - y_m)^2`` for all voxels together, with box bounds.
 
@@ -219,7 +240,7 @@ def levenberg_marquardt(
     p = np.clip(p0, lower, upper)
     rows_all = np.arange(n_vox)
     pred, jac = model(p, rows_all, True)
-    pred, jac = _noise_floor(pred, jac, noise_floor)
+    pred, jac = _noise_floor(pred, jac, noise_floor, noise_model)
     resid = pred - y
     cost = np.sum(resid * resid, axis=1)
     lam = np.full(n_vox, 1e-3)
@@ -249,7 +270,7 @@ def levenberg_marquardt(
             step = np.matmul(np.linalg.pinv(system), rhs[..., None])[..., 0]
         p_try = np.clip(p_a + step, lower[idx], upper[idx])
         pred_try, _ = model(p_try, idx, False)
-        pred_try, _ = _noise_floor(pred_try, None, None if noise_floor is None else noise_floor[idx])
+        pred_try, _ = _noise_floor(pred_try, None, None if noise_floor is None else noise_floor[idx], noise_model)
         r_try = pred_try - y[idx]
         cost_try = np.sum(r_try * r_try, axis=1)
         better = np.isfinite(cost_try) & (cost_try < cost[idx])
@@ -260,7 +281,7 @@ def levenberg_marquardt(
             p[accepted] = p_try[better]
             cost[accepted] = cost_try[better]
             pr, jc = model(p[accepted], accepted, True)
-            pr, jc = _noise_floor(pr, jc, None if noise_floor is None else noise_floor[accepted])
+            pr, jc = _noise_floor(pr, jc, None if noise_floor is None else noise_floor[accepted], noise_model)
             resid[accepted] = pr - y[accepted]
             jac[accepted] = jc
         lam[idx] = np.where(better, np.maximum(lam[idx] * 0.2, 1e-12), np.minimum(lam[idx] * 5.0, 1e16))
@@ -312,6 +333,7 @@ def fit_t2ivimkurtosis(
     noise_sigma: Optional[np.ndarray | float] = None,
     max_iter: int = 200,
     progress=None,
+    noise_model: str = "rician",
 ) -> FitResult:
     """Fit S = S0 [f exp(-b Dv - TE/T2v) + (1-f) exp(-b Dt + K (b Dt)^2/6 - TE/T2t)] to every voxel.
 
@@ -330,8 +352,11 @@ def fit_t2ivimkurtosis(
         non-negative least squares), so the grid is over 5 parameters, not 7.
     noise_sigma
         Noise standard deviation of the magnitude images (scalar or ``(N,)``), in signal units.
-        When given, the model is compared with the data through the offset-Gaussian noise floor
-        sqrt(S^2 + nf^2), nf = sqrt(pi/2) sigma.
+        When given, the data are compared with the expected magnitude of the noisy signal
+        (noise-floor correction, see ``noise_model``) instead of the noise-free model.
+    noise_model
+        ``"rician"`` (default): the exact Rician mean; ``"offset"``: the offset-Gaussian
+        sqrt(S^2 + nf^2), nf = sqrt(pi/2) sigma, of the authors' fitter.
     max_iter
         Levenberg-Marquardt iteration limit.
 
@@ -385,9 +410,10 @@ def fit_t2ivimkurtosis(
             p0[sl, 2:] = cand[best]
         lo_rows = np.broadcast_to(lo, (part.size, 7))
         hi_rows = np.broadcast_to(hi, (part.size, 7))
-        floor = None if sigma is None else np.sqrt(np.pi / 2) * sigma[part] / scale
+        floor = None if sigma is None else sigma[part] / scale
         p, c_fit, st = levenberg_marquardt(_advanced_model(b, te), p0, y, lo_rows, hi_rows,
-                                           noise_floor=floor, max_iter=max_iter)
+                                           noise_floor=floor, max_iter=max_iter,
+                                           noise_model=noise_model)
         p[:, 0] *= scale
         params[part] = p
         cost[part] = c_fit
@@ -401,7 +427,7 @@ def fit_t2ivimkurtosis(
     return FitResult(maps, status, cost, info={
         "method": "grid search (S0, f exact) + batched Levenberg-Marquardt",
         "grid_candidates": int(len(cand)), "lower": lo.tolist(), "upper": hi.tolist(),
-        "noise_floor": sigma is not None,
+        "noise_floor": None if sigma is None else noise_model,
         "kurtosis_nonmonotonic_voxels": int(nonmonotonic.sum()),
     })
 
@@ -433,6 +459,7 @@ def fit_ivim(
     noise_sigma: Optional[np.ndarray | float] = None,
     max_iter: int = 200,
     progress=None,
+    noise_model: str = "rician",
 ) -> FitResult:
     """Classic bi-exponential IVIM S = S0 [f exp(-b D*) + (1-f) exp(-b D)] for single-TE data.
 
@@ -480,10 +507,10 @@ def fit_ivim(
         total = a + c
         p0 = np.stack([total, np.where(total > 0, a / np.where(total > 0, total, 1), 0.1),
                        dstar_c[best, 0], d_c[best, 0]], axis=1)
-        floor = None if sigma is None else np.sqrt(np.pi / 2) * sigma[part] / scale
+        floor = None if sigma is None else sigma[part] / scale
         p, c_fit, st = levenberg_marquardt(_ivim_model(b), p0, y, np.broadcast_to(lo, (part.size, 4)),
                                            np.broadcast_to(hi, (part.size, 4)), noise_floor=floor,
-                                           max_iter=max_iter)
+                                           max_iter=max_iter, noise_model=noise_model)
         p[:, 0] *= scale
         params[part] = p
         cost[part] = c_fit
@@ -492,4 +519,4 @@ def fit_ivim(
     maps = {name: params[:, i] for i, name in enumerate(M.IVIM_MAPS)}
     return FitResult(maps, status, cost, info={"method": "grid search (S0, f exact) + batched Levenberg-Marquardt",
                                                "lower": lo.tolist(), "upper": hi.tolist(),
-                                               "noise_floor": sigma is not None})
+                                               "noise_floor": None if sigma is None else noise_model})
