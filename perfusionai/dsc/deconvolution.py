@@ -43,9 +43,10 @@ Regularisation (all relative to the largest singular value ``s_max`` of ``A``):
   spurious corner at tiny lambda on low-flow voxels, GCV does not -- hence GCV by default.
 
 Speed: the filtered pseudo-inverse is computed once per AIF, so sSVD, cSVD and fixed
-Tikhonov cost one GEMM per chunk of voxels; oSVD stacks the 19 candidate pseudo-inverses
-(deduplicated when two thresholds keep the same singular values) and only re-solves the
-voxels that failed the OI test. Pseudo-inverses are always computed in float64; the
+Tikhonov cost one GEMM per chunk of voxels; oSVD computes the residue and its second
+differences of the first candidate in one GEMM, then, for the voxels that failed the OI
+test only, subtracts the few singular components the next threshold drops (two thin GEMMs)
+-- candidates that keep the same singular values are evaluated once. Pseudo-inverses are always computed in float64; the
 per-voxel products run in the precision of the input curves: float32 input (what
 :func:`perfusionai.dsc.pipeline.compute_dsc_maps` passes) halves memory traffic and keeps
 about 1e-6 relative accuracy at the default thresholds; float64 input (or any other dtype)
@@ -80,6 +81,7 @@ TIKHONOV_LAMBDA_GRID = tuple(np.logspace(-3, 0, 49))
 TIKHONOV_CRITERIA = ("lcurve", "gcv", "fixed")
 DISCRETISATIONS = ("rectangle", "simpson")
 DEFAULT_CHUNK_VOXELS = 16384
+OSVD_BLOCK_VOXELS = 1024
 
 
 @dataclass
@@ -447,31 +449,39 @@ _OSVD_CACHE: dict = {}
 
 
 def _osvd_operators(u, s, vt, n_frames, candidates, work):
-    """Deduplicated candidate pseudo-inverses, each with its second-difference rows appended:
-    list of ``(t, 2L - 2)`` arrays and the thresholds they stand for (cached per SVD)."""
+    """Operators of the oSVD scan, cached per SVD.
+
+    Returns ``levels``: one entry per distinct truncation (thresholds that keep the same
+    singular values give the same residue; the first such threshold is kept), each a dict
+    with ``threshold``, ``full`` = the ``(t, 2L - 2)`` pseudo-inverse with its second-difference
+    rows appended (one GEMM gives the residue and the OI numerator), and, from the second level
+    on, the low-rank ``(t, k)`` / ``(k, 2L - 2)`` factors of the ``k`` singular components the
+    level drops, so a voxel's trial residue can be updated instead of recomputed.
+    """
     key = (id(u), u.shape, tuple(candidates), np.dtype(work).str)
     cached = _OSVD_CACHE.get(key)
     if cached is not None and cached[0] is u:
-        return cached[1], cached[2]
-    stack, used = [], []
+        return cached[1]
+    levels = []
     previous_kept = None
     with _single_threaded_blas():
+        extended = np.concatenate([vt, vt[:, 2:] - 2.0 * vt[:, 1:-1] + vt[:, :-2]], axis=1)  # (L, 2L-2)
         for value in candidates:
-            factors = _truncation_factors(s, value)
-            kept = int(factors.sum())
+            kept = int(_truncation_factors(s, value).sum())
             if kept == previous_kept:
                 continue
+            full = (u[:n_frames, :kept] / s[:kept]) @ extended[:kept]          # (t, 2L-2)
+            level = {"threshold": value, "full": full.astype(work)}
+            if previous_kept is not None:
+                dropped = slice(kept, previous_kept)
+                level["project"] = np.ascontiguousarray(u[:n_frames, dropped]).astype(work)   # (t, k)
+                level["expand"] = (extended[dropped] / s[dropped, None]).astype(work)          # (k, 2L-2)
+            levels.append(level)
             previous_kept = kept
-            stack.append(_filtered_pinv(u, s, vt, factors, n_frames).T)  # (t, L)
-            used.append(value)
-    # Append the second-difference operator to each pseudo-inverse so that one GEMM gives
-    # both the residue and its second differences (the OI numerator) without temporaries.
-    combined = [np.concatenate([p, p[:, 2:] - 2.0 * p[:, 1:-1] + p[:, :-2]], axis=1).astype(work)
-                for p in stack]
     if len(_OSVD_CACHE) >= 8:
         _OSVD_CACHE.pop(next(iter(_OSVD_CACHE)))
-    _OSVD_CACHE[key] = (u, combined, used)
-    return combined, used
+    _OSVD_CACHE[key] = (u, levels)
+    return levels
 
 
 def _osvd(curves, u, s, vt, n_frames, oi_threshold, candidates, chunk_voxels,
@@ -479,34 +489,45 @@ def _osvd(curves, u, s, vt, n_frames, oi_threshold, candidates, chunk_voxels,
     candidates = [float(c) for c in candidates]
     if not candidates:
         raise input_error("--osvd-thresholds", "need at least one candidate threshold")
-    # Thresholds that keep the same singular values give the same residue; keep the first.
     length = u.shape[0]
     work = residue.dtype
-    combined, used = _osvd_operators(u, s, vt, n_frames, candidates, work)
+    levels = _osvd_operators(u, s, vt, n_frames, candidates, work)
+    width = 2 * length - 2
     n_voxels = curves.shape[0]
-    last = len(combined) - 1
-    for start, stop in _chunks(n_voxels, chunk_voxels):
+    last = len(levels) - 1
+    # Small blocks keep the trial residues (block x 2L x itemsize, ~1 MB) in cache across the
+    # threshold scan, which is memory-bound; progress is still reported per chunk_voxels.
+    block_size = max(1, min(int(chunk_voxels), OSVD_BLOCK_VOXELS))
+    next_report = chunk_voxels
+    for start, stop in _chunks(n_voxels, block_size):
         block = curves[start:stop].astype(work, copy=False)
         pending = np.arange(stop - start)
-        for level, operator in enumerate(combined):
-            rows = block if level == 0 else block[pending]
-            trial = rows @ operator
-            second = trial[:, length:]
-            np.abs(second, out=second)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                oi = second.sum(axis=1) / (length * trial[:, :length].max(axis=1))
-            if level == last:
-                accept = np.ones(pending.size, bool)
+        trial = None
+        for index, level in enumerate(levels):
+            rows = block if index == 0 else block[pending]
+            dropped = level.get("project")
+            # Few dropped components: update the previous trial (two thin GEMMs) instead of a
+            # full (t x 2L-2) product; otherwise recompute, which also resets rounding drift.
+            if trial is not None and dropped is not None and dropped.shape[1] * (n_frames + width) < n_frames * width:
+                trial -= (rows @ dropped) @ level["expand"]
             else:
-                accept = oi < oi_threshold
-            target = start + pending[accept]
-            residue[target] = trial[accept, :length]
-            regularisation[target] = used[level]
-            oi_out[target] = oi[accept]
-            pending = pending[~accept]
-            if pending.size == 0:
-                break
-        report(stop / n_voxels, "oSVD deconvolution")
+                trial = rows @ level["full"]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                oi = np.abs(trial[:, length:]).sum(axis=1) / (length * trial[:, :length].max(axis=1))
+            accept = np.ones(pending.size, bool) if index == last else (oi < oi_threshold)
+            if accept.any():
+                target = start + pending[accept]
+                residue[target] = trial[accept, :length]
+                regularisation[target] = level["threshold"]
+                oi_out[target] = oi[accept]
+                keep = ~accept
+                pending = pending[keep]
+                if pending.size == 0:
+                    break
+                trial = trial[keep]
+        if stop >= next_report or stop == n_voxels:
+            report(stop / n_voxels, "oSVD deconvolution")
+            next_report += chunk_voxels
 
 
 def _tikhonov_auto(curves, u, s, vt, n_frames, criterion, grid, chunk_voxels,

@@ -195,7 +195,7 @@ def compute_dsc_maps(signal: np.ndarray, times: np.ndarray, options: DSCOptions,
         baseline = bolus.baseline_frames
         arrival_s = float(t[bolus.arrival_index] - t[0])
     convert = brain if arterial is None else (brain | arterial)
-    converted = conc_mod.signal_to_concentration(s, te, baseline, convert)
+    converted = conc_mod.signal_to_concentration(s, te, baseline, convert, check_frames=False)
     concentration = converted.concentration  # float32 [k, j, i, t]
     report(0.2, "AIF")
 
