@@ -476,3 +476,22 @@ def test_pipeline_errors(change, message):
         signal = signal[0]
     with pytest.raises(PerfusionAIError, match=message):
         compute_dsc_maps(signal, times, options, **kwargs)
+
+
+def test_pipeline_leakage_correction_adds_k2_and_restores_tumour_cbv():
+    from perfusionai.phantoms import make_dsc_phantom
+    from perfusionai.phantoms.dsc import LABELS
+
+    k2 = 0.004
+    p = make_dsc_phantom(shape=(6, 24, 24), leakage=True, leakage_k2=k2, snr=np.inf, seed=1)
+    tumour = p.rois == LABELS["tumour"]
+    options = dict(te=p.te, method="cSVD", kh=p.kh, rho=p.rho, baseline_frames=10)
+    plain = compute_dsc_maps(p.signal, p.times, DSCOptions(**options), p.brain_mask, p.aif_mask)
+    fixed = compute_dsc_maps(p.signal, p.times, DSCOptions(leakage_correction=True, **options),
+                             p.brain_mask, p.aif_mask)
+    assert "k2" in fixed.maps and "k2" not in plain.maps
+    assert np.median(fixed.maps["k2"][tumour]) == pytest.approx(k2, rel=0.25)
+    truth = np.median(p.truth["cbv_window"][tumour])
+    before = abs(np.median(plain.maps["cbv"][tumour]) / truth - 1)
+    after = abs(np.median(fixed.maps["cbv"][tumour]) / truth - 1)
+    assert after < 0.5 * before, (before, after)
