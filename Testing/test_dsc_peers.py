@@ -104,15 +104,20 @@ def _dro_tissue(cbf: int, delay: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def dro():
+    """ROI-median (CBF mL/100 g/min, Tmax s) per (method, CBF, delay); all files as one volume."""
     aif = _dro_aif()
+    conditions = [(cbf, delay) for cbf in (20, 40, 60, 70) for delay in (0, 1, 3, 6)]
+    tissue = [_dro_tissue(cbf, delay) for cbf, delay in conditions]
+    sizes = [t.shape[0] for t in tissue]
+    bounds = np.cumsum([0] + sizes)
+    volume = np.concatenate(tissue)
     results = {}
-    for cbf in (20, 40, 60, 70):
-        for delay in (0, 1, 3, 6):
-            tissue = _dro_tissue(cbf, delay)
-            for method in ("sSVD", "cSVD", "oSVD"):
-                r = deconvolve(tissue, aif, TR, method)
-                results[method, cbf, delay] = (float(np.median(cbf_map(r.cbf, 1.0, 1.0))),
-                                               float(np.median(r.tmax_seconds())))
+    for method in ("sSVD", "cSVD", "oSVD"):
+        r = deconvolve(volume, aif, TR, method)
+        cbf_values, tmax_values = cbf_map(r.cbf, 1.0, 1.0), r.tmax_seconds()
+        for (cbf, delay), first, stop in zip(conditions, bounds[:-1], bounds[1:]):
+            results[method, cbf, delay] = (float(np.median(cbf_values[first:stop])),
+                                           float(np.median(tmax_values[first:stop])))
     return results
 
 
