@@ -1,0 +1,187 @@
+"""``perfusionai ctpm ...``: CT-to-perfusion translation (DL-CTPM) from the command line.
+
+Verbs: ``train`` (cohort CSV -> model folder), ``predict`` (CT -> perfusion map
+and high/low functional lung on the CT grid), ``evaluate`` (prediction vs
+SPECT -> JSON with the pinned Spearman R, SSIM, Dice high/low), ``phantoms``
+(write a synthetic cohort to try the tool on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..cli_common import add_common_options, make_progress, positive_float
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K,J,I (e.g. 128,64,64), got {text!r}") from None
+    if len(values) != 3 or any(v <= 0 or v % 8 for v in values):
+        raise argparse.ArgumentTypeError(f"expected three sizes divisible by 8 (e.g. 128,64,64), got {text!r}")
+    return values
+
+
+def _channels(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected four channel counts (e.g. 16,32,64,128), got {text!r}") from None
+    if len(values) != 4 or any(v <= 0 or v > 128 for v in values):
+        raise argparse.ArgumentTypeError(f"expected four channel counts between 1 and 128, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def register(subparsers) -> None:
+    ctpm = subparsers.add_parser(
+        "ctpm", help="CT-to-perfusion translation (DL-CTPM): predict SPECT-like lung perfusion from CT",
+        description="DL-CTPM (Ren et al. 2021): a 3D attention residual network maps each lung's enhanced CT "
+                    "to SPECT-like perfusion (SPECT / 75th percentile in the lung, in [0, 1]).")
+    verbs = ctpm.add_subparsers(dest="verb", metavar="<verb>")
+    verbs.required = True
+
+    train = verbs.add_parser(
+        "train", help="train an ARNN on a cohort CSV (columns ct, spect, optional lung_mask)",
+        description="Train the ARNN. Each patient's lungs are separated, cropped and resampled to the input "
+                    "size, the CT enhanced (Eq. 1) and the SPECT normalised by its 75th percentile in the lung "
+                    "and discretised into 11 levels (Eq. 2). Writes a model folder (weights.safetensors + "
+                    "model.json) or a .zip.")
+    train.add_argument("--cohort", required=True, help="CSV with columns ct, spect[, lung_mask] (paths relative "
+                                                        "to the CSV's folder); SPECTs registered to their CTs")
+    train.add_argument("--out", required=True, help="model folder or .zip to write")
+    train.add_argument("--input-shape", type=_shape, default=(128, 64, 64),
+                       help="lung crop size K,J,I (head-feet, back-front, left-right); paper 128,64,64")
+    train.add_argument("--median-size", type=_positive_int, default=10, help="median filter window (voxels; 10)")
+    train.add_argument("--uniform-size", type=_positive_int, default=5, help="uniform filter window (voxels; 5)")
+    train.add_argument("--channels", type=_channels, default=(16, 32, 64, 128),
+                       help="channels at the four scales (16,32,64,128)")
+    train.add_argument("--kernel-size", type=_positive_int, default=5, help="convolution kernel (5)")
+    train.add_argument("--epochs", type=_positive_int, default=500, help="maximum epochs (500, as the paper)")
+    train.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (1e-3)")
+    train.add_argument("--batch-size", type=_positive_int, default=2, help="lungs per batch (2)")
+    split = train.add_mutually_exclusive_group()
+    split.add_argument("--val-fraction", type=float, default=0.25,
+                       help="fraction of patients held out for validation and early stopping (0.25)")
+    split.add_argument("--folds", type=_positive_int, default=1,
+                       help="k-fold cross-validation by patient (the paper: 4), then a final fit on all")
+    train.add_argument("--patience", type=_positive_int, default=30, help="early-stopping patience in epochs (30)")
+    train.add_argument("--max-minutes", type=positive_float, default=None, help="stop training after this time")
+    train.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    train.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    train.add_argument("--trained-on-phantoms", action="store_true",
+                       help="label the model 'trained on phantoms' (automatic for cohorts written by "
+                            "'perfusionai ctpm phantoms')")
+    add_common_options(train)
+    train.set_defaults(handler=run_train)
+
+    predict = verbs.add_parser(
+        "predict", help="predict the perfusion map of a CT",
+        description="Predict SPECT-like perfusion for both lungs and put it back on the CT's exact grid. "
+                    "Writes OUT/perfusion.nii.gz ([0, 1]), OUT/function_high_low.nii.gz (1 low, 2 high "
+                    "function at 0.66), OUT/lungs.nii.gz (1 right, 2 left) and OUT/summary.json (volumes).")
+    predict.add_argument("--ct", required=True, help="CT in HU: NIfTI/NRRD file or DICOM folder")
+    predict.add_argument("--lung-mask", default=None,
+                         help="lung mask on the CT grid (1 right / 2 left, lobes 1-6, or binary); "
+                              "default: automatic CT lung mask")
+    predict.add_argument("--model", required=True, help="model folder or .zip from 'perfusionai ctpm train'")
+    predict.add_argument("--out", required=True, help="output folder")
+    predict.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    add_common_options(predict)
+    predict.set_defaults(handler=run_predict)
+
+    evaluate = verbs.add_parser(
+        "evaluate", help="compare a predicted map with a SPECT: JSON with spearman, ssim, dice_high, dice_low",
+        description="Pinned definitions: SPECT / P75 in the lung; Spearman R over lung voxels; 3D SSIM "
+                    "(Gaussian sigma 1.5 voxels, K1 0.01, K2 0.03, population covariance, data range 1, both "
+                    "maps clipped to [0, 1], 0 outside the lung, on the lung's bounding box); Dice of high "
+                    "(>= 0.66) and low (< 0.66) function inside the lung. Compared on the SPECT's grid.")
+    evaluate.add_argument("--pred", required=True, help="predicted perfusion (perfusion.nii.gz)")
+    evaluate.add_argument("--spect", required=True, help="SPECT registered to the CT (any grid)")
+    evaluate.add_argument("--lung-mask", required=True, help="lung mask on the prediction's grid")
+    evaluate.add_argument("--grid", choices=("spect", "prediction"), default="spect",
+                          help="grid to compare on: the SPECT's (default, as the paper) or the prediction's")
+    evaluate.add_argument("--out", default=None, help="also write the JSON to this file")
+    add_common_options(evaluate)
+    evaluate.set_defaults(handler=run_evaluate)
+
+    phantoms = verbs.add_parser(
+        "phantoms", help="write a synthetic CT/SPECT cohort with cohort.csv",
+        description="Chest CT phantoms with paired SPECT-like perfusion (gravity gradient, emphysema, dense "
+                    "lung, vascular defects, 4.42 mm SPECT voxels, blur and Poisson noise).")
+    phantoms.add_argument("--out", required=True, help="output folder")
+    phantoms.add_argument("--n", type=_positive_int, default=8, help="number of patients (8)")
+    phantoms.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    phantoms.add_argument("--spacing", type=positive_float, default=3.0, help="CT voxel size in mm (3)")
+    add_common_options(phantoms)
+    phantoms.set_defaults(handler=run_phantoms)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .preprocessing import PreprocessConfig
+    from .training import train_from_cohort
+
+    if not 0.0 <= args.val_fraction < 1.0:
+        from ..errors import input_error
+
+        raise input_error("--val-fraction", f"must be in [0, 1), got {args.val_fraction}")
+    config = PreprocessConfig(input_shape=args.input_shape, median_size=args.median_size,
+                              uniform_size=args.uniform_size)
+    result = train_from_cohort(
+        args.cohort, args.out, config=config, trained_on_phantoms=True if args.trained_on_phantoms else None,
+        channels=args.channels, kernel_size=args.kernel_size, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, val_fraction=args.val_fraction, folds=args.folds, patience=args.patience,
+        seed=args.seed, device=args.device,
+        max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+        progress=make_progress(args, "ctpm train"))
+    training = result.card["training"]
+    print(json.dumps({"model": str(args.out), "parameters": training["parameters"],
+                      "epochs_run": training["epochs_run"], "best_epoch": training["best_epoch"],
+                      "trained_on_phantoms": result.card["trained_on_phantoms"],
+                      "validation": result.validation_metrics.get("summary", {})}, indent=2))
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from .predict import predict_files
+
+    summary = predict_files(args.ct, args.model, args.out, args.lung_mask, device=args.device,
+                            progress=make_progress(args, "ctpm predict"))
+    both = summary["volumes"]["both"]
+    print(f"model: {summary['model']['label']}")
+    print(f"lung {both['lung_ml']:.0f} mL: high function {both['high_function_ml']:.0f} mL, "
+          f"low function {both['low_function_ml']:.0f} mL; written to {args.out}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from ..io import write_json
+    from .evaluation import evaluate_files
+
+    result = evaluate_files(args.pred, args.spect, args.lung_mask, grid=args.grid)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        write_json(result, args.out)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+def run_phantoms(args: argparse.Namespace) -> int:
+    from ..phantoms.ctpm import phantom_geometry, write_ctpm_cohort
+
+    geometry = phantom_geometry(spacing_mm=(args.spacing,) * 3)
+    path = write_ctpm_cohort(args.out, args.n, seed=args.seed, geometry=geometry)
+    print(f"cohort written: {path}")
+    return 0
