@@ -46,7 +46,9 @@ Speed: the filtered pseudo-inverse is computed once per AIF, so sSVD, cSVD and f
 Tikhonov cost one GEMM per chunk of voxels; oSVD computes the residue and its second
 differences of the first candidate in one GEMM, then, for the voxels that failed the OI
 test only, subtracts the few singular components the next threshold drops (two thin GEMMs)
--- candidates that keep the same singular values are evaluated once. Pseudo-inverses are always computed in float64; the
+-- candidates that keep the same singular values are evaluated once. The scan runs on
+blocks of 1024 voxels (cache-sized) spread over as many threads as the BLAS pool has
+(OMP_NUM_THREADS), each with single-threaded BLAS. Pseudo-inverses are always computed in float64; the
 per-voxel products run in the precision of the input curves: float32 input (what
 :func:`perfusionai.dsc.pipeline.compute_dsc_maps` passes) halves memory traffic and keeps
 about 1e-6 relative accuracy at the default thresholds; float64 input (or any other dtype)
@@ -484,6 +486,50 @@ def _osvd_operators(u, s, vt, n_frames, candidates, work):
     return levels
 
 
+def _blas_threads() -> int:
+    """Threads the BLAS pool would use (OMP_NUM_THREADS etc.); 1 when unknown."""
+    _single_threaded_blas()  # makes sure the controller exists
+    controller = _THREADPOOL_CONTROLLER[0]
+    if controller is None:
+        return 1
+    counts = [lib.num_threads for lib in controller.lib_controllers if lib.user_api == "blas"]
+    return max(1, min(counts)) if counts else 1
+
+
+def _osvd_block(block, levels, n_frames, length, width, oi_threshold):
+    """oSVD threshold scan of one block ``(b, t)``: residues ``(b, L)``, level index, OI."""
+    count = block.shape[0]
+    out = np.empty((count, length), dtype=block.dtype)
+    chosen = np.empty(count, dtype=np.intp)
+    oi_out = np.empty(count, dtype=np.float64)
+    pending = np.arange(count)
+    last = len(levels) - 1
+    trial = None
+    for index, level in enumerate(levels):
+        rows = block if index == 0 else block[pending]
+        dropped = level.get("project")
+        # Few dropped components: update the previous trial (two thin GEMMs) instead of a
+        # full (t x 2L-2) product; otherwise recompute, which also resets rounding drift.
+        if trial is not None and dropped is not None and dropped.shape[1] * (n_frames + width) < n_frames * width:
+            trial -= (rows @ dropped) @ level["expand"]
+        else:
+            trial = rows @ level["full"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            oi = np.abs(trial[:, length:]).sum(axis=1) / (length * trial[:, :length].max(axis=1))
+        accept = np.ones(pending.size, bool) if index == last else (oi < oi_threshold)
+        if accept.any():
+            target = pending[accept]
+            out[target] = trial[accept, :length]
+            chosen[target] = index
+            oi_out[target] = oi[accept]
+            keep = ~accept
+            pending = pending[keep]
+            if pending.size == 0:
+                break
+            trial = trial[keep]
+    return out, chosen, oi_out
+
+
 def _osvd(curves, u, s, vt, n_frames, oi_threshold, candidates, chunk_voxels,
           residue, regularisation, oi_out, report) -> None:
     candidates = [float(c) for c in candidates]
@@ -492,42 +538,41 @@ def _osvd(curves, u, s, vt, n_frames, oi_threshold, candidates, chunk_voxels,
     length = u.shape[0]
     work = residue.dtype
     levels = _osvd_operators(u, s, vt, n_frames, candidates, work)
+    thresholds = np.array([level["threshold"] for level in levels])
     width = 2 * length - 2
     n_voxels = curves.shape[0]
-    last = len(levels) - 1
     # Small blocks keep the trial residues (block x 2L x itemsize, ~1 MB) in cache across the
-    # threshold scan, which is memory-bound; progress is still reported per chunk_voxels.
+    # threshold scan, which is memory-bound element-wise work; numpy releases the GIL there,
+    # so blocks run on as many threads as BLAS would use, each with single-threaded BLAS.
     block_size = max(1, min(int(chunk_voxels), OSVD_BLOCK_VOXELS))
+    blocks = list(_chunks(n_voxels, block_size))
+    workers = min(_blas_threads(), len(blocks))
+
+    def solve(bounds):
+        first, stop = bounds
+        return _osvd_block(curves[first:stop].astype(work, copy=False), levels, n_frames, length, width,
+                           oi_threshold)
+
     next_report = chunk_voxels
-    for start, stop in _chunks(n_voxels, block_size):
-        block = curves[start:stop].astype(work, copy=False)
-        pending = np.arange(stop - start)
-        trial = None
-        for index, level in enumerate(levels):
-            rows = block if index == 0 else block[pending]
-            dropped = level.get("project")
-            # Few dropped components: update the previous trial (two thin GEMMs) instead of a
-            # full (t x 2L-2) product; otherwise recompute, which also resets rounding drift.
-            if trial is not None and dropped is not None and dropped.shape[1] * (n_frames + width) < n_frames * width:
-                trial -= (rows @ dropped) @ level["expand"]
-            else:
-                trial = rows @ level["full"]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                oi = np.abs(trial[:, length:]).sum(axis=1) / (length * trial[:, :length].max(axis=1))
-            accept = np.ones(pending.size, bool) if index == last else (oi < oi_threshold)
-            if accept.any():
-                target = start + pending[accept]
-                residue[target] = trial[accept, :length]
-                regularisation[target] = level["threshold"]
-                oi_out[target] = oi[accept]
-                keep = ~accept
-                pending = pending[keep]
-                if pending.size == 0:
-                    break
-                trial = trial[keep]
-        if stop >= next_report or stop == n_voxels:
-            report(stop / n_voxels, "oSVD deconvolution")
-            next_report += chunk_voxels
+    with _single_threaded_blas():
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            executor = ThreadPoolExecutor(max_workers=workers)
+            results = executor.map(solve, blocks)
+        else:
+            executor = None
+            results = map(solve, blocks)
+        try:
+            for (first, stop), (block_residue, chosen, block_oi) in zip(blocks, results):
+                residue[first:stop] = block_residue
+                regularisation[first:stop] = thresholds[chosen]
+                oi_out[first:stop] = block_oi
+                if stop >= next_report or stop == n_voxels:
+                    report(stop / n_voxels, "oSVD deconvolution")
+                    next_report += chunk_voxels
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _tikhonov_auto(curves, u, s, vt, n_frames, criterion, grid, chunk_voxels,
