@@ -67,7 +67,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import PerfusionAIError, input_error
+from ..errors import input_error
 from ..progress import ProgressCallback, as_progress
 
 METHODS = ("ssvd", "csvd", "osvd", "tikhonov")
