@@ -495,3 +495,36 @@ def test_pipeline_leakage_correction_adds_k2_and_restores_tumour_cbv():
     before = abs(np.median(plain.maps["cbv"][tumour]) / truth - 1)
     after = abs(np.median(fixed.maps["cbv"][tumour]) / truth - 1)
     assert after < 0.5 * before, (before, after)
+
+
+def test_learned_method_unavailable_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "perfusionai.dsc.learned", None)  # import now fails
+    signal, times, brain, arterial, *_ = _pipeline_phantom()
+    with pytest.raises(PerfusionAIError, match="not available"):
+        compute_dsc_maps(signal, times, DSCOptions(te=0.03, method="phae"), brain, arterial)
+
+
+def test_learned_method_dispatch_keeps_its_maps_and_fills_the_rest(monkeypatch):
+    import sys
+    import types
+
+    seen = {}
+
+    def compute_learned_maps(method, concentration, aif, times, mask, options, progress):
+        seen.update(method=method, shape=concentration.shape, aif=aif.shape, mask=mask.sum())
+        progress(1.0, "learned")
+        return {"tmax": np.where(mask, 7.0, 0.0)}
+
+    fake = types.ModuleType("perfusionai.dsc.learned")
+    fake.compute_learned_maps = compute_learned_maps
+    monkeypatch.setitem(sys.modules, "perfusionai.dsc.learned", fake)
+    signal, times, brain, arterial, cbf, *_ = _pipeline_phantom()
+    result = compute_dsc_maps(signal, times, DSCOptions(te=0.03, method="TMAX-NET", kh=1.0, rho=1.0),
+                              brain, arterial)
+    assert seen == {"method": "tmax-net", "shape": signal.shape, "aif": (signal.shape[-1],), "mask": brain.sum()}
+    np.testing.assert_array_equal(result.maps["tmax"][brain], 7.0)       # the learned map
+    assert np.all(result.maps["cbf"][brain] > 0)                        # filled by oSVD
+    assert result.residue_threshold["fallback_for"] == ["cbf", "mtt"]
+    assert result.summary["learned_method_note"] == "trained on phantoms"
