@@ -65,8 +65,9 @@ def register(subparsers) -> None:
     maps.add_argument("--lambda", dest="tikhonov_lambda", type=positive_float, default=None,
                       help="Tikhonov regularisation relative to the largest singular value "
                            "(default: chosen per voxel by --lambda-criterion)")
-    maps.add_argument("--lambda-criterion", choices=("lcurve", "gcv"), default="lcurve",
-                      help="automatic Tikhonov lambda: L-curve corner (default) or generalised cross-validation")
+    maps.add_argument("--lambda-criterion", choices=("gcv", "lcurve"), default="gcv",
+                      help="automatic Tikhonov lambda per voxel: generalised cross-validation (default) or the "
+                           "L-curve corner (can pick a false corner on noisy low-flow voxels)")
     maps.add_argument("--discretisation", choices=("rectangle", "simpson"), default="rectangle",
                       help="AIF convolution matrix: plain Ostergaard rectangle rule (default) or "
                            "dsc-mri-toolbox's Simpson-smoothed AIF")

@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import input_error
+from ..errors import PerfusionAIError, input_error
 
 MIN_SIGNAL_RATIO = 1e-3
 DEFAULT_K_SIGMA = 4.0
@@ -147,6 +147,44 @@ def detect_bolus_arrival(signal: np.ndarray, mask: Optional[np.ndarray] = None,
         raise input_error(name, "the bolus arrives too early to leave baseline frames; give the number "
                           "of baseline frames explicitly")
     return BolusArrival(baseline_frames=baseline, arrival_index=arrival, mean_curve=curve)
+
+
+def earliest_bolus_arrival(signal: np.ndarray, mask: Optional[np.ndarray] = None,
+                           arterial_mask: Optional[np.ndarray] = None, deepest_fraction: float = 0.01,
+                           min_voxels: int = 5, name: str = "DSC series") -> BolusArrival:
+    """Bolus arrival of the earliest-enhancing voxels, so S0 never includes arterial bolus frames.
+
+    The mean curve of a brain with large delayed territories (stroke) drops later than the
+    arteries do; a baseline ending there would put the first bolus frames into the arteries'
+    S0 and corrupt the AIF. This takes the earliest of the arrivals found on the mean curve of
+    ``mask``, on the deepest-dropping ``deepest_fraction`` of its voxels (arteries and
+    high-CBV tissue, which enhance first) and on ``arterial_mask`` when given.
+    ``signal`` is ``[k, j, i, t]`` or ``(n_voxels, t)``; masks cover the non-time axes.
+    """
+    found = [detect_bolus_arrival(signal, mask, name=name)]
+    flat = np.asarray(signal).reshape(-1, np.asarray(signal).shape[-1])
+    inside = np.ones(flat.shape[0], bool) if mask is None else np.asarray(mask, bool).reshape(-1)
+    candidates = np.flatnonzero(inside)
+    if candidates.size >= min_voxels:
+        curves = flat[candidates].astype(np.float64)
+        early = np.nanmedian(curves[:, : max(DEFAULT_MIN_BASELINE, found[0].baseline_frames)], axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            drop = np.nanmin(curves, axis=1) / early
+        drop = np.where(np.isfinite(drop) & (early > 0), drop, np.inf)
+        n_deep = max(min_voxels, int(deepest_fraction * candidates.size))
+        deepest = candidates[np.argsort(drop)[:n_deep]]
+        deep_mask = np.zeros(flat.shape[0], bool)
+        deep_mask[deepest] = True
+        try:
+            found.append(detect_bolus_arrival(flat, deep_mask, name=name))
+        except PerfusionAIError:
+            pass  # no clear bolus in the deepest voxels alone: keep the mean-curve arrival
+    if arterial_mask is not None:
+        try:
+            found.append(detect_bolus_arrival(signal, arterial_mask, name=name))
+        except PerfusionAIError:
+            pass
+    return min(found, key=lambda b: b.baseline_frames)
 
 
 def signal_to_concentration(signal: np.ndarray, te: float, baseline_frames: Optional[int] = None,

@@ -191,7 +191,7 @@ def compute_dsc_maps(signal: np.ndarray, times: np.ndarray, options: DSCOptions,
     arrival_s = None
     baseline = options.baseline_frames
     if baseline is None:
-        bolus = conc_mod.detect_bolus_arrival(s, brain)
+        bolus = conc_mod.earliest_bolus_arrival(s, brain, arterial)
         baseline = bolus.baseline_frames
         arrival_s = float(t[bolus.arrival_index] - t[0])
     convert = brain if arterial is None else (brain | arterial)
