@@ -69,3 +69,51 @@ def write_dsc_dicom(folder: Path, data: np.ndarray, spacing=(0.9, 1.1, 4.0), ori
         ds.SeriesNumber = 100 + (t if layout == "multi-series" else 0)
         ds.PixelData = np.ascontiguousarray(data[k, :, :, t].astype(np.uint16)).tobytes()
         ds.save_as(folder / f"img{int(n):05d}.dcm", enforce_file_format=True)
+
+
+def write_enhanced_dicom(path: Path, data: np.ndarray, spacing=(0.9, 1.1, 4.0), origin=(-50.0, -60.0, 10.0),
+                         orientation=(1, 0, 0, 0, 1, 0), tr_s=1.5, te_ms=30.0, shuffle_seed=0) -> None:
+    """Write ``data[k, j, i, t]`` as one enhanced multi-frame MR object (frames in shuffled order)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import generate_uid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nk, nj, ni, nt = data.shape
+    ds = _base(nj, ni, te_ms, tr_s * 1000, generate_uid(), generate_uid(), generate_uid())
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+    shared = Dataset()
+    po = Dataset()
+    po.ImageOrientationPatient = [float(x) for x in orientation]
+    pm = Dataset()
+    pm.PixelSpacing = [spacing[1], spacing[0]]
+    pm.SliceThickness = spacing[2]
+    shared.PlaneOrientationSequence = Sequence([po])
+    shared.PixelMeasuresSequence = Sequence([pm])
+    echo = Dataset()
+    echo.EffectiveEchoTime = te_ms
+    shared.MREchoSequence = Sequence([echo])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    order = np.random.default_rng(shuffle_seed).permutation(nk * nt)
+    frames, pixels = [], []
+    for n in order:
+        k, t = divmod(int(n), nt)
+        group = Dataset()
+        pp = Dataset()
+        pp.ImagePositionPatient = [float(x) for x in np.asarray(origin) + k * spacing[2] * normal]
+        fc = Dataset()
+        fc.TemporalPositionIndex = t + 1
+        seconds = 36000 + t * tr_s + 0.01 * k
+        hh, rem = divmod(seconds, 3600)
+        mm, ss = divmod(rem, 60)
+        fc.FrameAcquisitionDateTime = f"20260101{int(hh):02d}{int(mm):02d}{ss:09.6f}"
+        group.PlanePositionSequence = Sequence([pp])
+        group.FrameContentSequence = Sequence([fc])
+        frames.append(group)
+        pixels.append(data[k, :, :, t].astype(np.uint16))
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.NumberOfFrames = len(frames)
+    ds.PixelData = np.ascontiguousarray(np.stack(pixels)).tobytes()
+    ds.save_as(path, enforce_file_format=True)

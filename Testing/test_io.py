@@ -154,3 +154,16 @@ def test_nan_voxels_survive_nifti_reading(tmp_path):
     assert np.isnan(back.array[1, 2, 3]) and np.isnan(back.array).sum() == 1
     with pytest.raises(PerfusionAIError, match=r"n\.nii\.gz.*NaN.*frame\(s\) 3 of 6"):
         io.check_finite_series(s, None, "the series")
+
+
+def test_dicom_enhanced_multiframe_4d(tmp_path):
+    from dicom_writer import write_enhanced_dicom
+
+    data = np.random.default_rng(5).integers(0, 2000, size=(3, 5, 4, 12)).astype(np.uint16)
+    write_enhanced_dicom(tmp_path / "mf" / "series.dcm", data, tr_s=1.25, te_ms=28.0)
+    s = io.read_series(tmp_path / "mf")
+    np.testing.assert_array_equal(s.array, data.astype(np.float32))
+    np.testing.assert_allclose(s.frame_times(), np.arange(12) * 1.25, atol=1e-4)
+    assert s.te == pytest.approx(0.028)
+    np.testing.assert_allclose(s.geometry.spacing, (0.9, 1.1, 4.0))
+    np.testing.assert_allclose(s.geometry.origin, (-50.0, -60.0, 10.0))
