@@ -9,17 +9,18 @@ Two strategies (Macarro et al., JMRI 2025):
   in these inputs and is not predicted by this strategy.)
 
 Algorithms (keys of :data:`ALGORITHMS`): ``lr`` linear regression, ``rf`` random forest, ``etr``
-extra trees, ``gbr`` histogram gradient boosting (one model per output), ``slnn`` single-hidden-
+extra trees, ``gbr`` gradient boosting (one model per output), ``slnn`` single-hidden-
 layer network, ``mlnn`` three-hidden-layer network (both voxel-wise), and ``patchnn`` a network
 whose input is the 3x3 in-plane neighbourhood of every input channel. Networks are scikit-learn
 ``MLPRegressor`` (ReLU, Adam, early stopping); all inputs and outputs are standardised.
 
 Model directory (no pickles, ever): ``model.json`` (algorithm, strategy, protocols, hyper-
 parameters, standardisation, training description incl. "trained on phantoms", metrics, package
-versions, sha256 of the weights) and ``weights.safetensors`` (numpy arrays only):
+versions, sha256 of the weights) and ``weights.safetensors``:
 
-* ``lr``: coefficients and intercept; prediction is a matrix product;
-* networks: every layer's weights and biases; prediction is a numpy ReLU forward pass;
+* networks: the shared :mod:`perfusionai.nn.modelfile` format (architecture ``dr.mlp``), loaded with
+  its checks; the standardisation and the DiffusionRelaxation fields live in the card;
+* ``lr``: coefficients and intercept (numpy arrays); prediction is a matrix product;
 * tree ensembles (``rf``, ``etr``, ``gbr``): their training arrays. Loading refits the estimator with
   the stored hyper-parameters and random seed (deterministic) and refuses the model when the refit
   does not reproduce the predictions stored for check rows (e.g. another scikit-learn version).
@@ -57,10 +58,10 @@ def default_hyperparameters(algorithm: str) -> dict:
         "lr": {},
         "rf": {"n_estimators": 60, "min_samples_leaf": 3, "max_features": 1.0},
         "etr": {"n_estimators": 60, "min_samples_leaf": 3, "max_features": 1.0},
-        "gbr": {"max_iter": 60, "learning_rate": 0.15, "max_leaf_nodes": 15},
-        "slnn": {"hidden_layer_sizes": [64], "max_iter": 400, "learning_rate_init": 0.003, "alpha": 1e-4},
-        "mlnn": {"hidden_layer_sizes": [64, 64, 64], "max_iter": 400, "learning_rate_init": 0.002, "alpha": 1e-4},
-        "patchnn": {"hidden_layer_sizes": [96, 64], "max_iter": 400, "learning_rate_init": 0.002, "alpha": 1e-4},
+        "gbr": {"n_estimators": 60, "learning_rate": 0.15, "max_depth": 3},
+        "slnn": {"hidden": [64], "epochs": 200, "learning_rate": 3e-3, "weight_decay": 1e-5, "batch_size": 256},
+        "mlnn": {"hidden": [64, 64, 64], "epochs": 200, "learning_rate": 2e-3, "weight_decay": 1e-5, "batch_size": 256},
+        "patchnn": {"hidden": [96, 64], "epochs": 200, "learning_rate": 2e-3, "weight_decay": 1e-5, "batch_size": 256},
     }[algorithm]
 
 
@@ -157,10 +158,9 @@ def _targets(features: PatientFeatures, strategy: str) -> np.ndarray:
 
 
 def _make_estimator(algorithm: str, hyper: dict, seed: int):
-    from sklearn.ensemble import ExtraTreesRegressor, HistGradientBoostingRegressor, RandomForestRegressor
+    from sklearn.ensemble import ExtraTreesRegressor, GradientBoostingRegressor, RandomForestRegressor
     from sklearn.linear_model import LinearRegression
     from sklearn.multioutput import MultiOutputRegressor
-    from sklearn.neural_network import MLPRegressor
 
     if algorithm == "lr":
         return LinearRegression()
@@ -169,11 +169,70 @@ def _make_estimator(algorithm: str, hyper: dict, seed: int):
     if algorithm == "etr":
         return ExtraTreesRegressor(random_state=seed, n_jobs=2, **hyper)
     if algorithm == "gbr":
-        return MultiOutputRegressor(HistGradientBoostingRegressor(random_state=seed, early_stopping=False, **hyper))
-    h = dict(hyper)
-    h["hidden_layer_sizes"] = tuple(h["hidden_layer_sizes"])
-    return MLPRegressor(activation="relu", solver="adam", early_stopping=True, validation_fraction=0.15,
-                        n_iter_no_change=15, random_state=seed, **h)
+        # plain (single-threaded) gradient boosting, one model per output: the histogram variant's OpenMP
+        # threads stall on a busy 2-core machine and gain nothing on a few thousand voxels
+        return MultiOutputRegressor(GradientBoostingRegressor(random_state=seed, **hyper))
+    raise ValueError(f"{algorithm} is not a scikit-learn learner")
+
+
+NETWORKS = ("slnn", "mlnn", "patchnn")
+ARCHITECTURE = "dr.mlp"
+
+
+def _build_mlp(n_inputs: int, n_outputs: int, hidden: list):
+    """ReLU multi-layer perceptron ``(N, n_inputs) -> (N, n_outputs)``."""
+    from torch import nn
+
+    layers = []
+    width = int(n_inputs)
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), nn.ReLU()]
+        width = int(h)
+    layers.append(nn.Linear(width, int(n_outputs)))
+    return nn.Sequential(*layers)
+
+
+def _register_network() -> None:
+    from ..nn import ARCHITECTURES, register_architecture
+
+    if ARCHITECTURE not in ARCHITECTURES:
+        register_architecture(ARCHITECTURE, _build_mlp)
+
+
+def _train_network(xs: np.ndarray, ys: np.ndarray, hyper: dict, seed: int, progress=None):
+    """Train a :func:`_build_mlp` network on standardised arrays with :func:`perfusionai.nn.fit`."""
+    import torch
+
+    from ..nn import TensorBatchLoader, choose_device, fit, seed_everything
+
+    _register_network()
+    generator = seed_everything(seed)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(xs))
+    n_val = max(1, int(round(0.15 * len(xs)))) if len(xs) >= 20 else 0
+    val, train = order[:n_val], order[n_val:]
+    x = torch.as_tensor(xs, dtype=torch.float32)
+    y = torch.as_tensor(ys, dtype=torch.float32)
+    model = _build_mlp(xs.shape[1], ys.shape[1], hyper["hidden"])
+    model.architecture = {"name": ARCHITECTURE, "hyperparameters": {"n_inputs": int(xs.shape[1]),
+                                                                     "n_outputs": int(ys.shape[1]),
+                                                                     "hidden": list(hyper["hidden"])}}
+    train_loader = TensorBatchLoader(x[train], y[train], batch_size=int(hyper["batch_size"]), shuffle=True,
+                                     generator=generator)
+    val_loader = TensorBatchLoader(x[val], y[val], batch_size=4096) if n_val else None
+    optimiser = torch.optim.Adam(model.parameters(), lr=float(hyper["learning_rate"]),
+                                 weight_decay=float(hyper["weight_decay"]))
+    # these networks are tiny: one CPU thread is fastest (more threads only add synchronisation, badly so
+    # on a busy machine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit(model, train_loader, val_loader, torch.nn.functional.mse_loss, optimiser, epochs=int(hyper["epochs"]),
+            early_stopping_patience=15, progress=progress, device=choose_device("auto"), progress_every=0)
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    return model
 
 
 class Learner:
@@ -194,6 +253,7 @@ class Learner:
         self.hyper = dict(default_hyperparameters(algorithm) if hyper is None else hyper)
         self.arrays: dict = {}
         self._estimator = None
+        self.network = None
 
     # standardisation keeps every algorithm on comparable, O(1) scales
     def _std_x(self, x):
@@ -205,19 +265,18 @@ class Learner:
         self.arrays = {"x_mean": x.mean(0), "x_std": x.std(0) + 1e-12, "y_mean": y.mean(0), "y_std": y.std(0) + 1e-12}
         xs = self._std_x(x)
         ys = (y - self.arrays["y_mean"]) / self.arrays["y_std"]
+        if self.algorithm in NETWORKS:
+            self.network = _train_network(xs, ys, self.hyper, self.seed)
+            return self
         est = _make_estimator(self.algorithm, self.hyper, self.seed)
         est.fit(xs, ys)
         self._estimator = est
         if self.algorithm == "lr":
             self.arrays["coef"] = est.coef_.T.copy()
             self.arrays["intercept"] = np.asarray(est.intercept_, float).reshape(-1)
-        elif self.algorithm in ("slnn", "mlnn", "patchnn"):
-            for i, (w, b) in enumerate(zip(est.coefs_, est.intercepts_)):
-                self.arrays[f"layer{i}_weight"] = w
-                self.arrays[f"layer{i}_bias"] = b
         else:
-            self.arrays["train_x"] = x.astype(np.float32)
-            self.arrays["train_y"] = y.astype(np.float32)
+            self.arrays["train_x"] = x.copy()
+            self.arrays["train_y"] = y.copy()
             n_check = min(64, len(x))
             self.arrays["check_rows"] = np.arange(n_check)
             self.arrays["check_y"] = self.predict(x[:n_check])
@@ -227,14 +286,12 @@ class Learner:
         xs = self._std_x(np.asarray(x, np.float64))
         if self.algorithm == "lr":
             ys = xs @ self.arrays["coef"] + self.arrays["intercept"]
-        elif self.algorithm in ("slnn", "mlnn", "patchnn"):
-            n_layers = sum(1 for k in self.arrays if k.endswith("_weight"))
-            h = xs
-            for i in range(n_layers):
-                h = h @ self.arrays[f"layer{i}_weight"] + self.arrays[f"layer{i}_bias"]
-                if i < n_layers - 1:
-                    h = np.maximum(h, 0.0)
-            ys = h
+        elif self.algorithm in NETWORKS:
+            import torch
+
+            device = next(self.network.parameters()).device
+            with torch.no_grad():
+                ys = self.network(torch.as_tensor(xs, dtype=torch.float32, device=device)).cpu().numpy()
         else:
             if self._estimator is None:
                 self._refit()
@@ -319,50 +376,64 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_model(model: TrainedModel, folder: str | Path, metrics: Optional[dict] = None) -> Path:
-    """Write ``model.json`` + ``weights.safetensors`` into ``folder`` (created)."""
+def _card_common(model: TrainedModel, metrics: Optional[dict]) -> dict:
     import sklearn
-    from safetensors.numpy import save_file
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(v) for k, v in model.learner.arrays.items()}
-    weights = folder / "weights.safetensors"
-    save_file(arrays, str(weights))
     learner = model.learner
-    card = {
-        "format": "perfusionai.dr.learner", "format_version": FORMAT_VERSION,
-        "architecture": learner.algorithm, "architecture_name": ALGORITHM_NAMES[learner.algorithm],
-        "strategy": learner.strategy, "hyperparameters": learner.hyper, "seed": learner.seed,
+    return {
+        "dr_learner": {"algorithm": learner.algorithm, "algorithm_name": ALGORITHM_NAMES[learner.algorithm],
+                       "strategy": learner.strategy, "hyperparameters": learner.hyper, "seed": learner.seed,
+                       "advanced_protocol": model.advanced_protocol, "format_version": FORMAT_VERSION},
         "inputs": {"clinical_bvals_s_per_mm2": list(model.clinical_bvals),
                    "features": "clinical signals / S(b=0)" if learner.strategy == "signal-to-signal"
                    else list(M2M_INPUTS),
                    "patch": "3x3 in-plane" if learner.algorithm == "patchnn" else None,
-                   "normalisation": "x_mean/x_std and y_mean/y_std in the weights file"},
-        "outputs": ("advanced-protocol signals / S(b=0), then T2-IVIM-Kurtosis fit"
-                    if learner.strategy == "signal-to-signal" else list(M2M_OUTPUTS)),
-        "advanced_protocol": model.advanced_protocol,
-        "training": model.description,
+                   "x_mean": learner.arrays["x_mean"].tolist(), "x_std": learner.arrays["x_std"].tolist()},
+        "outputs": {"what": ("advanced-protocol signals / S(b=0), then T2-IVIM-Kurtosis fit"
+                             if learner.strategy == "signal-to-signal" else list(M2M_OUTPUTS)),
+                    "y_mean": learner.arrays["y_mean"].tolist(), "y_std": learner.arrays["y_std"].tolist()},
+        "training_data": model.description,
         "trained_on_phantoms": bool(model.description.get("trained_on_phantoms", False)),
-        "storage": ("training arrays; refit deterministically on load and verified against stored check predictions"
-                    if learner.algorithm in ("rf", "etr", "gbr") else "parameters as arrays; numpy forward pass"),
         "metrics": metrics or {},
         "versions": {"perfusionai": __version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__},
-        "weights_sha256": _sha256(weights),
     }
+
+
+def save_model(model: TrainedModel, folder: str | Path, metrics: Optional[dict] = None) -> Path:
+    """Write ``model.json`` + ``weights.safetensors`` into ``folder`` (see the module doc)."""
+    folder = Path(folder)
+    card = _card_common(model, metrics)
+    learner = model.learner
+    if learner.algorithm in NETWORKS:
+        from ..nn import save_model as save_network
+
+        _register_network()
+        card["architecture"] = learner.network.architecture
+        return save_network(folder, learner.network, card)
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "weights.safetensors"
+    save_file({k: np.ascontiguousarray(v) for k, v in learner.arrays.items()}, str(weights))
+    card.update({
+        "format": "perfusionai.dr.learner", "format_version": FORMAT_VERSION,
+        "architecture": {"name": f"dr.{learner.algorithm}", "hyperparameters": learner.hyper},
+        "storage": ("training arrays; refit deterministically on load and verified against stored check predictions"
+                    if learner.algorithm in ("rf", "etr", "gbr") else "coefficients as arrays"),
+        "weights_sha256": _sha256(weights),
+    })
     (folder / "model.json").write_text(json.dumps(card, indent=2) + "\n")
     return folder
 
 
 def load_model(folder: str | Path) -> TrainedModel:
-    """Read a model directory written by :func:`save_model`, checking everything it can.
+    """Read a model folder written by :func:`save_model`, checking everything it can.
 
-    Refuses (with :class:`PerfusionAIError`) a missing file, a wrong format, a weights file whose
-    sha256 differs from the card's, missing arrays, and tree ensembles whose deterministic refit
-    does not reproduce the stored check predictions.
+    Refuses (with :class:`PerfusionAIError`) a missing file, an unknown format, a weights file whose
+    sha256 differs from the card's, missing arrays, networks that do not fit their card (checked by
+    :func:`perfusionai.nn.load_model`) and tree ensembles whose deterministic refit does not
+    reproduce the stored check predictions.
     """
-    from safetensors.numpy import load_file
-
     folder = Path(folder)
     card_path = folder / "model.json"
     weights = folder / "weights.safetensors"
@@ -372,28 +443,47 @@ def load_model(folder: str | Path) -> TrainedModel:
         card = json.loads(card_path.read_text())
     except json.JSONDecodeError as exc:
         raise input_error(card_path, f"is not valid JSON ({exc.msg})") from None
-    if card.get("format") != "perfusionai.dr.learner":
-        raise input_error(card_path, f"is a {card.get('format')!r} model, not a DiffusionRelaxation learner")
-    if card.get("format_version") != FORMAT_VERSION:
-        raise input_error(card_path, f"has format version {card.get('format_version')}; this version reads {FORMAT_VERSION}")
-    if _sha256(weights) != card.get("weights_sha256"):
-        raise input_error(weights, "does not match the sha256 in model.json (modified or from another model)")
-    arrays = load_file(str(weights))
-    learner = Learner(card["architecture"], card["strategy"], card.get("seed", 0), card.get("hyperparameters"))
-    needed = {"x_mean", "x_std", "y_mean", "y_std"}
-    if not needed <= set(arrays):
-        raise input_error(weights, f"lacks the arrays {sorted(needed - set(arrays))}")
-    learner.arrays = {k: np.asarray(v, np.float64) if v.dtype != np.int64 else v for k, v in arrays.items()}
-    if learner.algorithm in ("rf", "etr", "gbr"):
-        learner.arrays["train_x"] = arrays["train_x"]
-        learner.arrays["train_y"] = arrays["train_y"]
-        learner._refit()
-        rows = arrays["check_rows"].astype(int)
-        again = learner.predict(arrays["train_x"][rows].astype(np.float64))
-        if not np.allclose(again, arrays["check_y"], rtol=1e-5, atol=1e-6 * (np.abs(arrays["check_y"]).max() + 1)):
-            raise input_error(folder, "the tree ensemble could not be rebuilt identically here (different "
-                                      f"scikit-learn version? trained with {card['versions'].get('scikit-learn')})")
-    model = TrainedModel(learner, card["inputs"]["clinical_bvals_s_per_mm2"], card["advanced_protocol"],
-                         card.get("training", {}))
+    info = card.get("dr_learner")
+    if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
+        raise input_error(card_path, "is not a DiffusionRelaxation learner of a known format version")
+    learner = Learner(info["algorithm"], info["strategy"], info.get("seed", 0), info.get("hyperparameters"))
+    try:
+        learner.arrays = {"x_mean": np.asarray(card["inputs"]["x_mean"], float),
+                          "x_std": np.asarray(card["inputs"]["x_std"], float),
+                          "y_mean": np.asarray(card["outputs"]["y_mean"], float),
+                          "y_std": np.asarray(card["outputs"]["y_std"], float)}
+    except (KeyError, TypeError):
+        raise input_error(card_path, "lacks the input/output standardisation") from None
+    if learner.algorithm in NETWORKS:
+        from ..nn import load_model as load_network
+
+        _register_network()
+        learner.network, card = load_network(folder, expected_architecture=ARCHITECTURE, device="auto")
+        n_in = learner.network[0].in_features
+        if n_in != learner.arrays["x_mean"].size:
+            raise input_error(card_path, f"the network takes {n_in} inputs but the card standardises "
+                                         f"{learner.arrays['x_mean'].size}")
+    else:
+        from safetensors.numpy import load_file
+
+        if card.get("format") != "perfusionai.dr.learner":
+            raise input_error(card_path, f"has format {card.get('format')!r}, not a DiffusionRelaxation learner")
+        if _sha256(weights) != card.get("weights_sha256"):
+            raise input_error(weights, "does not match the sha256 in model.json (modified or from another model)")
+        arrays = load_file(str(weights))
+        learner.arrays.update({k: v for k, v in arrays.items() if k not in learner.arrays})
+        if learner.algorithm == "lr" and not {"coef", "intercept"} <= set(arrays):
+            raise input_error(weights, "lacks the linear coefficients")
+        if learner.algorithm in ("rf", "etr", "gbr"):
+            if not {"train_x", "train_y", "check_rows", "check_y"} <= set(arrays):
+                raise input_error(weights, "lacks the training arrays of the tree ensemble")
+            learner._refit()
+            rows = arrays["check_rows"].astype(int)
+            again = learner.predict(arrays["train_x"][rows].astype(np.float64))
+            if not np.allclose(again, arrays["check_y"], rtol=1e-5, atol=1e-6 * (np.abs(arrays["check_y"]).max() + 1)):
+                raise input_error(folder, "the tree ensemble could not be rebuilt identically here (different "
+                                          f"scikit-learn version? trained with {card['versions'].get('scikit-learn')})")
+    model = TrainedModel(learner, card["inputs"]["clinical_bvals_s_per_mm2"], info["advanced_protocol"],
+                         dict(card.get("training_data") or {}))
     model.description["card"] = card
     return model
