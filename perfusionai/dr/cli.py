@@ -217,50 +217,35 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     from ..progress import as_progress
-    from .learners import clinical_features, load_model, predict
-    from .pipeline import _fit_region, read_dwi_and_protocol
+    from .learners import load_model
+    from .pipeline import predict_series, read_dwi_and_protocol
 
     progress = as_progress(make_progress(args, "dr predict"))
     started = time.perf_counter()
     model = load_model(args.model)
     series, protocol = read_dwi_and_protocol(args.dwi, args.bvals, args.tes, "clinical")
-    try:
-        idx = M.Protocol(protocol.bvals, protocol.tes).clinical_indices(model.clinical_bvals)
-    except ValueError as exc:
-        raise input_error(args.bvals, f"{exc}; the model needs b = {', '.join(f'{b:g}' for b in model.clinical_bvals)}"
-                                      f" s/mm2") from None
     mask = read_mask(args.mask, series.geometry) if args.mask else None
-    region = _fit_region(series.array[..., idx], mask, args.dwi)
-    clinical_protocol = M.Protocol(protocol.bvals[idx], None if protocol.tes is None else protocol.tes[idx])
-    feats = clinical_features(series.array[..., idx], clinical_protocol, region, "input")
     progress(0.1, "predicting")
-    out = predict(model, feats, progress=progress.sub(0.1, 0.9))
-    card = model.description.get("card", {})
-    summary = {"perfusionai": __version__, "command": "dr predict", "model": str(args.model),
-               "algorithm": model.algorithm, "strategy": model.strategy,
-               "trained_on_phantoms": bool(card.get("trained_on_phantoms")),
+    maps, signals, info = predict_series(series.array, protocol, model, mask, progress=progress.sub(0.1, 0.9),
+                                         source=args.dwi)
+    region = next(iter(maps.values())) != 0 if maps else None
+    summary = {"perfusionai": __version__, "command": "dr predict", "model": str(args.model), **info,
                "inputs": {"dwi": str(args.dwi), "bvals": str(args.bvals), "tes": args.tes, "mask": args.mask},
-               "voxels": int(region.sum()), "units": {k: M.MAP_UNITS[k] for k in out if k in M.MAP_UNITS}}
+               "units": {k: M.MAP_UNITS[k] for k in maps},
+               "median": {k: float(np.median(v[region])) for k, v in maps.items()}}
     with atomic_output_dir(args.out) as stage:
-        for name, values in out.items():
-            if name == "signals":
-                continue
-            full = np.zeros(region.shape, np.float32)
-            full[region] = values
-            write_volume(full, series.geometry, stage / f"{name}.nii.gz")
-        if "signals" in out:
-            full = np.zeros(region.shape + (out["signals"].shape[1],), np.float32)
-            full[region] = out["signals"]
-            write_series(full, series.geometry, stage / "predicted_signals.nii.gz")
+        for name, values in maps.items():
+            write_volume(values, series.geometry, stage / f"{name}.nii.gz")
+        if signals is not None:
+            write_series(signals, series.geometry, stage / "predicted_signals.nii.gz")
             adv = model.advanced_protocol
             (stage / "predicted_bvals").write_text(" ".join(f"{b:g}" for b in adv["bvals"]) + "\n")
             (stage / "predicted_tes").write_text(" ".join(f"{t:g}" for t in adv["tes"]) + "\n")
-        summary["median"] = {k: float(np.median(v)) for k, v in out.items() if k != "signals"}
         summary["seconds"] = round(time.perf_counter() - started, 3)
         write_json(summary, stage / "summary.json")
     progress(1.0, "done")
     label = " [model trained on phantoms]" if summary["trained_on_phantoms"] else ""
-    print(f"predicted {', '.join(k for k in out if k != 'signals')} written to {args.out}{label}")
+    print(f"predicted {', '.join(maps)} written to {args.out}{label}")
     return 0
 
 

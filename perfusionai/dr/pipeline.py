@@ -239,3 +239,130 @@ def read_dwi_and_protocol(dwi_path, bvals_path, tes_path, model: str):
                               tes_name=tes_path if tes_path is not None else "--tes")
     return series, protocol
 
+
+
+def protocol_from_attributes(attributes, n_volumes: int, source: str = "series") -> tuple:
+    """b-values (s/mm^2) and echo times (ms) from header keys or node attributes, when present.
+
+    Understood keys (values whitespace- or comma-separated):
+
+    * ``PerfusionAI.bvals`` / ``bvals`` and ``PerfusionAI.tes`` / ``tes`` (one value per volume; a
+      single TE applies to all volumes);
+    * DWMRI NRRD keys: ``DWMRI_b-value`` (the nominal b) with ``DWMRI_gradient_0000`` ... (one
+      vector per volume); b of volume n = nominal b x |g_n|^2 (the NA-MIC convention);
+    * ``EchoTime`` (ms, one value for all volumes).
+
+    Returns ``(bvals or None, tes or None)`` as float arrays; raises a clear error for keys that
+    are present but malformed or of the wrong length.
+    """
+    attrs = {str(k): str(v) for k, v in dict(attributes).items() if v is not None}
+
+    def numbers(key: str) -> np.ndarray:
+        try:
+            values = np.asarray([float(t) for t in attrs[key].replace(",", " ").split()], float)
+        except ValueError:
+            raise input_error(source, f"attribute {key} is not a list of numbers: {attrs[key][:60]!r}") from None
+        if values.size == 0 or not np.all(np.isfinite(values)):
+            raise input_error(source, f"attribute {key} holds no usable numbers")
+        return values
+
+    bvals = None
+    for key in ("PerfusionAI.bvals", "bvals"):
+        if key in attrs:
+            bvals = numbers(key)
+            break
+    if bvals is None and "DWMRI_b-value" in attrs:
+        nominal = numbers("DWMRI_b-value")[0]
+        gradients = [numbers(f"DWMRI_gradient_{n:04d}") for n in range(n_volumes) if f"DWMRI_gradient_{n:04d}" in attrs]
+        if len(gradients) != n_volumes:
+            raise input_error(source, f"has DWMRI_b-value but {len(gradients)} DWMRI_gradient_NNNN keys for "
+                                      f"{n_volumes} volumes")
+        bvals = nominal * np.asarray([float(np.sum(g[:3] ** 2)) for g in gradients])
+    tes = None
+    for key in ("PerfusionAI.tes", "tes", "EchoTime"):
+        if key in attrs:
+            tes = numbers(key)
+            break
+    if bvals is not None and bvals.size != n_volumes:
+        raise input_error(source, f"lists {bvals.size} b-values for {n_volumes} volumes")
+    if tes is not None:
+        if tes.size == 1:
+            tes = np.full(n_volumes, tes[0])
+        elif tes.size != n_volumes:
+            raise input_error(source, f"lists {tes.size} echo times for {n_volumes} volumes")
+    return bvals, tes
+
+
+def predict_series(dwi: np.ndarray, protocol: M.Protocol, model, mask: Optional[np.ndarray] = None,
+                   progress=None, source: str = "diffusion series") -> tuple[dict, Optional[np.ndarray], dict]:
+    """Apply a trained learner (:func:`perfusionai.dr.learners.load_model`) to a clinical series.
+
+    Parameters
+    ----------
+    dwi
+        ``[k, j, i, n]`` series containing the model's clinical b-values (at the minimum TE when
+        ``protocol.tes`` is given).
+    protocol
+        b-values (s/mm^2) and optional TEs (ms) of ``dwi``.
+    mask
+        Optional ``[k, j, i]`` region; default every voxel with signal.
+
+    Returns
+    -------
+    maps
+        name -> ``[k, j, i]`` float32 predicted T2-IVIM-Kurtosis maps (0 outside the region).
+    signals
+        ``[k, j, i, 21]`` predicted advanced-protocol signals (signal-to-signal), else None.
+    info
+        algorithm, strategy, voxels, "trained_on_phantoms".
+    """
+    from .learners import clinical_features, predict
+
+    protocol = check_protocol(dwi.shape[-1], protocol.bvals, protocol.tes, "clinical")
+    try:
+        idx = protocol.clinical_indices(model.clinical_bvals)
+    except ValueError as exc:
+        raise input_error("--bvals", f"{exc}; the model needs b = "
+                                     f"{', '.join(f'{b:g}' for b in model.clinical_bvals)} s/mm2") from None
+    clinical = np.asarray(dwi)[..., idx]
+    region = _fit_region(clinical, mask, source)
+    clinical_protocol = M.Protocol(protocol.bvals[idx], None if protocol.tes is None else protocol.tes[idx])
+    feats = clinical_features(clinical, clinical_protocol, region, "input")
+    out = predict(model, feats, progress=progress)
+    maps = {}
+    for name, values in out.items():
+        if name == "signals":
+            continue
+        full = np.zeros(region.shape, np.float32)
+        full[region] = values
+        maps[name] = full
+    signals = None
+    if "signals" in out:
+        signals = np.zeros(region.shape + (out["signals"].shape[1],), np.float32)
+        signals[region] = out["signals"]
+    card = model.description.get("card", {})
+    info = {"algorithm": model.algorithm, "strategy": model.strategy, "voxels": int(region.sum()),
+            "trained_on_phantoms": bool(card.get("trained_on_phantoms", model.description.get("trained_on_phantoms"))),
+            "advanced_protocol": model.advanced_protocol}
+    return maps, signals, info
+
+
+def roi_statistics(maps: dict, roi: np.ndarray, roi_name: str = "ROI") -> list[dict]:
+    """Per-map statistics inside a region: rows ``{roi, map, units, voxels, mean, sd, median, p25, p75}``.
+
+    ``maps`` name -> ``[k, j, i]``; ``roi`` ``[k, j, i]`` boolean. Non-finite voxels are left out.
+    """
+    roi = np.asarray(roi, bool)
+    rows = []
+    for name, values in maps.items():
+        v = np.asarray(values, float)[roi]
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            rows.append({"roi": roi_name, "map": name, "units": M.MAP_UNITS.get(name, ""), "voxels": 0,
+                         "mean": None, "sd": None, "median": None, "p25": None, "p75": None})
+            continue
+        p25, p50, p75 = np.percentile(v, [25, 50, 75])
+        rows.append({"roi": roi_name, "map": name, "units": M.MAP_UNITS.get(name, ""), "voxels": int(v.size),
+                     "mean": float(v.mean()), "sd": float(v.std()), "median": float(p50), "p25": float(p25),
+                     "p75": float(p75)})
+    return rows
