@@ -176,3 +176,13 @@ def cohort_box_plots(groups: dict[str, Sequence[dict]], path: str | os.PathLike)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def evaluate_arrays(prediction: np.ndarray, prediction_geometry: Geometry, lung_mask: np.ndarray,
+                    spect: np.ndarray, spect_geometry: Geometry, grid: str = "spect") -> dict:
+    """:func:`evaluate_files` on arrays (prediction and lung mask on one grid, SPECT on its own)."""
+    aligned = align_for_evaluation(np.asarray(prediction, dtype=np.float32), prediction_geometry, lung_mask,
+                                   np.asarray(spect), spect_geometry, grid)
+    result = evaluate_maps(aligned.prediction, aligned.spect_normalised, aligned.lung)
+    result.update(grid=grid, spect_p75=aligned.p75)
+    return result

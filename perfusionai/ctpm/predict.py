@@ -251,3 +251,78 @@ def summary_of(result: PerfusionPrediction, geometry: Geometry, model: CTPMModel
         "labels": {"1": "low function", "2": "high function"},
         "volumes": volumes,
     }
+
+
+# ------------------------------------------------------------------------------ Slicer / background support
+
+def _function_labels():
+    from ..labels import LabelInfo
+
+    return {LOW_FUNCTION_LABEL: LabelInfo("Low function", "low_function", (0.23, 0.45, 0.85)),
+            HIGH_FUNCTION_LABEL: LabelInfo("High function", "high_function", (0.9, 0.2, 0.15))}
+
+
+#: Segment names and colours of ``function_high_low`` (1 low, 2 high).
+FUNCTION_LABELS = _function_labels()
+
+
+def volume_rows(result: PerfusionPrediction, geometry: Geometry) -> list[dict]:
+    """Table rows per region (right, left, both): lung, high- and low-function volumes (mL), share, mean."""
+    voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
+    rows = []
+    for side, name in ((RIGHT_LUNG, "Right lung"), (LEFT_LUNG, "Left lung"), (None, "Both lungs")):
+        lung = result.lung_labels > 0 if side is None else result.lung_labels == side
+        high = int(((result.high_low == HIGH_FUNCTION_LABEL) & lung).sum())
+        total = int(lung.sum())
+        rows.append({"Region": name, "Lung (mL)": round(total * voxel_ml, 1),
+                     "High function (mL)": round(high * voxel_ml, 1),
+                     "Low function (mL)": round((total - high) * voxel_ml, 1),
+                     "High function (%)": round(100.0 * high / total, 1) if total else 0.0,
+                     "Mean perfusion": round(float(result.perfusion[lung].mean()), 3) if total else 0.0})
+    return rows
+
+
+def lung_labels_on_ct_grid(labels: np.ndarray, labels_geometry: Geometry, ct_geometry: Geometry,
+                           name: str = "lung mask") -> np.ndarray:
+    """A lung label map that must lie on the CT grid (clear error otherwise); returned as int16."""
+    if not labels_geometry.same_grid(ct_geometry):
+        raise input_error(name, f"is not on the CT grid ({labels_geometry.describe()} vs "
+                                f"{ct_geometry.describe()}); resample it onto the CT first")
+    return np.asarray(labels).astype(np.int16)
+
+
+def write_predict_inputs(work_dir: str | os.PathLike, ct_hu: np.ndarray, geometry: Geometry,
+                         lung_labels: Optional[np.ndarray] = None) -> tuple[Path, Optional[Path]]:
+    """Files for a background ``perfusionai ctpm predict``: ``(ct path, lung mask path or None)``."""
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    ct_path = write_volume(ct_hu, geometry, work / "ct.nii.gz")
+    mask_path = None
+    if lung_labels is not None:
+        mask_path = write_volume(np.asarray(lung_labels).astype(np.uint8), geometry, work / "lungs.nii.gz")
+    return ct_path, mask_path
+
+
+def build_predict_command(launcher: str, ct_path, model_path, out_dir, lung_mask_path=None,
+                          device: str = "auto") -> list[str]:
+    """Argument list running ``perfusionai ctpm predict`` with machine-readable progress lines."""
+    command = [str(launcher), "-m", "perfusionai", "ctpm", "predict", "--ct", str(ct_path), "--model",
+               str(model_path), "--out", str(out_dir), "--device", device, "--progress", "lines"]
+    if lung_mask_path is not None:
+        command += ["--lung-mask", str(lung_mask_path)]
+    return command
+
+
+def read_prediction(out_dir: str | os.PathLike) -> tuple[PerfusionPrediction, Geometry, dict]:
+    """Read what ``perfusionai ctpm predict`` wrote: ``(prediction, CT geometry, summary)``."""
+    import json
+
+    out = Path(out_dir)
+    perfusion = read_volume(out / "perfusion.nii.gz", "perfusion map")
+    high_low = read_labels(out / "function_high_low.nii.gz", perfusion.geometry, "high/low function map")
+    lungs = read_labels(out / "lungs.nii.gz", perfusion.geometry, "lung labels")
+    summary = json.loads((out / "summary.json").read_text())
+    result = PerfusionPrediction(np.asarray(perfusion.array, dtype=np.float32), high_low.astype(np.uint8),
+                                 lungs.astype(np.uint8), summary.get("seconds", {}),
+                                 summary.get("model", {}).get("label", ""))
+    return result, perfusion.geometry, summary

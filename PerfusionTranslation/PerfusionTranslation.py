@@ -1,0 +1,573 @@
+"""PerfusionTranslation: SPECT-like lung perfusion predicted from a chest CT (DL-CTPM) in 3D Slicer.
+
+The module binds widgets and calls the Logic; the Logic converts nodes with
+``perfusionai.mrml``, runs one core function (``perfusionai.ctpm.predict.predict_perfusion``
+in-process, or ``PythonSlicer -m perfusionai ctpm predict`` in a background process) and
+converts the results back to nodes: the perfusion map as a colour overlay on the CT, the
+high/low functional lung as a segmentation, a volumes table, and -- when a SPECT is selected --
+the evaluation numbers (Spearman R, SSIM, Dice). All numerics live in the ``perfusionai``
+package, which the extension installs next to this file.
+"""
+
+import logging
+import os
+import pathlib
+import shutil
+import sys
+import time
+from typing import Annotated, Optional, Union
+
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+from slicer import (
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+)
+
+
+def _makePerfusionAIImportable():
+    """In a built extension ``perfusionai/`` lies next to this file; in a source checkout
+    (module folder added to the additional module paths) it lies one folder up."""
+    try:
+        import perfusionai  # noqa: F401
+    except ImportError:
+        checkoutRoot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.isdir(os.path.join(checkoutRoot, "perfusionai")) and checkoutRoot not in sys.path:
+            sys.path.insert(0, checkoutRoot)
+
+
+_makePerfusionAIImportable()
+
+from perfusionai import mrml  # noqa: E402
+from perfusionai import slicer_support  # noqa: E402
+from perfusionai.errors import PerfusionAIError  # noqa: E402
+
+
+#
+# PerfusionTranslation
+#
+
+
+class PerfusionTranslation(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("Perfusion Translation")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Perfusion")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["PerfusionAI team"]
+        self.parent.helpText = _("""
+SPECT-like lung perfusion predicted from a chest CT (DL-CTPM, Ren et al. 2021): each lung is
+cropped, resampled to the network size and enhanced, a 3D attention residual network predicts the
+perfusion (SPECT divided by its 75th percentile in the lung, 0-1), and the two lungs are put back
+on the CT grid. High functional lung: perfusion >= 0.66. Select the CT, optionally a lung mask
+(else it is segmented automatically) and a model, then Apply. With a SPECT selected, the
+prediction is compared with it (Spearman R, SSIM, Dice of high/low function).
+Models trained on phantoms are labelled as such and are not for clinical use.
+""")
+        self.parent.acknowledgementText = _("""
+Built on the PerfusionAI library. Method after Ren et al., Int J Radiat Oncol Biol Phys 2021;110(5):1508-1518.
+""")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+#
+# Sample data: the CT/SPECT lung phantom, generated on the fly (no download)
+#
+
+
+def registerSampleData():
+    """Add the CT/SPECT lung phantom to the Sample Data module (built when clicked)."""
+    import SampleData
+
+    iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="PerfusionAI",
+        sampleName="CTPMPhantom",
+        thumbnailFileName=os.path.join(iconsPath, "PerfusionTranslation.png"),
+        uris="perfusionai://phantoms/ctpm",
+        fileNames="CTPMPhantom.nrrd",
+        nodeNames="CTPMPhantom",
+        customDownloader=loadCTPMPhantom,
+    )
+
+
+def loadCTPMPhantom(source=None, **phantomOptions):
+    """Build a chest CT phantom with its lung labels and paired SPECT in the scene.
+
+    ``source`` is the Sample Data entry (unused); ``phantomOptions`` go to
+    ``perfusionai.phantoms.ctpm.make_ctpm_phantom`` (``seed``; default grid 4 mm).
+    Returns ``{"ct": volume, "lungs": label map, "spect": volume, "phantom": CTPMPhantom}``.
+    """
+    from perfusionai.phantoms.ctpm import make_ctpm_phantom, phantom_geometry
+
+    options = {"seed": 900, "geometry": phantom_geometry(spacing_mm=(4.0, 4.0, 4.0))}
+    options.update(phantomOptions)
+    phantom = make_ctpm_phantom(**options)
+    ct = mrml.volume_node_from_array(phantom.ct_hu, phantom.geometry, "CTPMPhantom")
+    lungs = mrml.volume_node_from_array(phantom.lung_labels, phantom.geometry, "CTPMPhantom lungs", label=True)
+    spect = mrml.volume_node_from_array(phantom.spect, phantom.spect_geometry, "CTPMPhantom SPECT")
+    mrml.set_attributes(ct, {"Note": "digital phantom with known truth"})
+    slicer.util.setSliceViewerLayers(background=ct, fit=slicer.app.layoutManager() is not None)
+    return {"ct": ct, "lungs": lungs, "spect": spect, "phantom": phantom}
+
+
+#
+# PerfusionTranslationParameterNode
+#
+
+
+@parameterNodeWrapper
+class PerfusionTranslationParameterNode:
+    """The module's settings, saved with the scene.
+
+    inputCT - chest CT in HU.
+    lungMask, lungMaskSegmentId - optional lung mask (label map 1 right / 2 left, lobes, binary, or a
+        segmentation); none: automatic CT lung mask.
+    modelPath - DL-CTPM model folder or zip (weights.safetensors + model.json).
+    spect - optional SPECT registered to the CT, for the evaluation numbers.
+    runInBackground - predict in a background process (GUI stays responsive, Cancel works).
+    overlayOpacity - opacity of the perfusion overlay.
+    """
+
+    inputCT: vtkMRMLScalarVolumeNode
+    lungMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    lungMaskSegmentId: str = ""
+    modelPath: pathlib.Path
+    spect: vtkMRMLScalarVolumeNode
+    runInBackground: bool = True
+    overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+
+
+#
+# PerfusionTranslationWidget
+#
+
+
+class PerfusionTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._syncingSegments = False
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/PerfusionTranslation.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = PerfusionTranslationLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.lungMaskSegmentSelector.connect("currentSegmentChanged(QString)", self.onLungMaskSegmentChanged)
+
+        self.ui.progressBar.setVisible(False)
+        self.ui.cancelButton.enabled = False
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputCT:
+            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolume:
+                self._parameterNode.inputCT = firstVolume
+
+    def setParameterNode(self, inputParameterNode: Optional[PerfusionTranslationParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Widgets with a "SlicerParameterName" property in the .ui file are bound here.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+            self._updateGui()
+
+    def _updateGui(self, caller=None, event=None) -> None:
+        """Show the segment selector for a segmentation mask; enable Apply when CT and model are set."""
+        p = self._parameterNode
+        if not p:
+            return
+        maskIsSegmentation = p.lungMask is not None and p.lungMask.IsA("vtkMRMLSegmentationNode")
+        self.ui.lungMaskSegmentSelector.setVisible(maskIsSegmentation)
+        self._syncingSegments = True
+        try:
+            if maskIsSegmentation:
+                self.ui.lungMaskSegmentSelector.setCurrentNode(p.lungMask)
+                if p.lungMaskSegmentId:
+                    self.ui.lungMaskSegmentSelector.setCurrentSegmentID(p.lungMaskSegmentId)
+        finally:
+            self._syncingSegments = False
+        running = self.logic.isRunning
+        hasModel = bool(p.modelPath) and str(p.modelPath) not in ("", ".")
+        ready = p.inputCT is not None and hasModel
+        self.ui.applyButton.enabled = ready and not running
+        self.ui.cancelButton.enabled = running
+        self.ui.applyButton.toolTip = _("Predict the perfusion map") if ready else _("Select the CT and a model")
+
+    def onLungMaskSegmentChanged(self, segmentId) -> None:
+        if self._parameterNode and not self._syncingSegments:
+            self._parameterNode.lungMaskSegmentId = segmentId or ""
+
+    def onApplyButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Predicting the perfusion map failed."), waitCursor=False):
+            try:
+                if not self.logic.ensureDependencies():
+                    return
+                self.ui.progressBar.setVisible(True)
+                self.ui.progressBar.value = 0
+                self.ui.statusLabel.text = _("Starting...")
+                background = p.runInBackground
+                nodes = self.logic.processWithParameterNode(p, waitForCompletion=not background,
+                                                            progressCallback=self.onProgress,
+                                                            completedCallback=self.onCompleted if background else None)
+                if not background:
+                    self.onCompleted({"nodes": nodes})
+            except PerfusionAIError as exc:
+                self.ui.progressBar.setVisible(False)
+                self.ui.statusLabel.text = _("Failed.")
+                slicer.util.errorDisplay(str(exc))
+            finally:
+                self._updateGui()
+
+    def onCancelButton(self) -> None:
+        self.logic.cancel()
+        self.ui.statusLabel.text = _("Cancelling...")
+
+    def onProgress(self, fraction, message) -> None:
+        self.ui.progressBar.value = int(round(100 * fraction))
+        self.ui.statusLabel.text = message
+        if not self._parameterNode.runInBackground:
+            slicer.app.processEvents()
+
+    def onCompleted(self, outcome) -> None:
+        """``outcome``: {"nodes": ...} on success, {"cancelled": True} or {"error": message}."""
+        self.ui.progressBar.setVisible(False)
+        self._updateGui()
+        if outcome.get("cancelled"):
+            self.ui.statusLabel.text = _("Cancelled.")
+        elif outcome.get("error"):
+            self.ui.statusLabel.text = _("Failed.")
+            slicer.util.errorDisplay(_("Predicting the perfusion map failed:") + "\n" + outcome["error"])
+        else:
+            nodes = outcome["nodes"]
+            self.ui.statusLabel.text = _("Done: perfusion overlay, high/low function segmentation and "
+                                         "volumes added (model: {label}).").format(label=nodes["modelLabel"])
+            self.ui.resultsTableView.setMRMLTableNode(nodes["table"])
+            if nodes.get("evaluationTable") is not None:
+                self.ui.evaluationTableView.setMRMLTableNode(nodes["evaluationTable"])
+
+
+#
+# PerfusionTranslationLogic
+#
+
+
+class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
+    """Nodes in, perfusionai core, nodes out. Usable without the GUI::
+
+        logic = PerfusionTranslation.PerfusionTranslationLogic()
+        results = logic.process(getNode("CTPMPhantom"), modelPath="/path/to/model", spectNode=getNode("CTPMPhantom SPECT"))
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._process = None
+        self._processOutput = []
+        self._cancelRequested = False
+        self._workDir = None
+        self._pending = None
+
+    def getParameterNode(self):
+        return PerfusionTranslationParameterNode(super().getParameterNode())
+
+    @property
+    def isRunning(self) -> bool:
+        return self._process is not None
+
+    # -- dependencies -------------------------------------------------------------------
+
+    def ensureDependencies(self) -> bool:
+        """torch through the PyTorch extension, other packages after one confirmation; False if declined."""
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise PerfusionAIError(_("Perfusion Translation needs the PyTorch extension. Install 'PyTorch' from "
+                                     "the Extensions Manager and restart Slicer."))
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.1")
+            if torch is None:
+                return False
+        requirements = slicer_support.read_requirements(
+            os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt"))
+        missing = slicer_support.missing_requirements(requirements)
+        if not missing:
+            return True
+        try:
+            import slicer.packaging as packaging  # Slicer >= 5.12
+        except ImportError:
+            packaging = None
+        if packaging is not None:
+            packaging.pip_ensure(missing, requester="PerfusionTranslation")
+        else:
+            if not slicer.util.confirmOkCancelDisplay(
+                    _("Perfusion Translation needs these Python packages, which will be downloaded and installed now:"),
+                    detailedText="\n".join(missing)):
+                return False
+            slicer.util.pip_install(missing)
+        return not slicer_support.missing_requirements(missing)
+
+    # -- processing ---------------------------------------------------------------------
+
+    def processWithParameterNode(self, p, waitForCompletion=True, progressCallback=None, completedCallback=None):
+        """Run :meth:`process` with the settings stored in a parameter node."""
+        model = str(p.modelPath) if p.modelPath and str(p.modelPath) not in ("", ".") else None
+        return self.process(p.inputCT, modelPath=model, lungMaskNode=p.lungMask,
+                            lungMaskSegmentId=p.lungMaskSegmentId or None, spectNode=p.spect,
+                            overlayOpacity=p.overlayOpacity, waitForCompletion=waitForCompletion,
+                            progressCallback=progressCallback, completedCallback=completedCallback)
+
+    def _lungLabels(self, lungMaskNode, lungMaskSegmentId, geometry):
+        """The lung mask as labels on the CT grid (label maps keep 1 right / 2 left), or None."""
+        from perfusionai.ctpm.predict import lung_labels_on_ct_grid
+
+        if lungMaskNode is None:
+            return None
+        if lungMaskNode.IsA("vtkMRMLSegmentationNode"):
+            return mrml.mask_from_node(lungMaskNode, geometry, lungMaskSegmentId, what="lung mask")
+        labels, labelsGeometry = mrml.array_from_volume_node(lungMaskNode)
+        return lung_labels_on_ct_grid(labels, labelsGeometry, geometry, lungMaskNode.GetName())
+
+    def process(self, ctNode, modelPath, lungMaskNode=None, lungMaskSegmentId=None, spectNode=None,
+                overlayOpacity=0.5, showResults=True, waitForCompletion=True, progressCallback=None,
+                completedCallback=None):
+        """Predict the perfusion map of ``ctNode`` and add the results to the scene.
+
+        :param ctNode: chest CT volume in HU.
+        :param modelPath: DL-CTPM model folder or zip.
+        :param lungMaskNode: optional label map (1 right / 2 left, lobes 1-6, binary) or segmentation;
+            None segments the lungs automatically.
+        :param spectNode: optional SPECT registered to the CT; adds the evaluation numbers.
+        :param waitForCompletion: True predicts in this process and returns the result nodes;
+            False starts a background process, returns None and calls ``completedCallback(outcome)``.
+        :return: ``{"perfusion", "segmentation", "table", "evaluationTable", "evaluation", "modelLabel"}``.
+        """
+        if self.isRunning:
+            raise PerfusionAIError(_("A prediction is already running; cancel it first."))
+        if not modelPath:
+            raise PerfusionAIError(_("Select a DL-CTPM model (folder or .zip)."))
+        ctHU, geometry = mrml.array_from_volume_node(ctNode)
+        labels = self._lungLabels(lungMaskNode, lungMaskSegmentId, geometry)
+        settings = {"modelPath": str(modelPath), "overlayOpacity": overlayOpacity, "showResults": showResults,
+                    "spectNode": spectNode}
+        if waitForCompletion:
+            from perfusionai.ctpm.predict import load_ctpm_model, predict_perfusion
+
+            model = load_ctpm_model(settings["modelPath"])
+            result = predict_perfusion(ctHU, geometry, model, labels, progress=progressCallback)
+            return self._resultsToNodes(ctNode, result, geometry, settings)
+        return self._startBackgroundProcess(ctNode, ctHU, geometry, labels, settings, progressCallback,
+                                            completedCallback)
+
+    def _resultsToNodes(self, ctNode, result, geometry, settings):
+        from perfusionai.ctpm.evaluation import evaluate_arrays
+        from perfusionai.ctpm.predict import FUNCTION_LABELS, volume_rows
+
+        name = ctNode.GetName()
+        attributes = {"Method": "DL-CTPM", "Model": settings["modelPath"], "ModelLabel": result.model_label}
+        perfusionNode = mrml.volume_node_from_array(result.perfusion, geometry, f"{name} perfusion (DL-CTPM)")
+        mrml.show_map(perfusionNode, "perfusion", window=(0.0, 1.0))
+        mrml.set_attributes(perfusionNode, attributes)
+        segmentation = mrml.segmentation_node_from_labels(result.high_low, geometry, FUNCTION_LABELS,
+                                                          f"{name} functional lung", reference_volume_node=ctNode)
+        mrml.set_attributes(segmentation, attributes)
+        table = mrml.table_node_from_rows(volume_rows(result, geometry), f"{name} functional lung volumes",
+                                          units={"Lung (mL)": "mL", "High function (mL)": "mL",
+                                                 "Low function (mL)": "mL", "High function (%)": "%"})
+        evaluation, evaluationTable = None, None
+        spectNode = settings["spectNode"]
+        if spectNode is not None:
+            spect, spectGeometry = mrml.array_from_volume_node(spectNode)
+            evaluation = evaluate_arrays(result.perfusion, geometry, result.lung_labels > 0, spect, spectGeometry)
+            rows = [{"Metric": key, "Value": evaluation[key]} for key in ("spearman", "ssim", "dice_high", "dice_low")]
+            evaluationTable = mrml.table_node_from_rows(rows, f"{name} DL-CTPM vs {spectNode.GetName()}")
+        if settings["showResults"]:
+            mrml.show_overlay(ctNode, perfusionNode, opacity=settings["overlayOpacity"])
+        return {"perfusion": perfusionNode, "segmentation": segmentation, "table": table,
+                "evaluationTable": evaluationTable, "evaluation": evaluation, "modelLabel": result.model_label}
+
+    def _startBackgroundProcess(self, ctNode, ctHU, geometry, labels, settings, progressCallback, completedCallback):
+        from perfusionai.ctpm.predict import build_predict_command, write_predict_inputs
+
+        self._workDir = slicer.util.tempDirectory("PerfusionTranslation")
+        ctPath, maskPath = write_predict_inputs(os.path.join(self._workDir, "inputs"), ctHU, geometry, labels)
+        outDir = os.path.join(self._workDir, "prediction")
+        command = build_predict_command(slicer_support.python_launcher(), ctPath, settings["modelPath"], outDir,
+                                        maskPath)
+        logging.info("PerfusionTranslation: " + " ".join(command))
+        self._processOutput = []
+        self._cancelRequested = False
+        self._pending = (ctNode, settings, outDir, progressCallback, completedCallback)
+        environment = slicer_support.background_environment(
+            slicer.util.startupEnvironment().get("PYTHONPATH"), cpu_only=False)
+        self._process = slicer.util.launchConsoleProcess(command, updateEnvironment=environment, blocking=False,
+                                                         logCallback=self._onProcessLine,
+                                                         completedCallback=self._onProcessCompleted)
+        return None
+
+    def _onProcessLine(self, line) -> None:
+        self._processOutput.append(line)
+        parsed = slicer_support.parse_progress_line(line)
+        progressCallback = self._pending[3] if self._pending else None
+        if parsed is not None and progressCallback is not None:
+            progressCallback(parsed[0], parsed[1])
+        elif parsed is None and line.strip():
+            logging.info("perfusionai: " + line)
+
+    def _onProcessCompleted(self, returnCode) -> None:
+        completedCallback = self._pending[4]
+        outcome = self._collectOutcome(returnCode)
+        if outcome.get("error"):
+            logging.error("PerfusionTranslation: " + outcome["error"])
+        if completedCallback is not None:
+            completedCallback(outcome)
+
+    def _collectOutcome(self, returnCode) -> dict:
+        """Read the results of a finished run into the scene; ``{"nodes"|"error"|"cancelled": ...}``."""
+        from perfusionai.ctpm.predict import read_prediction
+
+        ctNode, settings, outDir, progressCallback, completedCallback = self._pending
+        self._process = None
+        self._pending = None
+        outcome = {}
+        try:
+            if self._cancelRequested:
+                outcome = {"cancelled": True}
+            elif returnCode != 0:
+                outcome = {"error": slicer_support.error_message_from_output(self._processOutput)}
+            else:
+                result, geometry, summary = read_prediction(outDir)
+                outcome = {"nodes": self._resultsToNodes(ctNode, result, geometry, settings)}
+        except PerfusionAIError as exc:
+            outcome = {"error": str(exc)}
+        finally:
+            if self._workDir and os.path.isdir(self._workDir):
+                shutil.rmtree(self._workDir, ignore_errors=True)
+            self._workDir = None
+        return outcome
+
+    def cancel(self) -> None:
+        """Stop a running background prediction (the launcher and the Python process it started)."""
+        if self._process is None:
+            return
+        self._cancelRequested = True
+        slicer_support.kill_process_tree(self._process.pid)
+
+
+#
+# PerfusionTranslationTest
+#
+
+
+class PerfusionTranslationTest(ScriptedLoadableModuleTest):
+    """Trains a small model on phantoms, predicts a phantom CT in the scene (in-process and in the
+    background) and checks the grid, the segmentation, the table and the evaluation numbers."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_PerfusionTranslation_InProcess()
+        self.setUp()
+        self.test_PerfusionTranslation_BackgroundProcess()
+
+    def _model(self):
+        from perfusionai.ctpm.training import train_phantom_model
+
+        if getattr(self, "_modelPath", None) is None:
+            self.delayDisplay("Training a small model on phantoms (about a minute)")
+            self._modelPath = os.path.join(slicer.util.tempDirectory("PerfusionTranslationTest"), "model")
+            train_phantom_model(self._modelPath, n_patients=8, epochs=8, device="cpu")
+        return self._modelPath
+
+    def _check(self, nodes, scene):
+        phantom = scene["phantom"]
+        values, geometry = mrml.array_from_volume_node(nodes["perfusion"])
+        self.assertTrue(geometry.same_grid(phantom.geometry))
+        lung = phantom.lung_labels > 0
+        self.assertTrue(values.min() >= 0 and values.max() <= 1)
+        self.assertTrue((values[~lung] == 0).all())
+        names = [name for _, name, _ in mrml.segments_of(nodes["segmentation"])]
+        self.assertIn("High function", names)
+        self.assertEqual(nodes["table"].GetNumberOfRows(), 3)
+        self.assertIn("trained on phantoms", nodes["modelLabel"])
+        evaluation = nodes["evaluation"]
+        self.assertIsNotNone(evaluation)
+        self.assertGreater(evaluation["spearman"], 0.5, evaluation)
+
+    def test_PerfusionTranslation_InProcess(self):
+        self.delayDisplay("Building the CT/SPECT phantom")
+        scene = loadCTPMPhantom()
+        logic = PerfusionTranslationLogic()
+        nodes = logic.process(scene["ct"], self._model(), lungMaskNode=scene["lungs"], spectNode=scene["spect"],
+                              waitForCompletion=True)
+        self._check(nodes, scene)
+        self.delayDisplay("In-process prediction on the CT grid, evaluated against the SPECT")
+
+    def test_PerfusionTranslation_BackgroundProcess(self):
+        scene = loadCTPMPhantom()
+        logic = PerfusionTranslationLogic()
+        seen = []
+        outcomes = []
+        logic.process(scene["ct"], self._model(), lungMaskNode=scene["lungs"], spectNode=scene["spect"],
+                      waitForCompletion=False, progressCallback=lambda f, m: seen.append(f),
+                      completedCallback=outcomes.append)
+        while logic.isRunning:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        self.assertEqual(len(outcomes), 1, "the completion callback runs once")
+        self.assertNotIn("error", outcomes[0], outcomes[0].get("error"))
+        self.assertTrue(seen and seen[-1] == 1.0)
+        self._check(outcomes[0]["nodes"], scene)
+        self.delayDisplay("Background prediction matches")
