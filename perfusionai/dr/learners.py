@@ -487,3 +487,24 @@ def load_model(folder: str | Path) -> TrainedModel:
                          dict(card.get("training_data") or {}))
     model.description["card"] = card
     return model
+
+
+def model_summary(folder: str | Path) -> dict:
+    """What a model folder is, from its ``model.json`` only (for pickers and dependency checks).
+
+    Returns ``{"algorithm", "strategy", "needs_torch", "trained_on_phantoms"}``; raises a clear error
+    for a folder that is not a DiffusionRelaxation learner.
+    """
+    card_path = Path(folder) / "model.json"
+    if not card_path.is_file():
+        raise input_error(folder, "is not a DiffusionRelaxation model folder (model.json missing)")
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise input_error(card_path, f"is not valid JSON ({exc.msg})") from None
+    info = card.get("dr_learner")
+    if not isinstance(info, dict) or info.get("algorithm") not in ALGORITHMS:
+        raise input_error(card_path, "is not a DiffusionRelaxation learner")
+    return {"algorithm": info["algorithm"], "strategy": info.get("strategy"),
+            "needs_torch": info["algorithm"] in NETWORKS,
+            "trained_on_phantoms": bool(card.get("trained_on_phantoms", False))}

@@ -366,3 +366,14 @@ def roi_statistics(maps: dict, roi: np.ndarray, roi_name: str = "ROI") -> list[d
                      "mean": float(v.mean()), "sd": float(v.std()), "median": float(p50), "p25": float(p25),
                      "p75": float(p75)})
     return rows
+
+
+def fitted_region(maps: dict) -> np.ndarray:
+    """``[k, j, i]`` boolean: voxels where any map is non-zero (the fitted or predicted voxels)."""
+    region = None
+    for values in maps.values():
+        nonzero = np.asarray(values) != 0
+        region = nonzero if region is None else (region | nonzero)
+    if region is None:
+        raise ValueError("no maps")
+    return region

@@ -1,0 +1,584 @@
+"""DiffusionRelaxation: clinical ADC/IVIM/T2-IVIM-Kurtosis fits and learned advanced-protocol maps in 3D Slicer.
+
+The module binds widgets and calls the Logic; the Logic converts nodes with ``perfusionai.mrml``,
+calls one core function (``perfusionai.dr.pipeline.fit_series`` or ``predict_series``) and
+converts the maps back to volume nodes with colour tables, plus a table of ROI statistics.
+All numerics live in the ``perfusionai`` package, which the extension installs next to this file.
+Units: b s/mm2, TE and T2 ms, diffusivities um2/ms (= 1e-3 mm2/s).
+"""
+
+import os
+import pathlib
+import sys
+from typing import Annotated, Optional, Union
+
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+from slicer import (
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLSequenceNode,
+)
+
+
+def _makePerfusionAIImportable():
+    """In a built extension ``perfusionai/`` lies next to this file; in a source checkout
+    (module folder added to the additional module paths) it lies one folder up."""
+    try:
+        import perfusionai  # noqa: F401
+    except ImportError:
+        checkoutRoot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.isdir(os.path.join(checkoutRoot, "perfusionai")) and checkoutRoot not in sys.path:
+            sys.path.insert(0, checkoutRoot)
+
+
+_makePerfusionAIImportable()
+
+from perfusionai import mrml  # noqa: E402
+from perfusionai import slicer_support  # noqa: E402
+from perfusionai.dr import models as drmodels  # noqa: E402
+from perfusionai.errors import Cancelled, PerfusionAIError  # noqa: E402
+
+MODES = ["Fit", "Predict"]
+FIT_MODELS = list(drmodels.MODELS)
+#: Map shown over the first volume after a run, per model.
+OVERLAY_MAP = {"clinical": "adc", "t2ivimkurtosis": "dt", "ivim": "d", "predict": "dt"}
+
+
+#
+# DiffusionRelaxation
+#
+
+
+class DiffusionRelaxation(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("Diffusion Relaxation")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Perfusion")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["PerfusionAI team"]
+        self.parent.helpText = _("""
+Diffusion-relaxation maps from a diffusion series (one volume per b-value and echo time):
+clinical mono-exponential metrics (S0, ADC, ADC_fast, ADC_slow, F), the T2-IVIM-Kurtosis model
+(S0, f, Dv [um2/ms], T2v [ms], Dt [um2/ms], K, T2t [ms]; needs two or more echo times) or classic
+IVIM (S0, f, D*, D), or the advanced maps predicted from a clinical series by a trained model
+(Macarro et al., JMRI 2025). b-values (s/mm2) and echo times (ms) come from files or from the
+series' attributes. Maps are shown as colour overlays; the table lists statistics in the ROI.
+""")
+        self.parent.acknowledgementText = _("""
+Built on the PerfusionAI library. Model and clinical metrics after Macarro et al., J Magn Reson Imaging 2025;
+61(2):1018-1021.
+""")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+#
+# Sample data: the diffusion-relaxation phantom, generated on the fly (no download)
+#
+
+
+def registerSampleData():
+    """Add the diffusion-relaxation phantom to the Sample Data module (built when clicked)."""
+    import SampleData
+
+    iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="PerfusionAI",
+        sampleName="DiffusionRelaxationPhantom",
+        thumbnailFileName=os.path.join(iconsPath, "DiffusionRelaxation.png"),
+        uris="perfusionai://phantoms/dr",
+        fileNames="DiffusionRelaxationPhantom.seq.nrrd",
+        nodeNames="DRPhantom",
+        customDownloader=loadDRPhantom,
+    )
+
+
+def loadDRPhantom(source=None, **phantomOptions):
+    """Build the diffusion-relaxation phantom in the scene.
+
+    A sequence of the 21 advanced-protocol volumes whose attributes ``PerfusionAI.bvals`` (s/mm2)
+    and ``PerfusionAI.tes`` (ms) carry the protocol, plus body and tumour label maps.
+    ``phantomOptions`` go to ``perfusionai.phantoms.dr.make_dr_phantom``. Returns
+    ``{"series", "browser", "body", "tumour", "phantom"}``.
+    """
+    from perfusionai.phantoms.dr import make_dr_phantom
+
+    options = {"shape": (4, 32, 32), "snr": 60.0, "seed": 1}
+    options.update(phantomOptions)
+    phantom = make_dr_phantom(**options)
+    volumeIndices = list(range(phantom.protocol.n))
+    sequence, browser = mrml.sequence_node_from_series(phantom.dwi, phantom.geometry, volumeIndices, "DRPhantom",
+                                                       index_unit="")
+    mrml.set_attributes(sequence, {
+        "bvals": " ".join(f"{b:g}" for b in phantom.protocol.bvals),
+        "tes": " ".join(f"{t:g}" for t in phantom.protocol.tes),
+        "Note": "digital phantom with known truth",
+    })
+    body = mrml.volume_node_from_array(phantom.body, phantom.geometry, "DRPhantom body", label=True)
+    tumour = mrml.volume_node_from_array(phantom.tumour, phantom.geometry, "DRPhantom tumour", label=True)
+    proxy = browser.GetProxyNode(sequence) if browser is not None else None
+    if proxy is not None:
+        slicer.util.setSliceViewerLayers(background=proxy, fit=slicer.app.layoutManager() is not None)
+    return {"series": sequence, "browser": browser, "body": body, "tumour": tumour, "phantom": phantom}
+
+
+#
+# DiffusionRelaxationParameterNode
+#
+
+
+@parameterNodeWrapper
+class DiffusionRelaxationParameterNode:
+    """The module's settings, saved with the scene.
+
+    inputSeries - the diffusion series (sequence of volumes, or MultiVolume / sequence proxy volume).
+    bvalsPath, tesPath - b-value (s/mm2) and echo-time (ms) files; empty: from the series attributes.
+    mask, maskSegmentId - optional fit region. roi, roiSegmentId - statistics region.
+    mode - "Fit" a signal model or "Predict" with a trained model (modelPath).
+    model - clinical, t2ivimkurtosis or ivim.
+    noiseSigma - noise SD for the Rician noise-floor correction (0: off).
+    overlayOpacity - opacity of the map shown over the first volume.
+    """
+
+    inputSeries: Union[vtkMRMLSequenceNode, vtkMRMLScalarVolumeNode]
+    bvalsPath: pathlib.Path
+    tesPath: pathlib.Path
+    mask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    maskSegmentId: str = ""
+    roi: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    roiSegmentId: str = ""
+    mode: Annotated[str, Choice(MODES)] = "Fit"
+    model: Annotated[str, Choice(FIT_MODELS)] = "t2ivimkurtosis"
+    modelPath: pathlib.Path
+    noiseSigma: Annotated[float, WithinRange(0.0, 1000000.0)] = 0.0
+    overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
+
+
+def _pathOrNone(path) -> Optional[str]:
+    """A parameter-node path, or None when the field is empty."""
+    return str(path) if path and str(path) not in ("", ".") else None
+
+
+#
+# DiffusionRelaxationWidget
+#
+
+
+class DiffusionRelaxationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._syncingSegments = False
+        self._cancelRequested = False
+        self._running = False
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DiffusionRelaxation.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = DiffusionRelaxationLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.maskSegmentSelector.connect("currentSegmentChanged(QString)", self.onMaskSegmentChanged)
+        self.ui.roiSegmentSelector.connect("currentSegmentChanged(QString)", self.onRoiSegmentChanged)
+
+        self.ui.progressBar.setVisible(False)
+        self.ui.cancelButton.enabled = False
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputSeries:
+            firstSequence = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSequenceNode")
+            if firstSequence:
+                self._parameterNode.inputSeries = firstSequence
+
+    def setParameterNode(self, inputParameterNode: Optional[DiffusionRelaxationParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Widgets with a "SlicerParameterName" property in the .ui file are bound here.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+            self._updateGui()
+
+    def _updateGui(self, caller=None, event=None) -> None:
+        """Show the widgets that apply to the current choices; enable Apply when inputs are set."""
+        p = self._parameterNode
+        if not p:
+            return
+        predicting = p.mode == "Predict"
+        self.ui.modelComboBox.setVisible(not predicting)
+        self.ui.modelLabel.setVisible(not predicting)
+        self.ui.modelPathLineEdit.setVisible(predicting)
+        self.ui.modelPathLabel.setVisible(predicting)
+        self.ui.learnedNoteLabel.setVisible(predicting)
+        maskIsSegmentation = p.mask is not None and p.mask.IsA("vtkMRMLSegmentationNode")
+        roiIsSegmentation = p.roi is not None and p.roi.IsA("vtkMRMLSegmentationNode")
+        self.ui.maskSegmentSelector.setVisible(maskIsSegmentation)
+        self.ui.roiSegmentSelector.setVisible(roiIsSegmentation)
+        # The segment selectors are not bound by connectGui (segment lists are dynamic); syncing them
+        # emits currentSegmentChanged, which must not write back while the GUI is being updated.
+        self._syncingSegments = True
+        try:
+            if maskIsSegmentation:
+                self.ui.maskSegmentSelector.setCurrentNode(p.mask)
+                if p.maskSegmentId:
+                    self.ui.maskSegmentSelector.setCurrentSegmentID(p.maskSegmentId)
+            if roiIsSegmentation:
+                self.ui.roiSegmentSelector.setCurrentNode(p.roi)
+                if p.roiSegmentId:
+                    self.ui.roiSegmentSelector.setCurrentSegmentID(p.roiSegmentId)
+        finally:
+            self._syncingSegments = False
+        ready = p.inputSeries is not None and (not predicting or _pathOrNone(p.modelPath) is not None)
+        self.ui.applyButton.enabled = ready and not self._running
+        self.ui.cancelButton.enabled = self._running
+        self.ui.applyButton.toolTip = (_("Fit or predict the maps") if ready else
+                                       _("Select the diffusion series (and, to predict, a model folder)"))
+
+    def onMaskSegmentChanged(self, segmentId) -> None:
+        if self._parameterNode and not self._syncingSegments:
+            self._parameterNode.maskSegmentId = segmentId or ""
+
+    def onRoiSegmentChanged(self, segmentId) -> None:
+        if self._parameterNode and not self._syncingSegments:
+            self._parameterNode.roiSegmentId = segmentId or ""
+
+    def onApplyButton(self) -> None:
+        p = self._parameterNode
+        # Unexpected errors: message with details; user mistakes (PerfusionAIError): the message only.
+        with slicer.util.tryWithErrorDisplay(_("Computing the diffusion-relaxation maps failed."), waitCursor=False):
+            try:
+                if not self.logic.ensureDependencies(_pathOrNone(p.modelPath) if p.mode == "Predict" else None):
+                    return
+                self._running = True
+                self._cancelRequested = False
+                self._updateGui()
+                self.ui.progressBar.setVisible(True)
+                self.ui.progressBar.value = 0
+                self.ui.statusLabel.text = _("Starting...")
+                nodes = self.logic.processWithParameterNode(p, progressCallback=self.onProgress)
+                self.ui.statusLabel.text = _("Done: maps and ROI statistics added to the scene.")
+                self.ui.resultsTableView.setMRMLTableNode(nodes["table"])
+            except Cancelled:
+                self.ui.statusLabel.text = _("Cancelled.")
+            except PerfusionAIError as exc:
+                self.ui.statusLabel.text = _("Failed.")
+                slicer.util.errorDisplay(str(exc))
+            finally:
+                self._running = False
+                self.ui.progressBar.setVisible(False)
+                self._updateGui()
+
+    def onCancelButton(self) -> None:
+        self._cancelRequested = True
+        self.ui.statusLabel.text = _("Cancelling...")
+
+    def onProgress(self, fraction, message) -> None:
+        """Progress of the core; raising Cancelled here stops it between steps."""
+        self.ui.progressBar.value = int(round(100 * fraction))
+        self.ui.statusLabel.text = message
+        slicer.app.processEvents()
+        if self._cancelRequested:
+            raise Cancelled()
+
+
+#
+# DiffusionRelaxationLogic
+#
+
+
+class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
+    """Nodes in, perfusionai core, nodes out. Usable without the GUI::
+
+        logic = DiffusionRelaxation.DiffusionRelaxationLogic()
+        results = logic.process(getNode("DRPhantom"), mode="Fit", model="t2ivimkurtosis")
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return DiffusionRelaxationParameterNode(super().getParameterNode())
+
+    # -- dependencies -------------------------------------------------------------------
+
+    def ensureDependencies(self, modelPath=None) -> bool:
+        """Install missing Python packages after one confirmation; torch only via the PyTorch extension.
+
+        ``modelPath``: the model to predict with (a network model needs torch). Returns False when
+        the user declined.
+        """
+        if modelPath:
+            from perfusionai.dr.learners import model_summary
+
+            if model_summary(modelPath)["needs_torch"] and not self._ensureTorch():
+                return False
+        requirements = slicer_support.read_requirements(
+            os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt"))
+        missing = slicer_support.missing_requirements(requirements)
+        if not missing:
+            return True
+        try:
+            import slicer.packaging as packaging  # Slicer >= 5.12
+        except ImportError:
+            packaging = None
+        if packaging is not None:
+            packaging.pip_ensure(missing, requester="DiffusionRelaxation")
+        else:
+            if not slicer.util.confirmOkCancelDisplay(
+                    _("DiffusionRelaxation needs these Python packages, which will be downloaded and installed now:"),
+                    detailedText="\n".join(missing)):
+                return False
+            slicer.util.pip_install(missing)
+        return not slicer_support.missing_requirements(missing)
+
+    def _ensureTorch(self) -> bool:
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise PerfusionAIError(_("Network models need the PyTorch extension. Install 'PyTorch' from the "
+                                     "Extensions Manager and restart Slicer."))
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.1")
+            if torch is None:
+                return False
+        return True
+
+    # -- processing ---------------------------------------------------------------------
+
+    def processWithParameterNode(self, p, progressCallback=None):
+        """Run :meth:`process` with the settings stored in a parameter node."""
+        return self.process(
+            p.inputSeries,
+            mode=p.mode,
+            model=p.model,
+            bvalsPath=_pathOrNone(p.bvalsPath),
+            tesPath=_pathOrNone(p.tesPath),
+            maskNode=p.mask,
+            maskSegmentId=p.maskSegmentId or None,
+            roiNode=p.roi,
+            roiSegmentId=p.roiSegmentId or None,
+            modelPath=_pathOrNone(p.modelPath),
+            noiseSigma=p.noiseSigma or None,
+            overlayOpacity=p.overlayOpacity,
+            progressCallback=progressCallback,
+        )
+
+    def _attributesOf(self, seriesNode) -> dict:
+        """Attributes of the series node and, for a sequence proxy, of its sequence (header keys)."""
+        attributes = {}
+        sequence = mrml.sequence_of_proxy(seriesNode)
+        for node in (sequence, seriesNode):
+            if node is None:
+                continue
+            for name in node.GetAttributeNames() or ():
+                attributes[name] = node.GetAttribute(name)
+        return attributes
+
+    def readProtocol(self, seriesNode, series, model, bvalsPath=None, tesPath=None):
+        """b-values (s/mm2) and TEs (ms) from the files when given, else from the series attributes."""
+        from perfusionai.dr import pipeline
+
+        fromHeader = pipeline.protocol_from_attributes(self._attributesOf(seriesNode), series.n_frames,
+                                                       source=seriesNode.GetName())
+        bvals = pipeline.read_scheme_file(bvalsPath, "b-value file") if bvalsPath else fromHeader[0]
+        tes = pipeline.read_scheme_file(tesPath, "echo-time file") if tesPath else fromHeader[1]
+        if bvals is None:
+            raise PerfusionAIError(_("The series carries no b-values (attribute PerfusionAI.bvals or DWMRI keys); "
+                                     "choose a b-value file."))
+        return pipeline.check_protocol(series.n_frames, bvals, tes, model,
+                                       bvals_name=bvalsPath or seriesNode.GetName(),
+                                       tes_name=tesPath or seriesNode.GetName())
+
+    def process(self, seriesNode, mode="Fit", model="t2ivimkurtosis", bvalsPath=None, tesPath=None, maskNode=None,
+                maskSegmentId=None, roiNode=None, roiSegmentId=None, modelPath=None, noiseSigma=None,
+                overlayOpacity=0.6, showResults=True, progressCallback=None):
+        """Fit a signal model (``mode="Fit"``) or predict the advanced maps (``mode="Predict"``).
+
+        :param seriesNode: sequence node of volumes, MultiVolume node, or a sequence's proxy volume.
+        :param model: clinical, t2ivimkurtosis or ivim (Fit).
+        :param bvalsPath, tesPath: scheme files (s/mm2, ms); None: from the series attributes.
+        :param maskNode: optional fit region (segmentation or label map).
+        :param roiNode: statistics region (default: the fitted voxels).
+        :param modelPath: model folder for Predict.
+        :param noiseSigma: noise SD (signal units) for the Rician noise-floor correction.
+        :return: ``{"maps": {name: volume node}, "table": table node, "signals": sequence node or None}``.
+        """
+        from perfusionai.dr import pipeline
+
+        series = mrml.series_from_node(seriesNode)
+        if mode == "Predict":
+            if not modelPath:
+                raise PerfusionAIError(_("Choose a trained model folder to predict with."))
+            from perfusionai.dr.learners import load_model
+
+            trained = load_model(modelPath)
+            protocol = self.readProtocol(seriesNode, series, "clinical", bvalsPath, tesPath)
+        else:
+            protocol = self.readProtocol(seriesNode, series, model, bvalsPath, tesPath)
+        mask = mrml.mask_from_node(maskNode, series.geometry, maskSegmentId, "fit mask") if maskNode else None
+        attributes = {"Source": seriesNode.GetName()}
+        signals = None
+        if mode == "Predict":
+            maps, signals, info = pipeline.predict_series(series.array, protocol, trained, mask,
+                                                          progress=progressCallback, source=seriesNode.GetName())
+            prefix = f"DR predicted ({info['algorithm']} {info['strategy']})"
+            attributes.update({"Model": modelPath, "Algorithm": info["algorithm"], "Strategy": info["strategy"]})
+            if info["trained_on_phantoms"]:
+                attributes["ModelNote"] = "trained on phantoms"
+            overlayName = OVERLAY_MAP["predict"]
+        else:
+            maps, status, info = pipeline.fit_series(series.array, protocol, model, mask, noiseSigma,
+                                                     progress=progressCallback, source=seriesNode.GetName())
+            prefix = f"DR {model}"
+            attributes.update({"Model": model, "NoiseSigma": noiseSigma})
+            overlayName = OVERLAY_MAP[model]
+        fitted = pipeline.fitted_region(maps)
+        if roiNode is not None:
+            roi = mrml.mask_from_node(roiNode, series.geometry, roiSegmentId, "statistics ROI")
+            roiName = roiNode.GetName()
+        else:
+            roi, roiName = fitted, "fitted voxels"
+        mapNodes = {}
+        for name, values in maps.items():
+            node = mrml.volume_node_from_array(values, series.geometry, f"{prefix} {name}")
+            mrml.show_map(node, name)
+            mrml.set_attributes(node, dict(attributes, Map=name, Units=drmodels.MAP_UNITS.get(name, "")))
+            mapNodes[name] = node
+        table = mrml.table_node_from_rows(pipeline.roi_statistics(maps, roi, roiName), f"{prefix} statistics")
+        signalsNode = None
+        if signals is not None:
+            advanced = info["advanced_protocol"]
+            signalsNode, _browser = mrml.sequence_node_from_series(signals, series.geometry,
+                                                                   list(range(len(advanced["bvals"]))),
+                                                                   f"{prefix} signals", index_unit="")
+            mrml.set_attributes(signalsNode, {"bvals": " ".join(f"{b:g}" for b in advanced["bvals"]),
+                                              "tes": " ".join(f"{t:g}" for t in advanced["tes"])})
+        if showResults and overlayName in mapNodes:
+            background = mrml.frame_volume_node(seriesNode, 0, f"{seriesNode.GetName()} b0", series=series)
+            mrml.show_overlay(background, mapNodes[overlayName], opacity=overlayOpacity)
+        return {"maps": mapNodes, "table": table, "signals": signalsNode}
+
+
+#
+# DiffusionRelaxationTest
+#
+
+
+class DiffusionRelaxationTest(ScriptedLoadableModuleTest):
+    """Runs the Logic on the phantom built in the scene and checks the maps against its truth."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_DiffusionRelaxation_FitAdvanced()
+        self.setUp()
+        self.test_DiffusionRelaxation_FitClinicalWithFiles()
+        self.setUp()
+        self.test_DiffusionRelaxation_Predict()
+
+    def _assertRecovers(self, node, truth, region, tolerance):
+        from perfusionai.metrics import bias_dispersion_index
+
+        values, geometry = mrml.array_from_volume_node(node)
+        bi, di = bias_dispersion_index(values[region], truth[region])
+        self.assertLessEqual(abs(bi), tolerance, node.GetName())
+        self.assertLessEqual(di, tolerance, node.GetName())
+
+    def test_DiffusionRelaxation_FitAdvanced(self):
+        self.delayDisplay("Building the noise-free diffusion-relaxation phantom")
+        scene = loadDRPhantom(shape=(2, 20, 20), snr=None)
+        phantom = scene["phantom"]
+        logic = DiffusionRelaxationLogic()
+        nodes = logic.process(scene["series"], mode="Fit", model="t2ivimkurtosis", maskNode=scene["body"],
+                              roiNode=scene["tumour"])
+        for name in drmodels.ADVANCED_MAPS:
+            self._assertRecovers(nodes["maps"][name], phantom.truth[name], phantom.body, 1e-3)
+        self.assertEqual(nodes["table"].GetNumberOfRows(), len(drmodels.ADVANCED_MAPS))
+        self.assertEqual(nodes["maps"]["dt"].GetAttribute("PerfusionAI.Units"), "um2/ms")
+        self.delayDisplay("T2-IVIM-Kurtosis maps match the phantom truth")
+
+    def test_DiffusionRelaxation_FitClinicalWithFiles(self):
+        scene = loadDRPhantom(shape=(2, 16, 16), snr=None)
+        phantom = scene["phantom"]
+        folder = slicer.util.tempDirectory("DiffusionRelaxationTest")
+        bvalsPath = os.path.join(folder, "bvals")
+        with open(bvalsPath, "w") as handle:
+            handle.write(" ".join(f"{b:g}" for b in phantom.protocol.bvals))
+        tesPath = os.path.join(folder, "tes")
+        with open(tesPath, "w") as handle:
+            handle.write(" ".join(f"{t:g}" for t in phantom.protocol.tes))
+        logic = DiffusionRelaxationLogic()
+        nodes = logic.process(scene["series"], mode="Fit", model="clinical", bvalsPath=bvalsPath, tesPath=tesPath,
+                              maskNode=scene["body"])
+        self.assertEqual(sorted(nodes["maps"]), sorted(drmodels.CLINICAL_MAPS))
+        self.assertEqual(nodes["table"].GetNumberOfRows(), len(drmodels.CLINICAL_MAPS))
+        with self.assertRaises(PerfusionAIError):
+            logic.process(scene["series"], mode="Fit", model="t2ivimkurtosis", bvalsPath=bvalsPath,
+                          tesPath=bvalsPath)  # b-values given as echo times: 0 ms is refused
+        self.delayDisplay("Clinical maps from b-value files")
+
+    def test_DiffusionRelaxation_Predict(self):
+        from perfusionai.dr import learners
+        from perfusionai.phantoms.dr import make_dr_cohort
+
+        cohort = make_dr_cohort(3, shape=(2, 20, 20), snr=60.0, seed=2)
+        patients = [learners.patient_features(p.dwi, p.protocol, p.tumour, p.name) for p in cohort]
+        trained = learners.train(patients, "lr", "signal-to-signal", trained_on_phantoms=True)
+        modelPath = os.path.join(slicer.util.tempDirectory("DiffusionRelaxationModel"), "model")
+        learners.save_model(trained, modelPath)
+        scene = loadDRPhantom(shape=(2, 20, 20), snr=60.0, seed=9)
+        logic = DiffusionRelaxationLogic()
+        nodes = logic.process(scene["series"], mode="Predict", modelPath=modelPath, maskNode=scene["tumour"])
+        self.assertEqual(sorted(nodes["maps"]), sorted(drmodels.ADVANCED_MAPS))
+        self.assertEqual(nodes["maps"]["k"].GetAttribute("PerfusionAI.ModelNote"), "trained on phantoms")
+        self.assertIsNotNone(nodes["signals"])
+        self.delayDisplay("Advanced maps predicted from the clinical volumes (model trained on phantoms)")
