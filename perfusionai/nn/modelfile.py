@@ -59,9 +59,10 @@ def register_architecture(name: str, builder: Optional[Builder] = None):
     """Register ``builder(**hyperparameters) -> nn.Module`` under ``name``.
 
     Usable as a decorator (``@register_architecture("dsc.phae")``) or a call.
-    Names are namespaced by domain (``"<domain>.<network>"``) so that
-    :func:`load_model` can import ``perfusionai.<domain>`` to find builders that
-    were not imported yet. Hyperparameters must be JSON values.
+    Names are dotted module paths below ``perfusionai`` (``"dsc.phae"`` is registered
+    by ``perfusionai.dsc.phae``; ``"dsc.tmaxnet.conv2"`` by ``perfusionai.dsc.tmaxnet``)
+    so that :func:`load_model` can import the module of a network that was not
+    imported yet. Hyperparameters must be JSON values.
     """
     def decorate(fn: Builder) -> Builder:
         ARCHITECTURES[name] = fn
@@ -276,14 +277,18 @@ def _values_match(expected, actual) -> bool:
 
 
 def _lookup_builder(name: str, registry: Mapping[str, Builder], default_registry: bool) -> Optional[Builder]:
+    """Find a builder; for the default registry import the module the name points to
+    (``"dsc.tmaxnet.conv2"`` tries ``perfusionai.dsc.tmaxnet.conv2``, then
+    ``perfusionai.dsc.tmaxnet``, then ``perfusionai.dsc``) so a model file loads without the
+    caller importing the network's module first."""
     if name in registry:
         return registry[name]
-    if default_registry and "." in name:
-        domain = name.split(".", 1)[0]
-        if domain.isidentifier():
-            for module in (f"perfusionai.{domain}", f"perfusionai.{domain}.architectures"):
+    if default_registry:
+        parts = name.split(".")
+        if all(p.isidentifier() for p in parts):
+            for stop in range(len(parts), 0, -1):
                 try:
-                    importlib.import_module(module)
+                    importlib.import_module("perfusionai." + ".".join(parts[:stop]))
                 except ImportError:
                     continue
                 if name in registry:
