@@ -1,0 +1,459 @@
+"""Learned-DSC verbs of ``perfusionai dsc``: ``train-phae``, ``train-tmax``, ``grade``, ``noise-study``.
+
+:func:`register_verbs` is called by :func:`perfusionai.dsc.cli.register` with the ``dsc`` verb
+sub-parsers. Applying a trained model is ``perfusionai dsc maps --method phae|tmax-net --model M``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..cli_common import add_common_options, make_progress, positive_float
+from ..errors import PerfusionAIError, input_error
+from ..io import atomic_output_dir, read_mask, read_series, read_volume, write_json
+
+
+# ------------------------------------------------------------------------------ shared input handling
+
+
+def _add_series_options(parser: argparse.ArgumentParser, mask_required: bool = True, multiple: bool = False) -> None:
+    nargs = "+" if multiple else None
+    parser.add_argument("--dsc", required=True, nargs=nargs,
+                        help="4D DSC series (NIfTI/NRRD file or DICOM folder, time last)"
+                             + ("; several allowed" if multiple else ""))
+    parser.add_argument("--te", type=positive_float, default=None,
+                        help="echo time in SECONDS (default: from the header or BIDS sidecar)")
+    parser.add_argument("--tr", type=positive_float, default=None, help="frame interval in s (default: header)")
+    aif = parser.add_mutually_exclusive_group()
+    aif.add_argument("--aif-mask", default=None, nargs=nargs, help="mask of arterial voxels (AIF = their mean)")
+    aif.add_argument("--aif-auto", action="store_true", help="automatic AIF selection (default without --aif-mask)")
+    parser.add_argument("--mask", required=mask_required, nargs=nargs, default=None,
+                        help="brain mask (the voxels to train on / map)")
+    parser.add_argument("--baseline-frames", type=int, default=None,
+                        help="pre-bolus frames for S0 (default: detected)")
+
+
+def _nth(values, index: int, count: int, option: str):
+    if values is None:
+        return None
+    if isinstance(values, str):
+        return values
+    if len(values) == 1:
+        return values[0]
+    if len(values) != count:
+        raise input_error(option, f"give one value or one per --dsc series ({count}), got {len(values)}")
+    return values[index]
+
+
+def load_concentration(dsc_path, te_option, tr_option, mask_path, aif_mask_path, aif_auto: bool,
+                       baseline_frames: Optional[int] = None, signal: Optional[np.ndarray] = None):
+    """Read a series and return ``(series, te, times, mask, concentration [k,j,i,t], aif (t,))``.
+
+    The same steps as :func:`perfusionai.dsc.pipeline.compute_dsc_maps` (bolus detection, delta
+    R2*, AIF from the mask or automatic). ``signal`` replaces the series' array (noise study).
+    """
+    from . import concentration as conc_mod
+    from .cli import MIN_FRAMES, resolve_te
+
+    series = read_series(dsc_path, tr=tr_option, name="DSC series", min_frames=MIN_FRAMES)
+    times = series.frame_times()
+    te = resolve_te(te_option, series)
+    mask = read_mask(mask_path, series.geometry, "brain mask") if mask_path else np.ones(series.geometry.shape, bool)
+    arterial = read_mask(aif_mask_path, series.geometry, "AIF mask") if aif_mask_path else None
+    array = series.array if signal is None else signal
+    baseline = baseline_frames
+    if baseline is None:
+        baseline = conc_mod.detect_bolus_arrival(array, mask).baseline_frames
+    convert = mask if arterial is None else (mask | arterial)
+    conc = conc_mod.signal_to_concentration(array, te, baseline, convert).concentration
+    from . import aif as aif_mod
+
+    if arterial is not None:
+        aif = aif_mod.aif_from_mask(conc, arterial)
+    else:
+        aif = aif_mod.select_aif_auto(conc, mask, times).curve
+    return series, te, times, mask, conc, np.asarray(aif, dtype=np.float64), int(baseline)
+
+
+# ------------------------------------------------------------------------------ train-phae
+
+
+def run_train_phae(args: argparse.Namespace) -> int:
+    from .phae import prepare_subject, train_phae
+    from ..nn import save_model
+
+    progress = make_progress(args, "train PHAE")
+    subjects = []
+    paths = args.dsc
+    for n, path in enumerate(paths):
+        _, _, times, mask, conc, aif, _ = load_concentration(
+            path, args.te, args.tr, _nth(args.mask, n, len(paths), "--mask"),
+            _nth(args.aif_mask, n, len(paths), "--aif-mask"), args.aif_auto, args.baseline_frames)
+        subjects.append(prepare_subject(conc, aif, times, mask, name=str(path)))
+    description = args.description or (f"{len(paths)} series: " + ", ".join(Path(p).name for p in paths)
+                                       + " (self-supervised, all masked voxels)")
+    training = train_phae(subjects, residue=args.residue, estimate_delay=args.estimate_delay,
+                          base_features=args.width, epochs=args.epochs, learning_rate=args.lr,
+                          batch_size=args.batch_size, max_seconds=args.max_seconds if args.max_seconds > 0 else -1.0,
+                          seed=args.seed,
+                          device=args.device, progress=progress, trained_on_phantoms=args.trained_on_phantoms,
+                          training_description=description)
+    save_model(args.out, training.model, training.card)
+    h = training.history
+    print(f"PHAE written to {args.out}: {h.epochs_run} epochs in {training.seconds:.0f} s, best validation L1 "
+          f"{h.best_loss:.4g} (epoch {h.best_epoch + 1}), {training.card['architecture']['hyperparameters']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ train-tmax
+
+
+def _read_cohort(path: str) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise input_error(p, "cohort CSV not found")
+    with open(p, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "dsc" not in rows[0]:
+        raise input_error(p, "the cohort CSV needs a header with at least the column 'dsc' "
+                             "(optional: mask, aif_mask, reference_tmax, te)")
+    base = p.parent
+    out = []
+    for row in rows:
+        entry = {}
+        for key in ("dsc", "mask", "aif_mask", "reference_tmax"):
+            value = (row.get(key) or "").strip()
+            entry[key] = str((base / value) if value and not Path(value).is_absolute() else value) if value else None
+        te = (row.get("te") or "").strip()
+        entry["te"] = float(te) if te else None
+        out.append(entry)
+    return out
+
+
+def run_train_tmax(args: argparse.Namespace) -> int:
+    from .tmaxnet import osvd_teacher_tmax, prepare_tmax_subject, train_tmax
+    from ..nn import save_model
+
+    progress = make_progress(args, "train Tmax network")
+    if args.cohort:
+        entries = _read_cohort(args.cohort)
+    else:
+        if not args.dsc:
+            raise input_error("--dsc", "give the training series with --dsc (or a --cohort CSV)")
+        n = len(args.dsc)
+        refs = args.reference_tmax
+        if refs is not None and len(refs) != n:
+            raise input_error("--reference-tmax", f"give one reference Tmax map per --dsc series ({n}), got {len(refs)}")
+        entries = [{"dsc": d, "mask": _nth(args.mask, i, n, "--mask"), "aif_mask": _nth(args.aif_mask, i, n, "--aif-mask"),
+                    "reference_tmax": refs[i] if refs else None, "te": None} for i, d in enumerate(args.dsc)]
+    if args.teacher is None and any(e["reference_tmax"] is None for e in entries):
+        raise input_error("--reference-tmax", "every series needs a reference Tmax map, or use --teacher osvd")
+    subjects, peak = [], None
+    report = progress or (lambda f, m: None)
+    for i, e in enumerate(entries):
+        report(0.3 * i / len(entries), f"preparing {Path(e['dsc']).name}")
+        series, _, times, mask, conc, aif, _ = load_concentration(
+            e["dsc"], e["te"] if e["te"] is not None else args.te, args.tr, e["mask"], e["aif_mask"],
+            e["aif_mask"] is None, args.baseline_frames)
+        if e["reference_tmax"] is not None and args.teacher is None:
+            ref_vol = read_volume(e["reference_tmax"], "reference Tmax map")
+            if not ref_vol.geometry.same_grid(series.geometry):
+                raise input_error(e["reference_tmax"], "the reference Tmax map is not on the grid of " + str(e["dsc"]))
+            reference, source = ref_vol.array, "user"
+        else:
+            reference, source = osvd_teacher_tmax(conc, aif, times, mask), "osvd"
+        s = prepare_tmax_subject(conc, aif, times, mask, reference, peak, name=str(e["dsc"]))
+        peak = s.aif_peak_frame
+        subjects.append(s)
+    description = args.description or f"{len(subjects)} series ({', '.join(Path(e['dsc']).name for e in entries)})"
+    training = train_tmax(subjects, args.arch, epochs=args.epochs, learning_rate=args.lr, seed=args.seed,
+                          device=args.device, progress=(lambda f, m: report(0.3 + 0.7 * f, m)),
+                          trained_on_phantoms=args.trained_on_phantoms, training_description=description,
+                          reference_source=source)
+    save_model(args.out, training.model, training.card)
+    print(f"Tmax network ({args.arch}) written to {args.out}: {training.history.epochs_run} epochs, validation RMSE "
+          f"{training.card['metrics']['validation_rmse_s']} s")
+    return 0
+
+
+# ------------------------------------------------------------------------------ grade
+
+
+POSITIVE_WORDS = {"1", "hgg", "high", "high-grade", "high_grade", "positive", "true", "yes"}
+NEGATIVE_WORDS = {"0", "lgg", "low", "low-grade", "low_grade", "negative", "false", "no"}
+
+
+def _label(value: str, positive: Optional[str], path: Path, row: int) -> int:
+    v = value.strip().lower()
+    if positive is not None:
+        return int(v == positive.strip().lower())
+    if v in POSITIVE_WORDS:
+        return 1
+    if v in NEGATIVE_WORDS:
+        return 0
+    raise input_error(path, f"row {row}: label {value!r} is not 0/1, LGG/HGG or low/high; use --positive LABEL")
+
+
+def run_grade(args: argparse.Namespace) -> int:
+    from .evaluation import grade, roc_png, roi_ratio
+
+    table = Path(args.table)
+    if not table.is_file():
+        raise input_error(table, "grading table not found")
+    with open(table, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    needed = {"subject", "map", "roi_lesion", "roi_reference", "label"}
+    if not rows or not needed <= set(rows[0]):
+        raise input_error(table, f"the CSV needs the columns {', '.join(sorted(needed))} "
+                                 "(optional: method, to compare several maps per subject)")
+    base = table.parent
+    progress = make_progress(args, "grade")
+
+    def resolve(value: str) -> Path:
+        p = Path(value.strip())
+        return p if p.is_absolute() else base / p
+
+    per_method: dict[str, list[tuple[str, float, int]]] = {}
+    for n, row in enumerate(rows, start=2):
+        method = (row.get("method") or "").strip() or "map"
+        volume = read_volume(resolve(row["map"]), f"map of {row['subject']}")
+        lesion = read_mask(resolve(row["roi_lesion"]), volume.geometry, "lesion ROI")
+        reference = read_mask(resolve(row["roi_reference"]), volume.geometry, "reference ROI")
+        ratio = roi_ratio(volume.array, lesion, reference, args.statistic, name=str(resolve(row["map"])))
+        per_method.setdefault(method, []).append((row["subject"], ratio, _label(row["label"], args.positive, table, n)))
+        if progress:
+            progress(n / (len(rows) + 1), f"ratio of {row['subject']}")
+    results = {m: grade([r for _, r, _ in v], [lab for _, _, lab in v], n_bootstrap=args.bootstrap, seed=args.seed)
+               for m, v in per_method.items()}
+    with atomic_output_dir(args.out) as stage:
+        with open(stage / "ratios.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["method", "subject", "roi_ratio", "label", f"called_positive"])
+            for m, v in per_method.items():
+                for subject, ratio, lab in v:
+                    w.writerow([m, subject, f"{ratio:.6g}", lab, int(ratio >= results[m].cutoff)])
+        write_json({"statistic": f"{args.statistic} lesion / {args.statistic} reference",
+                    "methods": {m: r.to_dict() for m, r in results.items()}}, stage / "grading.json")
+        roc_png(results, stage / "roc.png", title="ROI ratio: ROC")
+    for m, r in results.items():
+        print(f"{m}: AUC {r.auc:.3f} (95 % CI {r.auc_ci[0]:.3f}-{r.auc_ci[1]:.3f}), cut-off {r.cutoff:.4g}, "
+              f"sensitivity {100 * r.sensitivity:.1f} %, specificity {100 * r.specificity:.1f} %, "
+              f"Mann-Whitney U {r.mann_whitney_u:.1f} (p = {r.mann_whitney_p:.3g})")
+    print(f"grading written to {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ noise-study
+
+
+def run_noise_study(args: argparse.Namespace) -> int:
+    from . import pipeline
+    from .evaluation import degrade_to_snr
+
+    from .cli import MIN_FRAMES, resolve_te
+
+    series = read_series(args.dsc, tr=args.tr, name="DSC series", min_frames=MIN_FRAMES)
+    te = resolve_te(args.te, series)
+    times = series.frame_times()
+    mask = read_mask(args.mask, series.geometry, "brain mask") if args.mask else None
+    aif_mask = read_mask(args.aif_mask, series.geometry, "AIF mask") if args.aif_mask else None
+    rois = None
+    if args.rois:
+        rois = read_volume(args.rois, "ROI labels")
+        if not rois.geometry.same_grid(series.geometry):
+            raise input_error(args.rois, "the ROI label map is not on the grid of the DSC series")
+        rois = np.rint(rois.array).astype(int)
+    truth = {}
+    if args.truth_dir:
+        for name in ("cbf", "mtt", "tmax"):
+            p = Path(args.truth_dir) / f"truth_{name}.nii.gz"
+            if p.is_file():
+                truth[name] = read_volume(p, f"truth {name}").array
+    from . import concentration as conc_mod
+
+    baseline = args.baseline_frames or conc_mod.detect_bolus_arrival(series.array, mask).baseline_frames
+    methods = args.methods
+    progress = make_progress(args, "noise study")
+    report = progress or (lambda f, m: None)
+    rows = []
+    levels = sorted(args.snr, reverse=True)
+    phae_model = args.phae_model
+    total = len(levels) * len(methods)
+    done = 0
+    for level in levels:
+        noisy = degrade_to_snr(series.array, level, baseline, seed=args.seed)
+        for method in methods:
+            report(done / total, f"SNR {level:g}: {method}")
+            model = phae_model if method.lower() == "phae" else (args.tmax_model if method.lower() == "tmax-net" else None)
+            if method.lower() == "tmax-net" and model is None:
+                raise input_error("--tmax-model", "the noise study of tmax-net needs --tmax-model")
+            options = pipeline.DSCOptions(te=te, method=method, kh=args.kh, rho=args.rho, model_path=model,
+                                          baseline_frames=baseline)
+            started = time.perf_counter()
+            result = pipeline.compute_dsc_maps(noisy, times, options, mask=mask, aif_mask=aif_mask,
+                                               aif_auto=aif_mask is None)
+            seconds = time.perf_counter() - started
+            regions = {"mask": mask if mask is not None else np.ones(series.geometry.shape, bool)}
+            if rois is not None:
+                for lab in np.unique(rois[rois > 0]):
+                    regions[f"label_{lab}"] = rois == lab
+            for region, sel in regions.items():
+                for name in ("cbf", "mtt", "tmax"):
+                    values = result.maps[name][sel]
+                    values = values[np.isfinite(values)]
+                    row = {"snr": level, "method": method, "region": region, "map": name,
+                           "median": float(np.median(values)) if values.size else float("nan"),
+                           "seconds": round(seconds, 3)}
+                    if name in truth:
+                        t = truth[name][sel]
+                        ok = np.isfinite(t) & (t != 0)
+                        if ok.any():
+                            pred = result.maps[name][sel][ok]
+                            row["truth_median"] = float(np.median(t[ok]))
+                            row["median_abs_rel_error"] = float(np.median(np.abs(pred - t[ok]) / np.abs(t[ok])))
+                    rows.append(row)
+            done += 1
+    with atomic_output_dir(args.out) as stage:
+        keys = ["snr", "method", "region", "map", "median", "truth_median", "median_abs_rel_error", "seconds"]
+        with open(stage / "noise_study.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            for row in rows:
+                w.writerow({k: row.get(k, "") for k in keys})
+        write_json({"snr_levels": levels, "methods": methods, "baseline_frames": int(baseline),
+                    "snr_definition": "mean / SD of the baseline frames per voxel (Gaussian noise added)",
+                    "rows": rows}, stage / "noise_study.json")
+        _noise_plot(rows, stage / "noise_study.png", "median_abs_rel_error" if truth else "median")
+    report(1.0, "done")
+    print(f"noise study written to {args.out} ({len(levels)} SNR levels x {len(methods)} methods)")
+    return 0
+
+
+def _noise_plot(rows: list[dict], path: Path, key: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    maps = ("cbf", "mtt", "tmax")
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), dpi=100)
+    for ax, name in zip(axes, maps):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = [(r["snr"], r.get(key)) for r in rows if r["method"] == method and r["map"] == name
+                   and r["region"] == "mask" and r.get(key) is not None]
+            if pts:
+                x, y = zip(*pts)
+                ax.plot(x, y, marker="o", label=method)
+        ax.set_xlabel("SNR")
+        ax.set_title(name.upper())
+        ax.set_ylabel("median |relative error|" if key != "median" else "median in mask")
+        ax.invert_xaxis()
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ registration
+
+
+def register_verbs(verbs) -> None:
+    """Add ``train-phae``, ``train-tmax``, ``grade`` and ``noise-study`` to the ``dsc`` verbs."""
+    p = verbs.add_parser(
+        "train-phae", help="train the physics-informed autoencoder on your own series (self-supervised)",
+        description="Train the PHAE of Fayolle et al. (ISBI 2025) on the masked voxels of one or more DSC series, "
+                    "without reference maps. Writes a model folder (or .zip): weights.safetensors + model.json. "
+                    "Apply it with 'perfusionai dsc maps --method phae --model MODEL'.")
+    _add_series_options(p, mask_required=True, multiple=True)
+    p.add_argument("--out", required=True, help="model folder or .zip to write")
+    p.add_argument("--epochs", type=int, default=65, help="maximum epochs (paper: 65)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (paper: 1e-4; default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=1536, help="voxel curves per batch (paper: 1536)")
+    p.add_argument("--residue", choices=("lorentzian", "exponential", "gamma"), default="lorentzian",
+                   help="decoder residue shape (paper: lorentzian)")
+    p.add_argument("--estimate-delay", action="store_true",
+                   help="also learn the bolus delay and output Tmax (extension; not in the paper)")
+    p.add_argument("--width", type=int, default=None,
+                   help="first-block features (paper: 32; default 32 on CUDA, 8 on CPU for speed)")
+    p.add_argument("--max-seconds", type=float, default=-1.0,
+                   help="training time budget in s (default: 240 on CPU, none on CUDA; 0 or less = default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    p.add_argument("--trained-on-phantoms", action="store_true",
+                   help="mark the model as trained on phantoms (shown wherever it is used)")
+    p.add_argument("--description", default="", help="training-data description stored in model.json")
+    add_common_options(p)
+    p.set_defaults(handler=run_train_phae)
+
+    p = verbs.add_parser(
+        "train-tmax", help="train a learned Tmax network against reference Tmax maps (or oSVD as teacher)",
+        description="Train the learned Tmax network of Sossin et al. (1x1x1 Conv3D over time-as-channels: conv1, "
+                    "conv2 (1033 parameters at 60 frames) or a small 3D U-Net) with MSE against reference Tmax maps "
+                    "(--reference-tmax, e.g. from commercial software) or this project's oSVD (--teacher osvd).")
+    p.add_argument("--dsc", nargs="+", default=None, help="training series")
+    p.add_argument("--cohort", default=None,
+                   help="CSV with columns dsc, mask, aif_mask, reference_tmax, te (paths relative to the CSV)")
+    p.add_argument("--te", type=positive_float, default=None, help="echo time in s (default: header)")
+    p.add_argument("--tr", type=positive_float, default=None, help="frame interval in s (default: header)")
+    p.add_argument("--aif-mask", nargs="+", default=None, help="AIF mask(s) (default: automatic AIF)")
+    p.add_argument("--mask", nargs="+", default=None, help="brain mask(s)")
+    p.add_argument("--baseline-frames", type=int, default=None)
+    ref = p.add_mutually_exclusive_group()
+    ref.add_argument("--reference-tmax", nargs="+", default=None, help="reference Tmax map per series (s)")
+    ref.add_argument("--teacher", choices=("osvd",), default=None, help="use oSVD Tmax as the reference")
+    p.add_argument("--arch", choices=("conv1", "conv2", "unet"), default="conv2")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (paper's best: 1e-3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--trained-on-phantoms", action="store_true")
+    p.add_argument("--description", default="")
+    p.add_argument("--out", required=True, help="model folder or .zip to write")
+    add_common_options(p)
+    p.set_defaults(handler=run_train_tmax)
+
+    p = verbs.add_parser(
+        "grade", help="ROI ratios, ROC/AUC with bootstrap CI, Youden cut-off, Mann-Whitney U for a cohort",
+        description="Glioma grading as in Fayolle et al.: for each row of TABLE (columns subject, map, roi_lesion, "
+                    "roi_reference, label; optional method) the ratio of the mean map value in the lesion ROI to "
+                    "the reference ROI (contralateral normal-appearing white matter); then per method the ROC AUC "
+                    "with a percentile-bootstrap 95 %% CI, the Youden cut-off with sensitivity/specificity and the "
+                    "Mann-Whitney U test. Writes OUT/grading.json, OUT/ratios.csv, OUT/roc.png.")
+    p.add_argument("--table", required=True, help="CSV table (paths relative to it)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--statistic", choices=("mean", "median"), default="mean", help="ROI statistic (paper: mean)")
+    p.add_argument("--positive", default=None, help="label value that counts as positive (default: 1/HGG/high)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC CI")
+    p.add_argument("--seed", type=int, default=0)
+    add_common_options(p)
+    p.set_defaults(handler=run_grade)
+
+    p = verbs.add_parser(
+        "noise-study", help="degrade a series from SNR 50 to 10 and re-run every method",
+        description="Add Gaussian noise so that the baseline SNR (mean/SD of pre-bolus frames) is each of --snr, "
+                    "recompute the AIF and every method's maps, and write OUT/noise_study.csv/.json/.png (median "
+                    "in the mask and per ROI label; relative error when --truth-dir holds truth_<map>.nii.gz).")
+    p.add_argument("--dsc", required=True)
+    p.add_argument("--te", type=positive_float, default=None)
+    p.add_argument("--tr", type=positive_float, default=None)
+    p.add_argument("--aif-mask", default=None, help="AIF mask (default: automatic, recomputed at every SNR)")
+    p.add_argument("--mask", default=None)
+    p.add_argument("--baseline-frames", type=int, default=None)
+    p.add_argument("--snr", type=positive_float, nargs="+", default=[50, 40, 30, 20, 10])
+    p.add_argument("--methods", nargs="+", default=["oSVD", "Tikhonov", "sSVD", "cSVD", "phae"])
+    p.add_argument("--phae-model", default=None, help="PHAE model (default: trained on each degraded series)")
+    p.add_argument("--tmax-model", default=None, help="Tmax network (needed when tmax-net is among --methods)")
+    p.add_argument("--rois", default=None, help="label map: statistics per label too")
+    p.add_argument("--truth-dir", default=None, help="folder with truth_cbf/mtt/tmax.nii.gz (a phantom)")
+    p.add_argument("--kh", type=positive_float, default=0.73)
+    p.add_argument("--rho", type=positive_float, default=1.04)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    add_common_options(p)
+    p.set_defaults(handler=run_noise_study)
