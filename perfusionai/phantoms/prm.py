@@ -182,6 +182,7 @@ def make_prm_phantom(
     wobble_mm: float = 3.0,
     emphysema_scale: float = 1.0,
     junction_bridge: bool = False,
+    uncategorized: bool = False,
     seed: int = 0,
 ) -> PRMPhantom:
     """Build the paired phantom.
@@ -205,6 +206,8 @@ def make_prm_phantom(
         Radius multiplier of the emphysema regions (2 = severe emphysema).
     junction_bridge
         Join the lungs by a thin parenchyma bridge (to test the left/right split).
+    uncategorized
+        Add a small "uncategorized" region (I <= -950, E > -856) in the right middle lobe.
     seed
         Noise seed.
     """
@@ -227,14 +230,14 @@ def make_prm_phantom(
         "junction_bridge": junction_bridge,
         "regions": [
             # emphysema: right upper and left upper lobes (apical, centrilobular-like)
-            ((-lung_cx, -0.1 * ry, lung_cz + 0.55 * rz), 0.55 * rx * e, _EMPH),
-            ((lung_cx + 0.1 * rx, 0.1 * ry, lung_cz + 0.5 * rz), 0.45 * rx * e, _EMPH),
+            ((-lung_cx, -0.1 * ry, lung_cz + 0.55 * rz), 0.70 * rx * e, _EMPH),
+            ((lung_cx + 0.1 * rx, 0.1 * ry, lung_cz + 0.5 * rz), 0.60 * rx * e, _EMPH),
             # air trapping (fSAD): both lower lobes
-            ((-lung_cx - 0.15 * rx, 0.45 * ry, lung_cz - 0.35 * rz), 0.70 * rx, _FSAD),
-            ((lung_cx + 0.1 * rx, 0.5 * ry, lung_cz - 0.3 * rz), 0.65 * rx, _FSAD),
+            ((-lung_cx - 0.15 * rx, 0.45 * ry, lung_cz - 0.35 * rz), 0.95 * rx, _FSAD),
+            ((lung_cx + 0.1 * rx, 0.5 * ry, lung_cz - 0.3 * rz), 0.90 * rx, _FSAD),
             # a little "uncategorized" (e.g. misregistration) in the right middle lobe
             ((-lung_cx - 0.1 * rx, -0.6 * ry, lung_cz - 0.3 * rz), 0.22 * rx, _UNCAT),
-        ],
+        ][: 5 if uncategorized else 4],
         "vessels": [
             (hil_r, [(-lung_cx - 0.8 * rx, -0.5 * ry, lung_cz + 0.3 * rz), (-lung_cx - 0.7 * rx, 0.6 * ry, lung_cz - 0.4 * rz),
                      (-lung_cx, 0.0, lung_cz + 0.85 * rz), (-lung_cx - 0.3 * rx, -0.7 * ry, lung_cz - 0.5 * rz)]),

@@ -1,0 +1,177 @@
+"""``perfusionai prm <verb>``: CT parametric response mapping and its evaluation.
+
+Verbs: ``ct`` (insp/exp CT -> PRM map, stats, figures) and ``evaluate`` (one case or a
+cohort CSV). The MRI verbs (``train``, ``predict``, ``ablation``) are added by other
+modules through :data:`VERB_REGISTRARS`: each entry is ``(name, register_fn)`` with
+``register_fn(verb_subparsers)`` adding one verb to ``perfusionai prm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Callable
+
+from ..cli_common import add_common_options, make_progress
+from ..errors import input_error
+
+#: Extra verbs of the ``prm`` domain registered by other modules: [(name, register(verb_subparsers))].
+VERB_REGISTRARS: list[tuple[str, Callable[[argparse._SubParsersAction], None]]] = []
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace(",", "x").split("x") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected iterations like 40x20x10, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one level")
+    return values
+
+
+def _add_ct(verbs) -> None:
+    p = verbs.add_parser("ct", help="PRM from inspiratory and expiratory CT (HU)",
+                         description="Register the expiratory CT to the inspiratory CT (ANTs SyN, lungs masked), "
+                                     "classify every lung voxel (normal, fSAD, emphysema, uncategorized; Galban 2012) "
+                                     "and report %PRM per lung and lobe. Outputs: prm.nii.gz (inspiratory grid), "
+                                     "exp_registered.nii.gz, transforms, prm_stats.json, prm_stats.csv, "
+                                     "prm_scatter.png, prm_overlay.png.")
+    p.add_argument("--insp", required=True, help="inspiratory CT in HU (NIfTI, NRRD or a DICOM folder)")
+    p.add_argument("--exp", required=True, help="expiratory CT in HU")
+    p.add_argument("--lung-mask", help="lung mask (or labels 1 right, 2 left) on the reference grid; "
+                                       "replaces the automatic lung mask")
+    p.add_argument("--lobes", help="lobe label map on the reference grid")
+    p.add_argument("--lobe-convention", default="project",
+                   help="labels of --lobes: project (1 RUL..6 LLL), totalsegmentator, totalsegmentator1, lungmask, "
+                        "cip, yacta, imbio, tustison (default project)")
+    p.add_argument("--no-registration", action="store_true", help="the scans are already aligned on one grid")
+    p.add_argument("--direction", choices=("exp_to_insp", "insp_to_exp"), default="exp_to_insp",
+                   help="exp_to_insp (default; PRM on the inspiratory grid) or insp_to_exp (Galban style, "
+                        "PRM on the expiratory grid; masks then belong to the expiratory CT)")
+    p.add_argument("--threads", type=int, default=2, help="registration threads (default 2)")
+    p.add_argument("--registration-spacing", type=float, default=2.0,
+                   help="registration grid spacing in mm (default 2; finer scans are downsampled)")
+    p.add_argument("--syn-iterations", type=_int_tuple, default=(40, 20, 10),
+                   help="SyN iterations per level, coarse to fine (default 40x20x10)")
+    p.add_argument("--threshold-insp", type=float, default=-950.0, help="inspiratory threshold HU (default -950)")
+    p.add_argument("--threshold-exp", type=float, default=-856.0, help="expiratory threshold HU (default -856)")
+    p.add_argument("--valid-range", type=float, nargs=2, default=(-1000.0, -500.0), metavar=("LOW", "HIGH"),
+                   help="valid HU range on both scans (default -1000 -500)")
+    p.add_argument("--median", type=int, default=3, choices=(0, 3, 5),
+                   help="median pre-filter size, 0 = off (default 3: 3x3x3)")
+    p.add_argument("--median-2d", action="store_true", help="median filter per slice (3x3) instead of 3D")
+    p.add_argument("--no-figures", action="store_true", help="skip prm_scatter.png and prm_overlay.png")
+    p.add_argument("--out", required=True, help="output folder")
+    add_common_options(p)
+    p.set_defaults(handler=run_ct)
+
+
+def _add_evaluate(verbs) -> None:
+    p = verbs.add_parser("evaluate", help="agreement of a PRM map with a reference (one case or a cohort)",
+                         description="One case: --pred P --ref R [--lobes L]: Dice per class and %PRM differences. "
+                                     "Cohort: --cohort CSV (columns patient, pred, ref[, lobes]; PRM maps or "
+                                     "prm_stats.json files): Pearson r per class at patient and lobe level, "
+                                     "Bland-Altman, figure (Xu et al. Fig. 3).")
+    p.add_argument("--pred", help="predicted PRM label map")
+    p.add_argument("--ref", help="reference PRM label map (same grid)")
+    p.add_argument("--lobes", help="lobe label map on the same grid")
+    p.add_argument("--lobe-convention", default="project", help="labels of --lobes (see 'prm ct --help')")
+    p.add_argument("--cohort", help="cohort CSV (columns patient, pred, ref[, lobes])")
+    p.add_argument("--out", help="output folder for evaluation.json (+ prm_agreement.png for a cohort); "
+                                 "without it the JSON is printed")
+    add_common_options(p)
+    p.set_defaults(handler=run_evaluate)
+
+
+def register(subparsers) -> None:
+    """Add the ``prm`` domain and its verbs to the top-level parser."""
+    domain = subparsers.add_parser("prm", help="parametric response mapping of the lungs (CT; MRI prediction)")
+    verbs = domain.add_subparsers(dest="verb", metavar="<verb>")
+    verbs.required = True
+    _add_ct(verbs)
+    _add_evaluate(verbs)
+    for _name, registrar in VERB_REGISTRARS:
+        registrar(verbs)
+
+
+def run_ct(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..io import atomic_output_dir, read_labels, read_volume
+    from .classification import ClassificationOptions
+    from .lobes_import import import_lobes
+    from .pipeline import PRMOptions, compute_prm, write_prm_outputs
+    from .registration import RegistrationOptions
+
+    if args.threads < 1:
+        raise input_error("--threads", f"must be at least 1, got {args.threads}")
+    insp = read_volume(args.insp, "inspiratory CT")
+    exp = read_volume(args.exp, "expiratory CT")
+    reference = insp if args.direction == "exp_to_insp" or args.no_registration else exp
+    lung = None
+    if args.lung_mask:
+        # binary masks and right/left labels (1/2) are both accepted
+        lung = read_labels(args.lung_mask, reference.geometry, "lung mask")
+        if not np.any(lung):
+            raise input_error(args.lung_mask, "lung mask is empty (no nonzero voxel)")
+    lobes = None
+    if args.lobes:
+        lobes = import_lobes(read_labels(args.lobes, reference.geometry, "lobe map"), args.lobe_convention,
+                             args.lobes)
+    options = PRMOptions(
+        classification=ClassificationOptions(args.threshold_insp, args.threshold_exp, args.valid_range[0],
+                                             args.valid_range[1], args.median, args.median_2d),
+        registration=RegistrationOptions(direction=args.direction, threads=args.threads,
+                                         registration_spacing_mm=args.registration_spacing,
+                                         syn_iterations=tuple(args.syn_iterations)),
+        register=not args.no_registration,
+    )
+    progress = make_progress(args, "prm ct")
+    result = compute_prm(insp, exp, lung, lobes, options, progress)
+    try:
+        with atomic_output_dir(args.out) as stage:
+            write_prm_outputs(result, stage, figures=not args.no_figures)
+    finally:
+        result.cleanup()
+    whole = result.stats["whole_lung"]
+    dice_after = result.info.get("lung_dice_after_registration")
+    print(f"whole lung: normal {whole['normal']:.1f} %, fSAD {whole['fsad']:.1f} %, emphysema {whole['emph']:.1f} %, "
+          f"uncategorized {whole['uncategorized']:.1f} %, excluded {whole['excluded']:.1f} % "
+          f"({whole['voxels']} voxels)" + (f"; lung Dice after registration {dice_after:.3f}" if dice_after else ""))
+    print(f"outputs written to {args.out}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from ..io import atomic_output_dir, read_labels, read_volume, write_json
+    from .evaluation import evaluate_case, evaluate_cohort, read_cohort_csv
+    from .lobes_import import import_lobes
+
+    if args.cohort:
+        if args.pred or args.ref:
+            raise input_error("--cohort", "give either --cohort or --pred/--ref, not both")
+        rows = read_cohort_csv(args.cohort)
+        if args.out:
+            with atomic_output_dir(args.out) as stage:
+                result = evaluate_cohort(rows, args.lobe_convention, figure=stage / "prm_agreement.png")
+                write_json(result, stage / "evaluation.json")
+        else:
+            result = evaluate_cohort(rows, args.lobe_convention)
+    else:
+        if not (args.pred and args.ref):
+            raise input_error("--pred", "give --pred and --ref (or --cohort CSV)")
+        pred = read_volume(args.pred, "predicted PRM map")
+        ref_labels = read_labels(args.ref, pred.geometry, "reference PRM map")
+        lobes = None
+        if args.lobes:
+            lobes = import_lobes(read_labels(args.lobes, pred.geometry, "lobe map"), args.lobe_convention, args.lobes)
+        result = evaluate_case(pred.array, ref_labels, lobes)
+        if args.out:
+            with atomic_output_dir(args.out) as stage:
+                write_json(result, stage / "evaluation.json")
+    if args.out:
+        print(f"evaluation written to {Path(args.out) / 'evaluation.json'}")
+    else:
+        print(json.dumps(result, indent=2, default=float))
+    return 0
