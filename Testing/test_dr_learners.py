@@ -39,6 +39,10 @@ def test_five_training_patients_give_di_within_20_percent_of_all(cohort):
     di_five = by_size[5]["mean_di"]
     di_all = by_size[len(cohort) - 1]["mean_di"]
     assert abs(di_five - di_all) <= 0.2 * di_all
+    # and the five-patient learner has learned something: far better than predicting the population median
+    baseline = E.summarise(E.population_baseline(cohort))[0]
+    assert di_five < 0.75 * baseline["mean_di"]
+    assert by_size[5]["mean_abs_bi"] < 0.75 * baseline["mean_abs_bi"]
 
 
 def test_predict_scores_match_the_shared_bi_di_definition(cohort):
@@ -91,7 +95,7 @@ def test_cli_train_predict_evaluate(tmp_path, capsys):
     assert main(["dr", "evaluate", "--cohort", str(csv_path), "--algorithms", "lr", "--sizes", "1,3",
                  "--out", str(ev), "--progress", "none"]) == 0
     result = json.loads((ev / "summary.json").read_text())
-    assert {s["strategy"] for s in result["summary"]} == {"signal-to-signal", "maps-to-maps"}
+    assert {s["strategy"] for s in result["summary"]} == {"signal-to-signal", "maps-to-maps", "baseline"}
     assert {s["n_train"] for s in result["training_size"]} == {1, 3}
     for name in ("lopo.csv", "summary.csv", "bi_di.png", "training_size.csv", "training_size.png"):
         assert (ev / name).stat().st_size > 0
