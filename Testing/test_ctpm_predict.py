@@ -176,3 +176,31 @@ def test_spect_off_the_ct_is_refused_for_training():
                    tuple(np.array(ph.spect_geometry.origin) + [0.0, 0.0, 900.0]))
     with pytest.raises(PerfusionAIError, match="does not overlap"):
         prepare_arrays(ph.ct_hu, ph.geometry, ph.spect, far, ph.lung_labels, SMALL, spect_name="spect.nii.gz")
+
+
+def test_background_command_gives_progress_lines_and_the_in_process_result(tmp_path, small_model):
+    """What the Slicer module runs in its background process, read back as the module does."""
+    import subprocess
+    import sys
+
+    from perfusionai.ctpm.predict import (build_predict_command, load_ctpm_model, predict_perfusion,
+                                          read_prediction, volume_rows, write_predict_inputs)
+    from perfusionai.slicer_support import parse_progress_line
+
+    ph = make_ctpm_phantom(4, phantom_geometry(spacing_mm=(6.0, 6.0, 6.0)), n_vessels=2)
+    ct_path, mask_path = write_predict_inputs(tmp_path / "inputs", ph.ct_hu, ph.geometry, ph.lung_labels)
+    out = tmp_path / "prediction"
+    command = build_predict_command(sys.executable, ct_path, small_model, out, mask_path, device="cpu")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    progress = [parse_progress_line(line) for line in done.stdout.splitlines()]
+    fractions = [p[0] for p in progress if p is not None]
+    assert fractions and fractions[-1] == 1.0 and fractions == sorted(fractions)
+    result, geometry, summary = read_prediction(out)
+    assert geometry.same_grid(ph.geometry)
+    expected = predict_perfusion(ph.ct_hu, ph.geometry, load_ctpm_model(small_model, device="cpu"), ph.lung_labels)
+    np.testing.assert_allclose(result.perfusion, expected.perfusion, atol=1e-5)
+    rows = volume_rows(result, geometry)
+    assert [r["Region"] for r in rows] == ["Right lung", "Left lung", "Both lungs"]
+    assert rows[2]["Lung (mL)"] == pytest.approx(rows[0]["Lung (mL)"] + rows[1]["Lung (mL)"], abs=0.2)
+    assert rows[2]["Lung (mL)"] == pytest.approx(summary["volumes"]["both"]["lung_ml"], abs=0.1)
