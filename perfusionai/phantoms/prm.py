@@ -63,6 +63,8 @@ class PRMPhantom:
         Truth PRM labels 0-4 on the insp grid (0 outside the lung, vessels, airway walls).
     exp_lung_labels
         Truth lungs on the exp grid (the deformed insp lungs).
+    airway_lumen
+        Boolean ``[k, j, i]``: trachea and main-bronchus lumen on the insp grid.
     displacement_mm
         ``[k, j, i, 3]`` LPS displacement (mm) from each exp voxel centre to its material
         (insp) position: ``phi(x) = x + displacement(x)``.
@@ -75,6 +77,7 @@ class PRMPhantom:
     truth_prm: np.ndarray
     exp_lung_labels: np.ndarray
     displacement_mm: np.ndarray
+    airway_lumen: Optional[np.ndarray] = None
     parameters: dict = field(default_factory=dict)
 
     @property
@@ -292,6 +295,7 @@ def make_prm_phantom(
         truth_prm=truth,
         exp_lung_labels=exp_lungs,
         displacement_mm=disp,
+        airway_lumen=mat == _AIRWAY_LUMEN,
         parameters=params,
     )
 

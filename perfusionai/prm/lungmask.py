@@ -7,7 +7,7 @@ lung or lobe mask (a user mask always wins) and by the CT-perfusion helper.
 
 Method (classic threshold pipeline, robust rather than exact):
 
-1. light Gaussian smoothing (sigma 1 voxel) so low-dose noise does not break the
+1. light Gaussian smoothing (sigma 1.5 mm, at most one voxel) so low-dose noise does not break the
    lungs into speckle nor connect them to the outside air;
 2. air-like voxels: smoothed HU below ``air_threshold_hu`` (default -400 HU;
    emphysematous lung lies far below it, so severe emphysema stays inside);
@@ -194,7 +194,7 @@ def segment_lungs(
     geometry: Geometry,
     *,
     air_threshold_hu: float = -400.0,
-    smoothing_voxels: float = 1.0,
+    smoothing_mm: float = 1.5,
     remove_airways: bool = True,
     closing_mm: float = 3.0,
 ) -> np.ndarray:
@@ -209,8 +209,9 @@ def segment_lungs(
         The grid of ``ct_hu`` (spacing in mm, LPS direction).
     air_threshold_hu
         Smoothed HU below this are air-like (lung, airway, outside air).
-    smoothing_voxels
-        Gaussian sigma in voxels applied before thresholding (0 = none).
+    smoothing_mm
+        Gaussian sigma in mm applied before thresholding (0 = none; at most one voxel per axis,
+        so thin walls of coarse scans are not blurred away).
     remove_airways
         Track and remove the trachea and main bronchi.
     closing_mm
@@ -235,10 +236,13 @@ def segment_lungs(
     spacing_kji = np.asarray(geometry.spacing, dtype=float)[::-1]
     voxel_ml = float(np.prod(spacing_kji)) / 1000.0
 
-    smooth = ndimage.gaussian_filter(vol, smoothing_voxels) if smoothing_voxels > 0 else vol
+    axial_spacing = np.asarray([spacing_kji[axis]] + [spacing_kji[a] for a in range(3) if a != axis])
+    sigma = np.minimum(smoothing_mm / axial_spacing, 1.0)
+    smooth = ndimage.gaussian_filter(vol, sigma) if smoothing_mm > 0 else vol
     air = smooth < air_threshold_hu
     inside_air = _remove_outside_air(air)
 
+    airway = np.zeros(vol.shape, dtype=bool)
     if remove_airways and inside_air.any():
         body = ~(air & ~inside_air)
         cols = np.nonzero(body.any(axis=(0, 1)))[0]
@@ -295,6 +299,8 @@ def segment_lungs(
         lung_axial = _fill_and_close(two == src, radius)
         lung = _from_axial(lung_axial, axis, flip)
         out[lung & (out == 0)] = dst
+    # Hole filling and closing put the removed airway lumen back inside; take it out again.
+    out[_from_axial(airway, axis, flip)] = 0
     return out
 
 
