@@ -1,0 +1,499 @@
+"""PRMPredictor: parametric response mapping (PRM) of the lungs from inspiratory/expiratory CT in 3D Slicer.
+
+The module binds widgets and calls the Logic; the Logic converts nodes with
+``perfusionai.mrml``, runs one core function (``perfusionai.prm.pipeline.compute_prm``
+in-process, or the same computation as ``PythonSlicer -m perfusionai prm ct`` in a
+background process) and converts the results back to nodes: the PRM map as a
+segmentation with the standard colours over the inspiratory CT, the expiratory CT
+registered onto it, a table of %PRM per lung and lobe and the PRM scatter plot.
+All numerics live in the ``perfusionai`` package, installed next to this file.
+"""
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from typing import Annotated, Optional
+
+import vtk
+
+import qt
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode
+
+
+def _makePerfusionAIImportable():
+    """In a built extension ``perfusionai/`` lies next to this file; in a source checkout
+    (module folder added to the additional module paths) it lies one folder up."""
+    try:
+        import perfusionai  # noqa: F401
+    except ImportError:
+        checkoutRoot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.isdir(os.path.join(checkoutRoot, "perfusionai")) and checkoutRoot not in sys.path:
+            sys.path.insert(0, checkoutRoot)
+
+
+_makePerfusionAIImportable()
+
+from perfusionai import mrml  # noqa: E402
+from perfusionai import slicer_support  # noqa: E402
+from perfusionai.errors import PerfusionAIError  # noqa: E402
+from perfusionai.labels import PRM_LABELS  # noqa: E402
+from perfusionai.prm.lobes_import import CONVENTIONS  # noqa: E402
+
+LOBE_CONVENTIONS = sorted(CONVENTIONS)
+
+
+#
+# PRMPredictor
+#
+
+
+class PRMPredictor(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("PRM Predictor")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Perfusion")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["PerfusionAI team"]
+        self.parent.helpText = _("""
+Parametric response mapping (Galban et al. 2012) of the lungs from a paired inspiratory and
+expiratory chest CT (HU): the expiratory CT is registered onto the inspiratory CT (ANTs rigid,
+affine and SyN, lungs masked), every lung voxel is classified as normal (green), functional small
+airways disease (yellow), emphysema (red) or uncategorized (white) with the -950 / -856 HU thresholds,
+and %PRM is reported per lung and lobe. Select the two CT volumes (and optionally a lobe label map),
+then Apply.
+""")
+        self.parent.acknowledgementText = _("""
+Built on the PerfusionAI library and ANTsPy. PRM after Galban et al., Nat Med 2012.
+""")
+
+
+#
+# PRMPredictorParameterNode
+#
+
+
+@parameterNodeWrapper
+class PRMPredictorParameterNode:
+    """The module's settings, saved with the scene.
+
+    inspiratoryVolume, expiratoryVolume - the CT pair in HU.
+    lobes - optional lobe label map on the inspiratory grid; lobeConvention - its label numbering.
+    register - register expiration to inspiration (off: the scans are already aligned).
+    threads - registration threads. runInBackground - separate process (Cancel works).
+    """
+
+    inspiratoryVolume: vtkMRMLScalarVolumeNode
+    expiratoryVolume: vtkMRMLScalarVolumeNode
+    lobes: vtkMRMLLabelMapVolumeNode
+    lobeConvention: Annotated[str, Choice(LOBE_CONVENTIONS)] = "project"
+    register: bool = True
+    threads: Annotated[int, WithinRange(1, 64)] = 2
+    runInBackground: bool = True
+
+
+#
+# PRMPredictorWidget
+#
+
+
+class PRMPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/PRMPredictor.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = PRMPredictorLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+
+        self.ui.progressBar.setVisible(False)
+        self.ui.cancelButton.enabled = False
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode: Optional[PRMPredictorParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Widgets with a "SlicerParameterName" property in the .ui file are bound here.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+            self._updateGui()
+
+    def _updateGui(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if not p:
+            return
+        running = self.logic.isRunning
+        ready = p.inspiratoryVolume is not None and p.expiratoryVolume is not None
+        self.ui.applyButton.enabled = ready and not running
+        self.ui.cancelButton.enabled = running
+        self.ui.threadsSpinBox.enabled = p.register
+        self.ui.lobeConventionComboBox.enabled = p.lobes is not None
+        self.ui.applyButton.toolTip = _("Compute the PRM map") if ready else _("Select the inspiratory and "
+                                                                                "expiratory CT")
+
+    def onApplyButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Computing the PRM map failed."), waitCursor=False):
+            try:
+                if not self.logic.ensureDependencies(p.register):
+                    return
+                self.ui.progressBar.setVisible(True)
+                self.ui.progressBar.value = 0
+                self.ui.statusLabel.text = _("Starting...")
+                background = p.runInBackground
+                nodes = self.logic.processWithParameterNode(p, waitForCompletion=not background,
+                                                            progressCallback=self.onProgress,
+                                                            completedCallback=self.onCompleted if background else None)
+                if not background:
+                    self.onCompleted({"nodes": nodes})
+            except PerfusionAIError as exc:
+                self.ui.progressBar.setVisible(False)
+                self.ui.statusLabel.text = _("Failed.")
+                slicer.util.errorDisplay(str(exc))
+            finally:
+                self._updateGui()
+
+    def onCancelButton(self) -> None:
+        self.logic.cancel()
+        self.ui.statusLabel.text = _("Cancelling...")
+
+    def onProgress(self, fraction, message) -> None:
+        self.ui.progressBar.value = int(round(100 * fraction))
+        self.ui.statusLabel.text = message
+        if not self._parameterNode.runInBackground:
+            slicer.app.processEvents()
+
+    def onCompleted(self, outcome) -> None:
+        """``outcome``: {"nodes": ...} on success, {"cancelled": True} or {"error": message}."""
+        self.ui.progressBar.setVisible(False)
+        self._updateGui()
+        if outcome.get("cancelled"):
+            self.ui.statusLabel.text = _("Cancelled.")
+        elif outcome.get("error"):
+            self.ui.statusLabel.text = _("Failed.")
+            slicer.util.errorDisplay(_("Computing the PRM map failed:") + "\n" + outcome["error"])
+        else:
+            nodes = outcome["nodes"]
+            self.ui.statusLabel.text = _("Done: PRM segmentation, registered expiratory CT and table added.")
+            self.ui.resultsTableView.setMRMLTableNode(nodes["table"])
+            if nodes.get("scatterPng"):
+                self.ui.scatterLabel.setPixmap(qt.QPixmap(nodes["scatterPng"]))
+
+
+#
+# PRMPredictorLogic
+#
+
+
+class PRMPredictorLogic(ScriptedLoadableModuleLogic):
+    """Nodes in, perfusionai core, nodes out. Usable without the GUI::
+
+        logic = PRMPredictor.PRMPredictorLogic()
+        nodes = logic.process(getNode("insp"), getNode("exp"))
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._process = None
+        self._processOutput = []
+        self._cancelRequested = False
+        self._workDir = None
+        self._pending = None
+
+    def getParameterNode(self):
+        return PRMPredictorParameterNode(super().getParameterNode())
+
+    @property
+    def isRunning(self) -> bool:
+        return self._process is not None
+
+    def ensureDependencies(self, register=True) -> bool:
+        """Install ANTsPy (registration) after one confirmation; returns False when declined."""
+        requirements = slicer_support.read_requirements(
+            os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt"))
+        missing = slicer_support.missing_requirements(requirements) if register else []
+        if not missing:
+            return True
+        try:
+            import slicer.packaging as packaging  # Slicer >= 5.12
+        except ImportError:
+            packaging = None
+        if packaging is not None:
+            packaging.pip_ensure(missing, requester="PRMPredictor")
+        else:
+            if not slicer.util.confirmOkCancelDisplay(
+                    _("PRMPredictor needs these Python packages, which will be downloaded and installed now:"),
+                    detailedText="\n".join(missing)):
+                return False
+            slicer.util.pip_install(missing)
+        return not slicer_support.missing_requirements(missing)
+
+    def processWithParameterNode(self, p, waitForCompletion=True, progressCallback=None, completedCallback=None):
+        return self.process(p.inspiratoryVolume, p.expiratoryVolume, lobesNode=p.lobes,
+                            lobeConvention=p.lobeConvention, register=p.register, threads=p.threads,
+                            waitForCompletion=waitForCompletion, progressCallback=progressCallback,
+                            completedCallback=completedCallback)
+
+    def process(self, inspNode, expNode, lobesNode=None, lobeConvention="project", register=True, threads=2,
+                showResults=True, waitForCompletion=True, progressCallback=None, completedCallback=None):
+        """Compute the PRM map of two CT volume nodes and add the results to the scene.
+
+        :param inspNode, expNode: inspiratory and expiratory CT (HU) volume nodes.
+        :param lobesNode: optional lobe label map node on the inspiratory grid.
+        :param lobeConvention: label numbering of the lobe map (see ``perfusionai.prm.lobes_import``).
+        :param register: False when the scans are already aligned on one grid.
+        :param waitForCompletion: True computes in this process and returns the nodes; False starts a
+            background process, returns None and calls ``completedCallback(outcome)``.
+        :return: ``{"segmentation", "registered", "table", "stats", "scatterPng"}`` when waiting.
+        """
+        if self.isRunning:
+            raise PerfusionAIError(_("A PRM computation is already running; cancel it first."))
+        if inspNode is None or expNode is None:
+            raise PerfusionAIError(_("Select the inspiratory and the expiratory CT."))
+        from perfusionai.io import Volume
+
+        inspArray, inspGeometry = mrml.array_from_volume_node(inspNode)
+        expArray, expGeometry = mrml.array_from_volume_node(expNode)
+        insp = Volume(inspArray, inspGeometry, inspNode.GetName())
+        exp = Volume(expArray, expGeometry, expNode.GetName())
+        lobes = None
+        if lobesNode is not None:
+            lobeArray, lobeGeometry = mrml.array_from_volume_node(lobesNode)
+            if not lobeGeometry.same_grid(inspGeometry):
+                raise PerfusionAIError(f"{lobesNode.GetName()}: the lobe map is not on the inspiratory CT grid; "
+                                       "resample it onto the inspiratory CT first")
+            lobes = (lobeArray, lobeConvention)
+        settings = {"register": register, "threads": threads, "showResults": showResults}
+        if waitForCompletion:
+            return self._processInThisProcess(inspNode, insp, exp, lobes, settings, progressCallback)
+        return self._startBackgroundProcess(inspNode, insp, exp, lobes, settings, progressCallback,
+                                            completedCallback)
+
+    def _processInThisProcess(self, inspNode, insp, exp, lobes, settings, progressCallback):
+        from perfusionai.prm.lobes_import import import_lobes
+        from perfusionai.prm.pipeline import PRMOptions, compute_prm, write_prm_outputs
+        from perfusionai.prm.registration import RegistrationOptions
+
+        lobeLabels = import_lobes(lobes[0], lobes[1], "lobes") if lobes is not None else None
+        options = PRMOptions(registration=RegistrationOptions(threads=settings["threads"]),
+                             register=settings["register"])
+        result = compute_prm(insp, exp, lobes=lobeLabels, options=options, progress=progressCallback)
+        self._workDir = slicer.util.tempDirectory("PRMPredictor")
+        try:
+            write_prm_outputs(result, self._workDir)
+        finally:
+            result.cleanup()
+        return self._outputsToNodes(inspNode, self._workDir, settings)
+
+    def _outputsToNodes(self, inspNode, outDir, settings):
+        """Read a PRM output folder into the scene."""
+        from perfusionai.io import read_volume
+        from perfusionai.prm.stats import stats_rows
+
+        prm = read_volume(os.path.join(outDir, "prm.nii.gz"), "PRM map")
+        registered = read_volume(os.path.join(outDir, "exp_registered.nii.gz"), "registered expiratory CT")
+        with open(os.path.join(outDir, "prm_stats.json")) as fh:
+            stats = json.load(fh)
+        name = inspNode.GetName()
+        segmentation = mrml.segmentation_node_from_labels(prm.array, prm.geometry, PRM_LABELS, f"{name} PRM",
+                                                          reference_volume_node=inspNode)
+        registeredNode = mrml.volume_node_from_array(registered.array, registered.geometry,
+                                                     f"{name} expiration registered")
+        table = mrml.table_node_from_rows(stats_rows(stats), f"{name} PRM statistics",
+                                          units={"normal": "%", "fsad": "%", "emph": "%", "uncategorized": "%",
+                                                 "excluded": "%", "volume_ml": "mL"})
+        attributes = {"Method": "PRM (Galban 2012)", "Direction": stats.get("info", {}).get("direction"),
+                      "LungDiceAfterRegistration": stats.get("info", {}).get("lung_dice_after_registration")}
+        for node in (segmentation, registeredNode, table):
+            mrml.set_attributes(node, attributes)
+        scatterPng = None
+        scatterSource = os.path.join(outDir, "prm_scatter.png")
+        if os.path.exists(scatterSource):
+            scatterPng = os.path.join(slicer.app.temporaryPath, f"PRMPredictor_{int(time.time() * 1000)}.png")
+            shutil.copyfile(scatterSource, scatterPng)
+        if settings["showResults"]:
+            slicer.util.setSliceViewerLayers(background=inspNode, fit=slicer.app.layoutManager() is not None)
+        return {"segmentation": segmentation, "registered": registeredNode, "table": table, "stats": stats,
+                "scatterPng": scatterPng}
+
+    def _startBackgroundProcess(self, inspNode, insp, exp, lobes, settings, progressCallback, completedCallback):
+        from perfusionai.io import write_volume
+
+        self._workDir = slicer.util.tempDirectory("PRMPredictor")
+        inputs = os.path.join(self._workDir, "inputs")
+        inspPath = str(write_volume(insp.array, insp.geometry, os.path.join(inputs, "insp.nii.gz")))
+        expPath = str(write_volume(exp.array, exp.geometry, os.path.join(inputs, "exp.nii.gz")))
+        outDir = os.path.join(self._workDir, "prm")
+        command = [slicer_support.python_launcher(), "-m", "perfusionai", "prm", "ct", "--insp", inspPath,
+                   "--exp", expPath, "--out", outDir, "--threads", str(int(settings["threads"])),
+                   "--progress", "lines"]
+        if lobes is not None:
+            lobesPath = str(write_volume(lobes[0], insp.geometry, os.path.join(inputs, "lobes.nii.gz")))
+            command += ["--lobes", lobesPath, "--lobe-convention", lobes[1]]
+        if not settings["register"]:
+            command.append("--no-registration")
+        logging.info("PRMPredictor: " + " ".join(command))
+        self._processOutput = []
+        self._cancelRequested = False
+        self._pending = (inspNode, settings, outDir, progressCallback, completedCallback)
+        environment = slicer_support.background_environment(slicer.util.startupEnvironment().get("PYTHONPATH"))
+        self._process = slicer.util.launchConsoleProcess(command, updateEnvironment=environment, blocking=False,
+                                                         logCallback=self._onProcessLine,
+                                                         completedCallback=self._onProcessCompleted)
+        return None
+
+    def _onProcessLine(self, line) -> None:
+        self._processOutput.append(line)
+        parsed = slicer_support.parse_progress_line(line)
+        progressCallback = self._pending[3] if self._pending else None
+        if parsed is not None and progressCallback is not None:
+            progressCallback(parsed[0], parsed[1])
+        elif parsed is None and line.strip():
+            logging.info("perfusionai: " + line)
+
+    def _onProcessCompleted(self, returnCode) -> None:
+        completedCallback = self._pending[4]
+        outcome = self._collectOutcome(returnCode)
+        if outcome.get("error"):
+            logging.error("PRMPredictor: " + outcome["error"])
+        if completedCallback is not None:
+            completedCallback(outcome)
+
+    def _collectOutcome(self, returnCode) -> dict:
+        inspNode, settings, outDir, progressCallback, completedCallback = self._pending
+        self._process = None
+        self._pending = None
+        try:
+            if self._cancelRequested:
+                outcome = {"cancelled": True}
+            elif returnCode != 0:
+                outcome = {"error": slicer_support.error_message_from_output(self._processOutput)}
+            else:
+                outcome = {"nodes": self._outputsToNodes(inspNode, outDir, settings)}
+                if progressCallback is not None:
+                    progressCallback(1.0, _("PRM done"))
+        except PerfusionAIError as exc:
+            outcome = {"error": str(exc)}
+        finally:
+            if self._workDir and os.path.isdir(self._workDir):
+                shutil.rmtree(self._workDir, ignore_errors=True)
+            self._workDir = None
+        return outcome
+
+    def cancel(self) -> None:
+        """Stop a running background computation (the launcher and the Python process it started)."""
+        if self._process is None:
+            return
+        self._cancelRequested = True
+        slicer_support.kill_process_tree(self._process.pid)
+
+
+#
+# PRMPredictorTest
+#
+
+
+class PRMPredictorTest(ScriptedLoadableModuleTest):
+    """Runs the Logic on a small aligned PRM phantom in the scene and checks %PRM against its truth."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_PRMPredictor_AlignedPhantom()
+        self.setUp()
+        self.test_PRMPredictor_BackgroundProcess()
+
+    def _phantomNodes(self):
+        from perfusionai.phantoms.prm import make_prm_phantom, truth_statistics
+
+        phantom = make_prm_phantom(shape=(40, 56, 64), spacing_mm=5.0, noise_hu=0.0, deform=False)
+        insp = mrml.volume_node_from_array(phantom.insp.array, phantom.geometry, "PRMPhantom insp")
+        exp = mrml.volume_node_from_array(phantom.exp.array, phantom.geometry, "PRMPhantom exp")
+        lobes = mrml.volume_node_from_array(phantom.lobes, phantom.geometry, "PRMPhantom lobes", label=True)
+        return phantom, truth_statistics(phantom), insp, exp, lobes
+
+    def _assertMatchesTruth(self, nodes, truth):
+        whole = nodes["stats"]["whole_lung"]
+        for key in ("normal", "fsad", "emph"):
+            self.assertLess(abs(whole[key] - truth["whole_lung"][key]), 2.0, key)
+        names = [segment[1] for segment in mrml.segments_of(nodes["segmentation"])]
+        self.assertIn("Emphysema", names)
+        self.assertEqual(nodes["table"].GetNumberOfRows(), 3 + len(nodes["stats"]["lobes"]))
+
+    def test_PRMPredictor_AlignedPhantom(self):
+        self.delayDisplay("Building the PRM phantom")
+        phantom, truth, insp, exp, lobes = self._phantomNodes()
+        logic = PRMPredictorLogic()
+        nodes = logic.process(insp, exp, lobesNode=lobes, register=False, waitForCompletion=True)
+        self._assertMatchesTruth(nodes, truth)
+        self.delayDisplay("In-process PRM matches the phantom truth")
+
+    def test_PRMPredictor_BackgroundProcess(self):
+        phantom, truth, insp, exp, lobes = self._phantomNodes()
+        logic = PRMPredictorLogic()
+        seen = []
+        outcomes = []
+        logic.process(insp, exp, lobesNode=lobes, register=False, waitForCompletion=False,
+                      progressCallback=lambda f, m: seen.append(f), completedCallback=outcomes.append)
+        while logic.isRunning:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        self.assertEqual(len(outcomes), 1, "the completion callback runs once")
+        self.assertNotIn("error", outcomes[0], outcomes[0].get("error"))
+        self.assertTrue(seen and seen[-1] == 1.0)
+        self._assertMatchesTruth(outcomes[0]["nodes"], truth)
+        self.delayDisplay("Background-process PRM matches the phantom truth")
