@@ -143,7 +143,7 @@ def loadDRPhantom(source=None, **phantomOptions):
 class DiffusionRelaxationParameterNode:
     """The module's settings, saved with the scene.
 
-    inputSeries - the diffusion series (sequence of volumes, or MultiVolume / sequence proxy volume).
+    inputSeries - the diffusion series (sequence of volumes, DWI volume, or MultiVolume / sequence proxy volume).
     bvalsPath, tesPath - b-value (s/mm2) and echo-time (ms) files; empty: from the series attributes.
     mask, maskSegmentId - optional fit region. roi, roiSegmentId - statistics region.
     mode - "Fit" a signal model or "Predict" with a trained model (modelPath).
@@ -410,28 +410,17 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
             progressCallback=progressCallback,
         )
 
-    def _attributesOf(self, seriesNode) -> dict:
-        """Attributes of the series node and, for a sequence proxy, of its sequence (header keys)."""
-        attributes = {}
-        sequence = mrml.sequence_of_proxy(seriesNode)
-        for node in (sequence, seriesNode):
-            if node is None:
-                continue
-            for name in node.GetAttributeNames() or ():
-                attributes[name] = node.GetAttribute(name)
-        return attributes
-
     def readProtocol(self, seriesNode, series, model, bvalsPath=None, tesPath=None):
-        """b-values (s/mm2) and TEs (ms) from the files when given, else from the series attributes."""
+        """b-values (s/mm2) and TEs (ms) from the files when given, else from the series node
+        (a DWI volume's own b-values, or the series attributes)."""
         from perfusionai.dr import pipeline
 
-        fromHeader = pipeline.protocol_from_attributes(self._attributesOf(seriesNode), series.n_frames,
-                                                       source=seriesNode.GetName())
+        fromHeader = mrml.diffusion_protocol_of_node(seriesNode, series.n_frames)
         bvals = pipeline.read_scheme_file(bvalsPath, "b-value file") if bvalsPath else fromHeader[0]
         tes = pipeline.read_scheme_file(tesPath, "echo-time file") if tesPath else fromHeader[1]
         if bvals is None:
-            raise PerfusionAIError(_("The series carries no b-values (attribute PerfusionAI.bvals or DWMRI keys); "
-                                     "choose a b-value file."))
+            raise PerfusionAIError(_("The series carries no b-values (not a DWI volume, no attribute "
+                                     "PerfusionAI.bvals or DWMRI keys); choose a b-value file."))
         return pipeline.check_protocol(series.n_frames, bvals, tes, model,
                                        bvals_name=bvalsPath or seriesNode.GetName(),
                                        tes_name=tesPath or seriesNode.GetName())
@@ -441,7 +430,8 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
                 overlayOpacity=0.6, showResults=True, progressCallback=None):
         """Fit a signal model (``mode="Fit"``) or predict the advanced maps (``mode="Predict"``).
 
-        :param seriesNode: sequence node of volumes, MultiVolume node, or a sequence's proxy volume.
+        :param seriesNode: sequence node of volumes, MultiVolume node, DWI volume node (e.g. a loaded DWI NRRD),
+            or a sequence's proxy volume.
         :param model: clinical, t2ivimkurtosis or ivim (Fit).
         :param bvalsPath, tesPath: scheme files (s/mm2, ms); None: from the series attributes.
         :param maskNode: optional fit region (segmentation or label map).

@@ -227,8 +227,24 @@ def is_multivolume_node(node) -> bool:
     return node.IsA("vtkMRMLVolumeNode") and node.GetAttribute("MultiVolume.FrameLabels") is not None
 
 
+def is_diffusion_weighted_node(node) -> bool:
+    """True for a ``vtkMRMLDiffusionWeightedVolumeNode`` (what Slicer makes of a DWI NRRD file)."""
+    return node is not None and node.IsA("vtkMRMLDiffusionWeightedVolumeNode")
+
+
+def bvalues_of_node(node) -> Optional[np.ndarray]:
+    """The b-values (s/mm^2), one per volume, of a diffusion-weighted volume node; None for other nodes.
+
+    Slicer's NRRD reader stores b = nominal ``DWMRI_b-value`` x |gradient|^2 per gradient
+    (and normalises the gradients), so these are the effective b-values of the volumes.
+    """
+    if not is_diffusion_weighted_node(node):
+        return None
+    return np.array([node.GetBValue(index) for index in range(node.GetNumberOfGradients())], dtype=float)
+
+
 def series_from_node(node, tr: Optional[float] = None) -> Series:
-    """Read a 4D series from a sequence node of volumes or a MultiVolume node.
+    """Read a 4D series from a sequence node of volumes, a MultiVolume node or a DWI volume node.
 
     Parameters
     ----------
@@ -237,7 +253,9 @@ def series_from_node(node, tr: Optional[float] = None) -> Series:
         (frame times from the index values and the index unit), or a MultiVolume
         node (``[k, j, i, frames]`` voxels; times from the attribute
         ``MultiVolume.FrameLabels`` in ``MultiVolume.FrameIdentifyingDICOMTagUnits``,
-        milliseconds when absent, as Slicer's MultiVolumeImporter writes them).
+        milliseconds when absent, as Slicer's MultiVolumeImporter writes them),
+        or a ``vtkMRMLDiffusionWeightedVolumeNode`` (``[k, j, i, volumes]`` voxels, no
+        timing; its b-values come from :func:`bvalues_of_node`).
     tr
         Frame interval in seconds; when given it overrides the node's timing.
 
@@ -295,9 +313,18 @@ def series_from_node(node, tr: Optional[float] = None) -> Series:
                 te = float(echo) * 1e-3
             except ValueError:
                 te = None
+    elif is_diffusion_weighted_node(node):
+        data = np.array(slicer.util.arrayFromVolume(node), dtype=np.float32, copy=True)
+        if data.ndim != 4 or data.shape[-1] < 2:
+            raise input_error(name, f"diffusion-weighted volume has fewer than 2 volumes (array shape {data.shape})")
+        if node.GetNumberOfGradients() != data.shape[-1]:
+            raise input_error(name, f"diffusion-weighted volume has {node.GetNumberOfGradients()} b-values for "
+                                    f"{data.shape[-1]} volumes")
+        geometry = geometry_of_node(node)
+        times = None
     else:
         raise input_error(name, f"is a {node.GetClassName()}; a sequence of volumes or a MultiVolume "
-                                f"node was expected")
+                                f"node, or a diffusion-weighted volume node, was expected")
     if tr is not None:
         if not (math.isfinite(tr) and tr > 0):
             raise input_error("TR", f"must be a positive number of seconds, got {tr}")
@@ -317,6 +344,39 @@ def sequence_of_proxy(node):
         if browser.IsProxyNode(node.GetID()):
             return browser.GetSequenceNode(node)
     return None
+
+
+def attributes_of_node(node) -> dict[str, str]:
+    """Attributes of a series node and, for a sequence proxy, of its sequence (the node's own win)."""
+    attributes: dict[str, str] = {}
+    for source in (sequence_of_proxy(node), node):
+        if source is not None:
+            for name in source.GetAttributeNames() or ():
+                attributes[name] = source.GetAttribute(name)
+    return attributes
+
+
+def diffusion_protocol_of_node(node, n_volumes: int) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """b-values (s/mm^2) and echo times (ms) that a diffusion series node carries, each None when absent.
+
+    A diffusion-weighted volume node's b-values come from the node itself
+    (:func:`bvalues_of_node`); otherwise, and for the echo times always, from the
+    attributes read by :func:`perfusionai.dr.pipeline.protocol_from_attributes`
+    (``PerfusionAI.bvals``/``PerfusionAI.tes``, DWMRI keys, ``EchoTime``).
+    """
+    from .dr.pipeline import protocol_from_attributes
+
+    name = node.GetName()
+    node_bvals = bvalues_of_node(node)
+    if node_bvals is not None and node_bvals.size != n_volumes:
+        raise input_error(name, f"lists {node_bvals.size} b-values for {n_volumes} volumes")
+    attributes = attributes_of_node(node)
+    if node_bvals is not None:
+        # The node's b-values win; stale b-value attributes must not make a valid node fail.
+        attributes = {k: v for k, v in attributes.items()
+                      if k not in ("PerfusionAI.bvals", "bvals", "DWMRI_b-value")}
+    bvals, tes = protocol_from_attributes(attributes, n_volumes, source=name)
+    return (node_bvals if node_bvals is not None else bvals), tes
 
 
 def sequence_node_from_series(
