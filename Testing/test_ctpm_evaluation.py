@@ -108,3 +108,30 @@ def test_spect_that_does_not_overlap_the_ct_is_refused(tmp_path, capsys):
                  "--out", str(out_json), "--progress", "none"]) == 2
     assert "does not overlap" in capsys.readouterr().err
     assert not out_json.exists()
+
+
+def test_cohort_evaluation_writes_summary_and_box_plots(tmp_path, capsys):
+    import csv
+
+    from perfusionai.cli import main
+
+    rows = []
+    for n in range(3):
+        case = tmp_path / f"case{n}"
+        case.mkdir()
+        pred, spect, lungs = _files(case)
+        rows.append({"pred": f"case{n}/pred.nii.gz", "spect": f"case{n}/spect.nii.gz",
+                     "lung_mask": f"case{n}/lungs.nii.gz", "group": "test" if n else "validation"})
+    with open(tmp_path / "cohort.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "summary"
+    assert main(["ctpm", "evaluate", "--cohort", str(tmp_path / "cohort.csv"), "--out", str(out),
+                 "--grid", "prediction", "--progress", "none"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["test"]["ssim"]["n"] == 2 and summary["validation"]["ssim"]["n"] == 1
+    assert summary["test"]["ssim"]["mean"] == pytest.approx(1.0, abs=1e-6)
+    assert (out / "boxplots.png").stat().st_size > 1000 and (out / "cases.csv").exists()
+    assert main(["ctpm", "evaluate", "--pred", "x.nii.gz", "--progress", "none"]) == 2
+    assert "--spect, --lung-mask required" in capsys.readouterr().err

@@ -108,12 +108,15 @@ def register(subparsers) -> None:
                     "(Gaussian sigma 1.5 voxels, K1 0.01, K2 0.03, population covariance, data range 1, both "
                     "maps clipped to [0, 1], 0 outside the lung, on the lung's bounding box); Dice of high "
                     "(>= 0.66) and low (< 0.66) function inside the lung. Compared on the SPECT's grid.")
-    evaluate.add_argument("--pred", required=True, help="predicted perfusion (perfusion.nii.gz)")
-    evaluate.add_argument("--spect", required=True, help="SPECT registered to the CT (any grid)")
-    evaluate.add_argument("--lung-mask", required=True, help="lung mask on the prediction's grid")
+    evaluate.add_argument("--pred", help="predicted perfusion (perfusion.nii.gz)")
+    evaluate.add_argument("--spect", help="SPECT registered to the CT (any grid)")
+    evaluate.add_argument("--lung-mask", help="lung mask on the prediction's grid")
+    evaluate.add_argument("--cohort", default=None,
+                          help="instead of one case: CSV with columns pred, spect, lung_mask[, group]; writes "
+                               "cases.csv, summary.json and boxplots.png (as the paper's Fig. 4 and 6) to --out")
     evaluate.add_argument("--grid", choices=("spect", "prediction"), default="spect",
                           help="grid to compare on: the SPECT's (default, as the paper) or the prediction's")
-    evaluate.add_argument("--out", default=None, help="also write the JSON to this file")
+    evaluate.add_argument("--out", default=None, help="also write the JSON to this file (a folder with --cohort)")
     add_common_options(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
 
@@ -167,9 +170,20 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from ..errors import input_error
     from ..io import write_json
-    from .evaluation import evaluate_files
+    from .evaluation import evaluate_cohort, evaluate_files
 
+    if args.cohort:
+        if not args.out:
+            raise input_error("--out", "--cohort needs an output folder (--out DIR)")
+        summary = evaluate_cohort(args.cohort, args.out, grid=args.grid)
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        return 0
+    missing = [name for name, value in (("--pred", args.pred), ("--spect", args.spect),
+                                        ("--lung-mask", args.lung_mask)) if not value]
+    if missing:
+        raise input_error(missing[0], f"{', '.join(missing)} required (or --cohort CSV --out DIR)")
     result = evaluate_files(args.pred, args.spect, args.lung_mask, grid=args.grid)
     text = json.dumps(result, indent=2)
     if args.out:
