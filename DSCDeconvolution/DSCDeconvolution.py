@@ -364,21 +364,15 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
 
     # -- dependencies -------------------------------------------------------------------
 
-    def _requirements(self, method):
-        resources = os.path.join(os.path.dirname(__file__), "Resources")
-        requirements = slicer_support.read_requirements(os.path.join(resources, "requirements.txt"))
-        if slicer_support.is_learned(method):
-            requirements += slicer_support.read_requirements(os.path.join(resources, "requirements-learned.txt"))
-        return requirements
-
     def ensureDependencies(self, method) -> bool:
         """Install missing Python packages after one confirmation; torch only via the PyTorch extension.
 
         Returns False when the user declined.
         """
-        if slicer_support.is_learned(method) and not self._ensureTorch():
+        learned = slicer_support.is_learned(method)
+        if learned and not self._ensureTorch("The learned methods (PHAE, tmax-net)"):
             return False
-        missing = slicer_support.missing_requirements(self._requirements(method))
+        missing = slicer_support.missing_module_requirements(__file__, ["learned"] if learned else [])
         if not missing:
             return True
         try:
@@ -395,15 +389,16 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
             slicer.util.pip_install(missing)
         return not slicer_support.missing_requirements(missing)
 
-    def _ensureTorch(self) -> bool:
+    def _ensureTorch(self, neededBy) -> bool:
+        """Install torch through the PyTorch extension (needs the running application); False when declined."""
         try:
             import PyTorchUtils
         except ModuleNotFoundError:
-            raise PerfusionAIError(_("The learned methods (PHAE, tmax-net) need the PyTorch extension. "
-                                     "Install 'PyTorch' from the Extensions Manager and restart Slicer."))
+            raise PerfusionAIError(slicer_support.pytorch_extension_missing_message(neededBy))
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if not torchLogic.torchInstalled():
-            torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.1")
+            torch = torchLogic.installTorch(askConfirmation=True,
+                                            torchVersionRequirement=slicer_support.TORCH_VERSION_REQUIREMENT)
             if torch is None:
                 return False
         return True
@@ -412,7 +407,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
 
     def processWithParameterNode(self, p, waitForCompletion=True, progressCallback=None, completedCallback=None):
         """Run :meth:`process` with the settings stored in a parameter node."""
-        model = str(p.modelPath) if p.modelPath and str(p.modelPath) not in ("", ".") else None
+        model = slicer_support.path_or_none(p.modelPath)
         return self.process(
             p.inputSeries,
             te=p.echoTime or None,

@@ -166,11 +166,6 @@ class DiffusionRelaxationParameterNode:
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
 
 
-def _pathOrNone(path) -> Optional[str]:
-    """A parameter-node path, or None when the field is empty."""
-    return str(path) if path and str(path) not in ("", ".") else None
-
-
 #
 # DiffusionRelaxationWidget
 #
@@ -274,7 +269,7 @@ class DiffusionRelaxationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                     self.ui.roiSegmentSelector.setCurrentSegmentID(p.roiSegmentId)
         finally:
             self._syncingSegments = False
-        ready = p.inputSeries is not None and (not predicting or _pathOrNone(p.modelPath) is not None)
+        ready = p.inputSeries is not None and (not predicting or slicer_support.path_or_none(p.modelPath) is not None)
         self.ui.applyButton.enabled = ready and not self._running
         self.ui.cancelButton.enabled = self._running
         self.ui.applyButton.toolTip = (_("Fit or predict the maps") if ready else
@@ -293,7 +288,7 @@ class DiffusionRelaxationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         # Unexpected errors: message with details; user mistakes (PerfusionAIError): the message only.
         with slicer.util.tryWithErrorDisplay(_("Computing the diffusion-relaxation maps failed."), waitCursor=False):
             try:
-                if not self.logic.ensureDependencies(_pathOrNone(p.modelPath) if p.mode == "Predict" else None):
+                if not self.logic.ensureDependencies(slicer_support.path_or_none(p.modelPath) if p.mode == "Predict" else None):
                     return
                 self._running = True
                 self._cancelRequested = False
@@ -356,11 +351,9 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
         if modelPath:
             from perfusionai.dr.learners import model_summary
 
-            if model_summary(modelPath)["needs_torch"] and not self._ensureTorch():
+            if model_summary(modelPath)["needs_torch"] and not self._ensureTorch("Network models"):
                 return False
-        requirements = slicer_support.read_requirements(
-            os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt"))
-        missing = slicer_support.missing_requirements(requirements)
+        missing = slicer_support.missing_module_requirements(__file__)
         if not missing:
             return True
         try:
@@ -377,15 +370,16 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
             slicer.util.pip_install(missing)
         return not slicer_support.missing_requirements(missing)
 
-    def _ensureTorch(self) -> bool:
+    def _ensureTorch(self, neededBy) -> bool:
+        """Install torch through the PyTorch extension (needs the running application); False when declined."""
         try:
             import PyTorchUtils
         except ModuleNotFoundError:
-            raise PerfusionAIError(_("Network models need the PyTorch extension. Install 'PyTorch' from the "
-                                     "Extensions Manager and restart Slicer."))
+            raise PerfusionAIError(slicer_support.pytorch_extension_missing_message(neededBy))
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if not torchLogic.torchInstalled():
-            torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.1")
+            torch = torchLogic.installTorch(askConfirmation=True,
+                                            torchVersionRequirement=slicer_support.TORCH_VERSION_REQUIREMENT)
             if torch is None:
                 return False
         return True
@@ -398,13 +392,13 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
             p.inputSeries,
             mode=p.mode,
             model=p.model,
-            bvalsPath=_pathOrNone(p.bvalsPath),
-            tesPath=_pathOrNone(p.tesPath),
+            bvalsPath=slicer_support.path_or_none(p.bvalsPath),
+            tesPath=slicer_support.path_or_none(p.tesPath),
             maskNode=p.mask,
             maskSegmentId=p.maskSegmentId or None,
             roiNode=p.roi,
             roiSegmentId=p.roiSegmentId or None,
-            modelPath=_pathOrNone(p.modelPath),
+            modelPath=slicer_support.path_or_none(p.modelPath),
             noiseSigma=p.noiseSigma or None,
             overlayOpacity=p.overlayOpacity,
             progressCallback=progressCallback,

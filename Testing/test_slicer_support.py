@@ -171,3 +171,35 @@ def test_background_environment_puts_the_package_first(tmp_path):
 def test_python_launcher_prefers_pythonslicer():
     assert support.python_launcher(lambda name: "/opt/Slicer/bin/PythonSlicer") == "/opt/Slicer/bin/PythonSlicer"
     assert support.python_launcher(lambda name: None) == sys.executable
+
+
+def test_missing_module_requirements_reads_the_module_resources_and_extras(tmp_path):
+    module_file = tmp_path / "SomeModule" / "SomeModule.py"
+    resources = module_file.parent / "Resources"
+    resources.mkdir(parents=True)
+    module_file.write_text("")
+    (resources / "requirements.txt").write_text("numpy\nsurely-not-installed-base-2718\n")
+    (resources / "requirements-learned.txt").write_text("scipy>=1.0\nsurely-not-installed-learned-2718>=2\n")
+    assert support.missing_module_requirements(module_file) == ["surely-not-installed-base-2718"]
+    assert support.missing_module_requirements(str(module_file), ["learned"]) == [
+        "surely-not-installed-base-2718", "surely-not-installed-learned-2718>=2"]
+    with pytest.raises(FileNotFoundError):
+        support.missing_module_requirements(module_file, ["absent"])
+
+
+def test_pytorch_message_and_requirement():
+    message = support.pytorch_extension_missing_message("The learned methods (PHAE, tmax-net)")
+    assert message == ("The learned methods (PHAE, tmax-net) need the PyTorch extension. Install 'PyTorch' from "
+                       "the Extensions Manager and restart Slicer.")
+    # The contract pins torch 2.13; the modules must not ask for a version that excludes it.
+    from packaging.specifiers import SpecifierSet
+
+    assert "2.13.0" in SpecifierSet(support.TORCH_VERSION_REQUIREMENT)
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, None), ("", None), (Path(""), None), (Path("."), None),
+    (Path("/data/model"), "/data/model"), ("relative/bvals", "relative/bvals"),
+])
+def test_path_or_none_treats_an_empty_path_field_as_none(value, expected):
+    assert support.path_or_none(value) == expected

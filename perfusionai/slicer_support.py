@@ -325,6 +325,35 @@ def missing_requirements(requirements: Sequence[str]) -> list[str]:
     return missing
 
 
+def missing_module_requirements(module_file: str | os.PathLike, extras: Sequence[str] = ()) -> list[str]:
+    """The requirements of a Slicer module that are not installed.
+
+    Reads ``Resources/requirements.txt`` next to ``module_file`` (the module's
+    ``__file__``) and ``Resources/requirements-<extra>.txt`` for each of ``extras``
+    (e.g. ``"learned"``), in that order, and returns the lines whose package is missing.
+    """
+    resources = Path(module_file).resolve().parent / "Resources"
+    requirements = read_requirements(resources / "requirements.txt")
+    for extra in extras:
+        requirements += read_requirements(resources / f"requirements-{extra}.txt")
+    return missing_requirements(requirements)
+
+
+#: What the modules ask the PyTorch extension to install when torch is missing.
+TORCH_VERSION_REQUIREMENT = ">=2.1"
+
+
+def pytorch_extension_missing_message(needed_by: str) -> str:
+    """The message shown when ``needed_by`` (e.g. "Network models") needs torch but the PyTorch extension is absent."""
+    return (f"{needed_by} need the PyTorch extension. Install 'PyTorch' from the Extensions Manager "
+            f"and restart Slicer.")
+
+
+def path_or_none(path) -> Optional[str]:
+    """A parameter-node path as text, or None when the field is empty (an empty ``pathlib.Path`` reads ".")."""
+    return str(path) if path and str(path) not in ("", ".") else None
+
+
 def package_root() -> str:
     """The folder that contains the ``perfusionai`` package (what a subprocess needs on PYTHONPATH)."""
     return str(Path(__file__).resolve().parent.parent)
