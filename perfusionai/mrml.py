@@ -243,6 +243,14 @@ def bvalues_of_node(node) -> Optional[np.ndarray]:
     return np.array([node.GetBValue(index) for index in range(node.GetNumberOfGradients())], dtype=float)
 
 
+def _frames_of_vector_volume(node, too_few: str) -> tuple[np.ndarray, Geometry]:
+    """float32 ``[k, j, i, frames]`` copy and geometry of a multi-component volume node (2+ frames)."""
+    data = np.array(_slicer().util.arrayFromVolume(node), dtype=np.float32, copy=True)
+    if data.ndim != 4 or data.shape[-1] < 2:
+        raise input_error(node.GetName(), f"{too_few} (array shape {data.shape})")
+    return data, geometry_of_node(node)
+
+
 def series_from_node(node, tr: Optional[float] = None) -> Series:
     """Read a 4D series from a sequence node of volumes, a MultiVolume node or a DWI volume node.
 
@@ -266,7 +274,6 @@ def series_from_node(node, tr: Optional[float] = None) -> Series:
         when the node has no numeric timing and no ``tr`` is given); ``te`` in s when
         a MultiVolume node carries ``MultiVolume.DICOM.EchoTime`` (ms).
     """
-    slicer = _slicer()
     if node is None:
         raise input_error(None, "no 4D series selected")
     sequence = sequence_of_proxy(node)
@@ -294,10 +301,7 @@ def series_from_node(node, tr: Optional[float] = None) -> Series:
         values = [node.GetNthIndexValue(i) for i in range(count)]
         times = _relative_times(values, node.GetIndexUnit(), name)
     elif is_multivolume_node(node):
-        data = np.array(slicer.util.arrayFromVolume(node), dtype=np.float32, copy=True)
-        if data.ndim != 4 or data.shape[-1] < 2:
-            raise input_error(name, f"MultiVolume node has no frames (array shape {data.shape})")
-        geometry = geometry_of_node(node)
+        data, geometry = _frames_of_vector_volume(node, "MultiVolume node has no frames")
         labels = node.GetAttribute("MultiVolume.FrameLabels")
         unit = node.GetAttribute("MultiVolume.FrameIdentifyingDICOMTagUnits")
         times = None
@@ -314,13 +318,10 @@ def series_from_node(node, tr: Optional[float] = None) -> Series:
             except ValueError:
                 te = None
     elif is_diffusion_weighted_node(node):
-        data = np.array(slicer.util.arrayFromVolume(node), dtype=np.float32, copy=True)
-        if data.ndim != 4 or data.shape[-1] < 2:
-            raise input_error(name, f"diffusion-weighted volume has fewer than 2 volumes (array shape {data.shape})")
+        data, geometry = _frames_of_vector_volume(node, "diffusion-weighted volume has fewer than 2 volumes")
         if node.GetNumberOfGradients() != data.shape[-1]:
             raise input_error(name, f"diffusion-weighted volume has {node.GetNumberOfGradients()} b-values for "
                                     f"{data.shape[-1]} volumes")
-        geometry = geometry_of_node(node)
         times = None
     else:
         raise input_error(name, f"is a {node.GetClassName()}; a sequence of volumes or a MultiVolume "
