@@ -74,8 +74,9 @@ Diffusion-relaxation maps from a diffusion series (one volume per b-value and ec
 clinical mono-exponential metrics (S0, ADC, ADC_fast, ADC_slow, F), the T2-IVIM-Kurtosis model
 (S0, f, Dv [um2/ms], T2v [ms], Dt [um2/ms], K, T2t [ms]; needs two or more echo times) or classic
 IVIM (S0, f, D*, D), or the advanced maps predicted from a clinical series by a trained model
-(Macarro et al., JMRI 2025). b-values (s/mm2) and echo times (ms) come from files or from the
-series' attributes. Maps are shown as colour overlays; the table lists statistics in the ROI.
+(Macarro et al., JMRI 2025). The series is a sequence of volumes or a DWI volume (e.g. a loaded DWI
+NRRD file). b-values (s/mm2) and echo times (ms) come from files, else from the DWI volume's own
+b-values or the series' attributes. Maps are shown as colour overlays; the table lists statistics in the ROI.
 """)
         self.parent.acknowledgementText = _("""
 Built on the PerfusionAI library. Model and clinical metrics after Macarro et al., J Magn Reson Imaging 2025;
@@ -507,6 +508,8 @@ class DiffusionRelaxationTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_DiffusionRelaxation_FitClinicalWithFiles()
         self.setUp()
+        self.test_DiffusionRelaxation_FitDWIVolume()
+        self.setUp()
         self.test_DiffusionRelaxation_Predict()
 
     def _assertRecovers(self, node, truth, region, tolerance):
@@ -549,6 +552,24 @@ class DiffusionRelaxationTest(ScriptedLoadableModuleTest):
             logic.process(scene["series"], mode="Fit", model="t2ivimkurtosis", bvalsPath=bvalsPath,
                           tesPath=bvalsPath)  # b-values given as echo times: 0 ms is refused
         self.delayDisplay("Clinical maps from b-value files")
+
+    def test_DiffusionRelaxation_FitDWIVolume(self):
+        """A DWI volume node (what Slicer makes of a DWI NRRD file): b-values from the node, TEs from an attribute."""
+        from perfusionai.phantoms.dr import make_dr_phantom
+
+        phantom = make_dr_phantom(shape=(2, 16, 16), snr=None, seed=3)
+        dwi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLDiffusionWeightedVolumeNode", "DRPhantom DWI")
+        slicer.util.updateVolumeFromArray(dwi, phantom.dwi.astype("float32"))
+        mrml.set_node_geometry(dwi, phantom.geometry)
+        dwi.SetNumberOfGradients(phantom.protocol.n)
+        for index, bValue in enumerate(phantom.protocol.bvals):
+            dwi.SetBValue(index, float(bValue))
+        dwi.SetAttribute("PerfusionAI.tes", " ".join(f"{t:g}" for t in phantom.protocol.tes))
+        body = mrml.volume_node_from_array(phantom.body, phantom.geometry, "DRPhantom body", label=True)
+        nodes = DiffusionRelaxationLogic().process(dwi, mode="Fit", model="t2ivimkurtosis", maskNode=body)
+        for name in drmodels.ADVANCED_MAPS:
+            self._assertRecovers(nodes["maps"][name], phantom.truth[name], phantom.body, 1e-3)
+        self.delayDisplay("T2-IVIM-Kurtosis maps from a DWI volume match the phantom truth")
 
     def test_DiffusionRelaxation_Predict(self):
         from perfusionai.dr import learners
