@@ -26,6 +26,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 from slicer import (
+    vtkMRMLDiffusionWeightedVolumeNode,
     vtkMRMLLabelMapVolumeNode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
@@ -153,7 +154,9 @@ class DiffusionRelaxationParameterNode:
     overlayOpacity - opacity of the map shown over the first volume.
     """
 
-    inputSeries: Union[vtkMRMLSequenceNode, vtkMRMLScalarVolumeNode]
+    # The binding sets the combo box's node types from this annotation; a DWI volume is a scalar
+    # volume subclass and would be listed anyway, naming it keeps the .ui and the types in step.
+    inputSeries: Union[vtkMRMLSequenceNode, vtkMRMLScalarVolumeNode, vtkMRMLDiffusionWeightedVolumeNode]
     bvalsPath: pathlib.Path
     tesPath: pathlib.Path
     mask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
