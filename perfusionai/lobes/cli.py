@@ -101,8 +101,9 @@ def run_export(args: argparse.Namespace) -> int:
     from .nnunet import export_nnunet_dataset
 
     cases = _cohort_cases(args.cohort, args.image_column, args.label_column)
+    phantom = (Path(args.cohort).parent / "phantom_cohort.json").is_file()
     folder = export_nnunet_dataset(cases, args.out, args.dataset_id, args.name, args.lobe_convention,
-                                   progress=make_progress(args, "export"))
+                                   phantom=phantom, progress=make_progress(args, "export"))
     print(folder)
     return 0
 

@@ -113,7 +113,7 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
 
 def export_nnunet_dataset(cases: Sequence[dict], out_dir: str | Path, dataset_id: int = 501, name: str = "Lobes",
                           label_convention: str = "project", channel_name: str = "VIBE",
-                          orientation: str = DEFAULT_ORIENTATION,
+                          orientation: str = DEFAULT_ORIENTATION, phantom: bool = False,
                           progress: Optional[ProgressCallback] = None) -> Path:
     """Write an nnU-Net raw dataset ``out_dir/DatasetXXX_Name``.
 
@@ -172,6 +172,8 @@ def export_nnunet_dataset(cases: Sequence[dict], out_dir: str | Path, dataset_id
                    "numTraining": len(train), "file_ending": ".nii.gz",
                    "name": name, "description": "lung lobes on inspiratory VIBE MRI (PerfusionAI export)"}
         (stage / "dataset.json").write_text(json.dumps(dataset, indent=2))
+        if phantom:
+            (stage / "phantom_cohort.json").write_text('{"phantom": true}\n')
         (stage / SPLIT_FILE).write_text(json.dumps({**split, "orientation": orientation,
                                                     "label_convention_of_source": label_convention}, indent=2))
     return out / folder_name

@@ -274,6 +274,9 @@ def write_cohort(phantoms: Sequence[PRMMRIPhantom], out_dir: str | Path,
         row.update(lung_mask=f"{ph.subject}/lung_mask.nii.gz", lobes=f"{ph.subject}/lobes.nii.gz",
                    prm=f"{ph.subject}/prm.nii.gz")
         rows.append(row)
+    # marks the folder as a phantom cohort: models trained on it are labelled "trained on phantoms"
+    (out / "phantom_cohort.json").write_text('{"phantom": "perfusionai.phantoms.prm_mri", "subjects": %d}\n'
+                                             % len(rows))
     csv_path = out / "cohort.csv"
     with csv_path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(COHORT_COLUMNS))
