@@ -93,6 +93,9 @@ def register(subparsers) -> None:
     _add_evaluate(verbs)
     for _name, registrar in VERB_REGISTRARS:
         registrar(verbs)
+    from importlib.util import find_spec  # MRI verbs (train, predict, ablation): perfusionai/prm/cli_mri.py
+    if find_spec("perfusionai.prm.cli_mri") is not None:
+        from .cli_mri import register_verbs as register_mri_verbs; register_mri_verbs(verbs)  # noqa: E702
 
 
 def run_ct(args: argparse.Namespace) -> int:
