@@ -89,7 +89,7 @@ def phantom_geometry(spacing_mm: Sequence[float] = (3.0, 3.0, 3.0),
     """A grid centred on the body: ``fov_mm`` (x, y, z) covered by voxels of ``spacing_mm`` (i, j, k).
 
     ``rotation_deg`` tilts the grid (an oblique acquisition); ``flip_k`` stores
-    the slices feet-first instead of head-first... (the k axis then points to -z).
+    the slices feet-first (the k axis then points to -z).
     """
     spacing = np.asarray(spacing_mm, dtype=float)
     shape_ijk = np.maximum(np.round(np.asarray(fov_mm, dtype=float) / spacing).astype(int), 8)
