@@ -758,8 +758,8 @@ def test_cmake_checker_reports_unlisted_and_missing_files():
 
 def test_top_level_checker_reports_missing_module():
     text = (ROOT / "CMakeLists.txt").read_text()
-    problems = check_top_level_cmake(text, ["DSCDeconvolution", "PRMPredictor"], api())
-    assert problems == ["CMakeLists.txt: add_subdirectory(PRMPredictor) is missing"]
+    problems = check_top_level_cmake(text, ["DSCDeconvolution", "NoSuchModule"], api())
+    assert problems == ["CMakeLists.txt: add_subdirectory(NoSuchModule) is missing"]
     no_torch = text.replace('set(EXTENSION_DEPENDS "PyTorch")', 'set(EXTENSION_DEPENDS "NA")')
     assert any("EXTENSION_DEPENDS must name PyTorch" in p
                for p in check_top_level_cmake(no_torch, ["DSCDeconvolution"], api()))
