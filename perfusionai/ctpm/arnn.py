@@ -33,6 +33,8 @@ Decisions on what the paper leaves open (deviations are named as such):
   the threshold has no gradient, so gradients flow through ``f`` only.
 * **Last layer**: the paper's "sigmoid sums the results of the previous
   layers" is a 1^3 convolution 4 -> 1 (a learned weighted sum) and a sigmoid.
+* Parameter counts: 7,657,557 at channels 16-32-64-128 (the default), 1,917,813 at 8-16-32-64
+  (the reduced CPU configuration of the tests and the demo); the model card records the count.
 * Dropout is element-wise (``nn.Dropout3d`` would drop whole channels; the
   paper gives a rate only). Dropout layers use the shared
   :class:`perfusionai.nn.blocks.ConvNormAct` (conv -> BN -> PReLU -> dropout).

@@ -5,8 +5,10 @@ relative to the CSV's folder or absolute). Each patient gives two samples
 (right and left lung, as in the paper). Per sample, on the lung's network grid:
 
 * input  = enhanced CT (:func:`~.preprocessing.enhance_ct`),
-* target = SPECT / P75 (P75 over both lungs on the SPECT grid), resampled onto
-  the grid in physical coordinates and discretised into 11 levels,
+* target = SPECT / P75 (P75 over both lungs on the SPECT grid), resampled with
+  SimpleITK in physical coordinates directly onto the lung's network grid (which
+  lies in the CT's frame: one interpolation instead of SPECT -> CT -> crop) and
+  discretised into 11 levels,
 * weight = the lung mask (the BCE of Eq. 3 is averaged over lung voxels).
 
 Validation: a patient-level random split (``val_fraction``) drives early
