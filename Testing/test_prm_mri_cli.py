@@ -1,0 +1,94 @@
+"""``perfusionai prm train | predict`` on a small MRI phantom cohort, and their user-error paths."""
+
+import json
+
+import numpy as np
+import pytest
+
+from perfusionai.cli import main
+from perfusionai.io import Geometry, read_volume, write_volume
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from perfusionai.phantoms.prm_mri import make_prm_mri_cohort, write_cohort
+
+    root = tmp_path_factory.mktemp("prm_mri_cohort")
+    phantoms = make_prm_mri_cohort(5, seed=21)
+    csv_path = write_cohort(phantoms, root, ["train", "train", "train", "val", "test"],
+                            drop={"mri001": ("pbf",)})
+    return root, csv_path, phantoms
+
+
+@pytest.fixture(scope="module")
+def trained_model(cohort, tmp_path_factory):
+    _, csv_path, _ = cohort
+    out = tmp_path_factory.mktemp("prm_mri_model") / "model"
+    rc = main(["prm", "train", "--cohort", str(csv_path), "--out", str(out), "--epochs", "1", "--batch-size", "2",
+               "--shape", "12", "20", "28", "--kernel-size", "3", "--learning-rate", "1e-3", "--progress", "none"])
+    assert rc == 0
+    return out
+
+
+def test_train_writes_a_verified_model_card(trained_model):
+    card = json.loads((trained_model / "model.json").read_text())
+    assert card["architecture"]["name"] == "prm.mri_multiseq"
+    assert card["trained_on_phantoms"] is True                     # phantom cohort marker found
+    assert card["inputs"]["trained_with"] == ["vibe", "post_vibe", "irmax", "pbf"]
+    assert card["inputs"]["shape"] == [12, 20, 28]
+    assert card["training"]["train_subjects"] == ["mri000", "mri001", "mri002"]
+    assert card["training"]["val_subjects"] == ["mri003"]
+    assert (trained_model / "weights.safetensors").is_file()
+
+
+def test_predict_with_a_subset_of_sequences_keeps_the_grid(cohort, trained_model, tmp_path, capsys):
+    root, _, phantoms = cohort
+    sub = root / "mri004"
+    out = tmp_path / "pred"
+    rc = main(["prm", "predict", "--vibe", str(sub / "vibe.nii.gz"), "--irmax", str(sub / "irmax.nii.gz"),
+               "--lung-mask", str(sub / "lung_mask.nii.gz"), "--lobes", str(sub / "lobes.nii.gz"),
+               "--reference", str(sub / "prm.nii.gz"), "--model", str(trained_model), "--out", str(out),
+               "--device", "cpu", "--progress", "none"])
+    assert rc == 0
+    assert "trained on phantoms" in capsys.readouterr().out
+    pred = read_volume(out / "prm.nii.gz")
+    assert pred.geometry.same_grid(phantoms[4].geometry)
+    lung = phantoms[4].lung_labels > 0
+    assert set(np.unique(pred.array[lung])) <= {1, 2, 3} and np.all(pred.array[~lung] == 0)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sequences_used"] == ["vibe", "irmax"]
+    assert 0.0 <= summary["comparison_with_reference"]["dice_abnormal"] <= 1.0
+    stats = json.loads((out / "prm_stats.json").read_text())
+    total = sum(stats["whole_lung"][k] for k in ("normal", "fsad", "emph"))
+    assert total == pytest.approx(100.0, abs=1e-6)
+    assert set(stats["lobes"]) == {"1", "2", "3", "4", "5", "6"}
+
+
+def test_predict_user_errors_are_one_clear_message(cohort, trained_model, tmp_path, capsys):
+    root, _, _ = cohort
+    sub = root / "mri004"
+    out = tmp_path / "never"
+    rc = main(["prm", "predict", "--lung-mask", str(sub / "lung_mask.nii.gz"), "--model", str(trained_model),
+               "--out", str(out), "--progress", "none"])
+    assert rc == 2
+    assert "no MRI sequence given" in capsys.readouterr().err
+    other = tmp_path / "other_grid.nii.gz"
+    write_volume(np.zeros((5, 6, 7), np.float32), Geometry((5, 6, 7)), other)
+    rc = main(["prm", "predict", "--vibe", str(other), "--lung-mask", str(sub / "lung_mask.nii.gz"),
+               "--model", str(trained_model), "--out", str(out), "--progress", "none"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "other_grid.nii.gz" in err and "not on the grid" in err
+    rc = main(["prm", "predict", "--vibe", str(sub / "vibe.nii.gz"), "--lung-mask", str(sub / "lung_mask.nii.gz"),
+               "--model", str(tmp_path / "no_model"), "--out", str(out), "--progress", "none"])
+    assert rc == 2 and "model not found" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_train_refuses_a_cohort_without_reference(tmp_path, capsys):
+    bad = tmp_path / "cohort.csv"
+    bad.write_text("subject,split,vibe,lung_mask\nx,train,a.nii.gz,b.nii.gz\n")
+    rc = main(["prm", "train", "--cohort", str(bad), "--out", str(tmp_path / "m"), "--progress", "none"])
+    assert rc == 2
+    assert "missing column(s) prm" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
