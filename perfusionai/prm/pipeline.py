@@ -141,21 +141,35 @@ def check_overlap(a: Volume, b: Volume, min_fraction: float = 0.1) -> float:
     return fraction
 
 
-def lung_sides(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Right (1) / left (2) labels of a user lung mask.
-
-    A mask already labelled 1/2 is kept; a binary (or other) mask is split into its two
-    largest components, or at the lung's mid-plane in LPS x when the lungs touch.
-    """
-    arr = np.asarray(mask)
-    values = set(np.unique(arr[arr != 0]).tolist())
-    if values <= {1, 2} and len(values) == 2:
-        return arr.astype(np.uint8)
-    lung = arr != 0
+def _lps_x(geometry: Geometry) -> np.ndarray:
     m = geometry.ijk_to_lps()
     k, j, i = (np.arange(n, dtype=np.float32) for n in geometry.shape)
     x = (m[0, 0] * i[None, None, :] + m[0, 1] * j[None, :, None] + m[0, 2] * k[:, None, None] + m[0, 3])
-    x = np.broadcast_to(x, lung.shape)
+    return np.broadcast_to(x, tuple(geometry.shape))
+
+
+def body_midline_x(ct_hu: np.ndarray, geometry: Geometry) -> float:
+    """LPS x (mm) of the body's centre: mean x of the voxels denser than -500 HU."""
+    body = np.asarray(ct_hu) > -500
+    x = _lps_x(geometry)
+    return float(x[body].mean()) if body.any() else float(x.mean())
+
+
+def lung_sides(mask: np.ndarray, geometry: Geometry, midline_x: Optional[float] = None) -> np.ndarray:
+    """Right (1) / left (2) labels of a user lung mask.
+
+    A mask with both labels 1 and 2 is kept. Any other mask (binary, one lung only) is split at
+    ``midline_x`` (LPS mm, the body's centre; right = smaller x) when given, else between its two
+    largest components, or at the lung's median x when the lungs touch.
+    """
+    arr = np.asarray(mask)
+    values = set(np.unique(arr[arr != 0]).tolist())
+    if values == {1, 2}:
+        return arr.astype(np.uint8)
+    lung = arr != 0
+    x = _lps_x(geometry)
+    if midline_x is not None:
+        return np.where(lung, np.where(x < midline_x, 1, 2), 0).astype(np.uint8)
     labels, n = ndimage.label(lung)
     out = np.zeros(lung.shape, dtype=np.uint8)
     if n >= 2:
@@ -238,7 +252,7 @@ def compute_prm(
     if lung_mask is not None:
         if not np.any(lung_mask):
             raise input_error("--lung-mask", "the lung mask is empty (no nonzero voxel)")
-        lung_labels = lung_sides(lung_mask, ref_geo)
+        lung_labels = lung_sides(lung_mask, ref_geo, body_midline_x(fixed.array, ref_geo))
         lung_source = "user lung mask"
     elif lobes is not None:
         if not np.any(lobes):
