@@ -491,16 +491,18 @@ def segment_lobes(image: str | Path | tuple, model: str | Path | LobeModel, fold
     The image is reoriented (axis permutation/flip, no resampling) to the orientation of the
     training images, predicted, and the labels are reoriented back, so any direction matrix works.
     """
-    _require_nnunet()
     import SimpleITK as sitk
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from ..nn import choose_device, set_threads
 
     report = as_progress(progress)
     owned = not isinstance(model, LobeModel)
+    # check the model (labels, folds) before the slow nnU-Net import
     lobe_model = open_lobe_model(model, folds) if owned else model
     try:
+        _require_nnunet()
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from ..nn import choose_device, set_threads
+
         if isinstance(image, tuple):
             array, geometry = image
             img = to_sitk(np.asarray(array, dtype=np.float32), geometry)

@@ -1,0 +1,196 @@
+"""Lobe segmentation with nnU-Net v2: Dice evaluation, orientation handling, refusal of wrong
+models (fast), and nnU-Net end to end on small MRI phantoms plus the external proton-MRI lobes
+(slow: nnU-Net's planning/preprocessing/training take minutes on 2 CPU cores)."""
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from perfusionai.cli import main
+from perfusionai.io import Geometry, from_sitk, read_volume, to_sitk, write_volume
+from perfusionai.lobes.evaluation import lobe_dice
+
+TUSTISON = Path(__file__).resolve().parents[1].parent / "shared" / "external" / "lung" / "mri_lobes_tustison"
+
+
+def _lobe_block(shape=(6, 10, 12)):
+    lobes = np.zeros(shape, np.uint8)
+    lobes[1:5, 2:8, 1:5] = 1
+    lobes[1:3, 2:8, 1:5] = 3
+    lobes[3, 2:8, 1:5] = 2
+    lobes[1:5, 2:8, 6:11] = 4
+    lobes[1:2, 2:8, 6:11] = 6
+    lobes[4, 2:8, 6:11] = 5
+    return lobes
+
+
+def test_lobe_dice_hand_cases_and_lingula_merge():
+    ref = _lobe_block()
+    d = lobe_dice(ref, ref)
+    assert d["whole_lung"] == 1.0 and all(v == 1.0 for v in d["lobes"].values())
+    pred = ref.copy()
+    pred[pred == 5] = 4                                            # a 5-lobe prediction
+    d = lobe_dice(pred, ref)
+    assert d["lobes"]["lingula"] == 0.0 and d["whole_lung"] == 1.0
+    n4, n5 = int((ref == 4).sum()), int((ref == 5).sum())
+    assert d["lobes"]["lul"] == pytest.approx(2 * n4 / (2 * n4 + n5))
+    merged = lobe_dice(pred, ref, merge_lingula=True)
+    assert merged["lobes"]["lul"] == 1.0 and "lingula" not in merged["lobes"]
+
+
+def test_evaluate_cli_handles_reference_orientation_and_convention(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    ref = _lobe_block()
+    geometry = Geometry(ref.shape, (1.5, 2.0, 3.0), (10.0, -5.0, 2.0))
+    write_volume(ref, geometry, tmp_path / "pred.nii.gz", np.uint8)
+    # the reference in the Tustison convention (1 LLL, 2 LUL incl. lingula, 3 RLL, 4 RML, 5 RUL),
+    # stored with permuted and flipped axes (same voxels in space)
+    tust = np.zeros_like(ref)
+    for ours, theirs in ((6, 1), (4, 2), (5, 2), (3, 3), (2, 4), (1, 5)):
+        tust[ref == ours] = theirs
+    turned = from_sitk(sitk.DICOMOrient(to_sitk(tust, geometry), "SAR"))
+    assert turned.array.shape != ref.shape
+    write_volume(turned.array, turned.geometry, tmp_path / "ref.nii.gz", np.uint8)
+    rc = main(["lobes", "evaluate", "--pred", str(tmp_path / "pred.nii.gz"), "--ref", str(tmp_path / "ref.nii.gz"),
+               "--ref-convention", "tustison", "--out", str(tmp_path / "dice.json")])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["merge_lingula"] is True
+    assert result["whole_lung"] == 1.0
+    assert result["lobes"] == {"rul": 1.0, "rml": 1.0, "rll": 1.0, "lul": 1.0, "lll": 1.0}
+    assert json.loads((tmp_path / "dice.json").read_text())["mean_lobe"] == 1.0
+    # a reference on another grid is refused clearly
+    write_volume(ref[:, :, :-1], geometry.with_shape(ref[:, :, :-1].shape), tmp_path / "other.nii.gz", np.uint8)
+    rc = main(["lobes", "evaluate", "--pred", str(tmp_path / "pred.nii.gz"), "--ref", str(tmp_path / "other.nii.gz")])
+    assert rc == 2
+    assert "not on the grid" in capsys.readouterr().err
+
+
+def _fake_model(root: Path, labels: dict, folds=(0,)) -> Path:
+    root.mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "VIBE"}, "labels": labels,
+                                                   "numTraining": 2, "file_ending": ".nii.gz"}))
+    (root / "plans.json").write_text("{}")
+    for f in folds:
+        (root / f"fold_{f}").mkdir()
+        (root / f"fold_{f}" / "checkpoint_final.pth").write_bytes(b"not used")
+    return root
+
+
+def test_wrong_label_set_and_missing_fold_are_refused(tmp_path, capsys):
+    from perfusionai.errors import PerfusionAIError
+    from perfusionai.lobes.nnunet import NNUNET_LABELS, open_lobe_model
+
+    image = tmp_path / "vibe.nii.gz"
+    write_volume(np.ones((4, 5, 6), np.float32), Geometry((4, 5, 6)), image)
+    wrong = _fake_model(tmp_path / "lungs_model", {"background": 0, "right lung": 1, "left lung": 2})
+    rc = main(["lobes", "segment", "--image", str(image), "--model", str(wrong), "--out", str(tmp_path / "o"),
+               "--progress", "none"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "wrong label set for a lobe model" in err and "right lung=1" in err
+    good = _fake_model(tmp_path / "lobe_model", dict(NNUNET_LABELS), folds=(0,))
+    rc = main(["lobes", "segment", "--image", str(image), "--model", str(good), "--folds", "0", "1",
+               "--out", str(tmp_path / "o"), "--progress", "none"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "fold 1 missing" in err and "available folds: 0" in err
+    assert not (tmp_path / "o").exists()
+    # the same checks on a zip
+    with zipfile.ZipFile(tmp_path / "m.zip", "w") as zf:
+        for p in good.rglob("*"):
+            if p.is_file():
+                zf.write(p, p.relative_to(good.parent).as_posix())
+    with pytest.raises(PerfusionAIError, match="fold 2 missing"):
+        open_lobe_model(tmp_path / "m.zip", folds=(2,))
+    opened = open_lobe_model(tmp_path / "m.zip", folds=(0,))
+    assert opened.folds == (0,)
+    opened.close()
+    with pytest.raises(PerfusionAIError, match="no folder with plans.json"):
+        open_lobe_model(tmp_path / "lungs_model" / "fold_0")
+
+
+# ---------------------------------------------------------------------------------------- nnU-Net end to end
+
+
+@pytest.fixture(scope="module")
+def nnunet_model(tmp_path_factory):
+    pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed")
+    from perfusionai.phantoms.prm_mri import make_prm_mri_cohort, write_cohort
+
+    root = tmp_path_factory.mktemp("lobes_nnunet")
+    phantoms = make_prm_mri_cohort(6, seed=7)
+    splits = ["train", "train", "train", "train", "val", "test"]
+    csv_path = write_cohort(phantoms, root / "cohort", splits)
+    assert main(["lobes", "export-nnunet", "--cohort", str(csv_path), "--out", str(root / "raw"),
+                 "--dataset-id", "501", "--name", "PhantomLobes", "--progress", "none"]) == 0
+    dataset = root / "raw" / "Dataset501_PhantomLobes"
+    assert main(["lobes", "train", "--dataset", str(dataset), "--out", str(root / "model"), "--device", "cpu",
+                 "--epochs", "3", "--iterations-per-epoch", "6", "--patch-size", "16", "28", "32",
+                 "--batch-size", "2", "--progress", "none"]) == 0
+    return root, phantoms, splits, dataset
+
+
+@pytest.mark.slow
+def test_nnunet_export_train_segment_evaluate(nnunet_model, tmp_path, capsys):
+    from perfusionai.lobes.nnunet import _write_zip
+
+    root, phantoms, splits, dataset = nnunet_model
+    ds = json.loads((dataset / "dataset.json").read_text())
+    assert ds["labels"]["lingula"] == 5 and ds["numTraining"] == 5
+    assert sorted(p.name for p in (dataset / "imagesTr").iterdir())[0] == "mri000_0000.nii.gz"
+    assert (dataset / "imagesTs" / "mri005_0000.nii.gz").is_file()
+    split = json.loads((dataset / "perfusionai_split.json").read_text())
+    assert split["val"] == ["mri004"] and split["test"] == ["mri005"]
+    model = root / "model"
+    meta = json.loads((model / "perfusionai_lobes.json").read_text())
+    assert meta["trained_on_phantoms"] is True
+    assert (model / "fold_0" / "checkpoint_final.pth").is_file()
+    test = root / "cohort" / "mri005"
+    out = tmp_path / "seg"
+    assert main(["lobes", "segment", "--image", str(test / "vibe.nii.gz"), "--model", str(model), "--out", str(out),
+                 "--device", "cpu", "--progress", "none"]) == 0
+    capsys.readouterr()
+    seg = read_volume(out / "lobes.nii.gz")
+    assert seg.geometry.same_grid(phantoms[5].geometry)
+    assert set(np.unique(seg.array)) <= set(range(7))
+    assert main(["lobes", "evaluate", "--pred", str(out / "lobes.nii.gz"), "--ref", str(test / "lobes.nii.gz")]) == 0
+    dice = json.loads(capsys.readouterr().out)
+    print("nnU-Net (3 epochs x 6 iterations, phantoms) whole-lung Dice %.3f, lobes %s"
+          % (dice["whole_lung"], {k: round(v, 3) for k, v in dice["lobes"].items()}))
+    assert 0.0 <= dice["whole_lung"] <= 1.0 and len(dice["lobes"]) == 6
+    # the zip form of the model predicts the same labels
+    _write_zip(model, tmp_path / "model.zip")
+    out_zip = tmp_path / "seg_zip"
+    assert main(["lobes", "segment", "--image", str(test / "vibe.nii.gz"), "--model", str(tmp_path / "model.zip"),
+                 "--out", str(out_zip), "--device", "cpu", "--progress", "none"]) == 0
+    assert np.array_equal(read_volume(out_zip / "lobes.nii.gz").array, seg.array)
+
+
+@pytest.mark.slow
+def test_external_proton_mri_lobes_through_evaluate(nnunet_model, tmp_path, capsys):
+    if not TUSTISON.is_dir():
+        pytest.skip(f"external proton-MRI lobe data not found at {TUSTISON} (no licence: read in place only)")
+    root, _, _, _ = nnunet_model
+    images = sorted((TUSTISON / "ProtonImages").glob("*H1.nii.gz"))
+    assert images
+    for image in images[:2]:
+        case = image.name[:4]
+        ref = TUSTISON / "ProtonLobeMasks" / f"{case}Lobes.nii.gz"
+        out = tmp_path / case
+        assert main(["lobes", "segment", "--image", str(image), "--model", str(root / "model"), "--out", str(out),
+                     "--device", "cpu", "--progress", "none"]) == 0
+        capsys.readouterr()
+        seg = read_volume(out / "lobes.nii.gz")
+        assert seg.geometry.same_grid(read_volume(image).geometry)   # non-identity direction kept
+        assert main(["lobes", "evaluate", "--pred", str(out / "lobes.nii.gz"), "--ref", str(ref),
+                     "--ref-convention", "tustison"]) == 0
+        dice = json.loads(capsys.readouterr().out)
+        assert dice["merge_lingula"] is True and "lingula" not in dice["lobes"]
+        # no threshold: the model is trained on phantoms; the Dice is reported
+        print(f"Tustison {case}: whole-lung Dice {dice['whole_lung']:.3f}, lobes "
+              f"{ {k: round(v, 3) for k, v in dice['lobes'].items()} } (phantom-trained model)")
