@@ -107,3 +107,25 @@ def test_train_refuses_a_bad_cohort(tmp_path, capsys):
     assert main(["ctpm", "train", "--cohort", str(bad), "--out", str(tmp_path / "m"), "--progress", "none"]) == 2
     assert "needs columns 'ct' and 'spect'" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_monai_attention_unet_as_second_architecture(tmp_path, capsys):
+    pytest.importorskip("monai", reason="the optional attention U-Net baseline needs the monai package")
+    cohort = write_ctpm_cohort(tmp_path / "cohort", 2, seed=6, geometry=phantom_geometry(spacing_mm=(7.0, 7.0, 7.0)),
+                               n_vessels=2)
+    model = tmp_path / "unet"
+    assert main(["ctpm", "train", "--cohort", str(cohort), "--out", str(model), "--architecture", "attention-unet",
+                 "--input-shape", "16,8,8", "--median-size", "2", "--uniform-size", "1", "--channels", "2,4,4,4",
+                 "--epochs", "1", "--val-fraction", "0.5", "--device", "cpu", "--progress", "none"]) == 0
+    capsys.readouterr()
+    card = json.loads((model / "model.json").read_text())
+    assert card["architecture"]["name"] == "ctpm.attention_unet"
+    out = tmp_path / "pred"
+    assert main(["ctpm", "predict", "--ct", str(cohort.parent / "case_00_ct.nii.gz"), "--lung-mask",
+                 str(cohort.parent / "case_00_lungs.nii.gz"), "--model", str(model), "--out", str(out),
+                 "--device", "cpu", "--progress", "none"]) == 0
+    from perfusionai.io import read_volume
+
+    pred = read_volume(out / "perfusion.nii.gz")
+    assert pred.geometry.same_grid(read_volume(cohort.parent / "case_00_ct.nii.gz").geometry)
+    assert 0 <= pred.array.min() and pred.array.max() <= 1

@@ -212,3 +212,54 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
 
 def parameter_count(model: nn.Module) -> int:
     return count_parameters(model)
+
+
+#: Registry name of the optional second architecture (MONAI's attention U-Net).
+ATTENTION_UNET = "ctpm.attention_unet"
+
+
+class AttentionUNet(nn.Module):
+    """MONAI's ``AttentionUnet`` (Oktay et al. 2018) as a DL-CTPM baseline, with a sigmoid output.
+
+    Not the paper's network: conv-BN-ReLU blocks (no residuals, no PReLU), attention
+    gates on every skip, no ROI attention. Same inputs/outputs as :class:`ARNN`
+    (``logits`` and a sigmoid ``forward``), 5^3 kernels, dropout 0.1, strides 2 x 3.
+    Needs the ``monai`` package (``pip install monai``; it uses the installed torch).
+    """
+
+    def __init__(self, channels: Sequence[int] = (16, 32, 64, 128), kernel_size: int = 5,
+                 dropout: float = 0.1, in_channels: int = 1) -> None:
+        super().__init__()
+        try:
+            from monai.networks.nets import AttentionUnet as MonaiAttentionUnet
+        except ImportError:
+            from ..errors import PerfusionAIError
+
+            raise PerfusionAIError("the attention U-Net architecture needs the 'monai' package "
+                                   "(pip install monai)") from None
+        channels = [int(c) for c in channels]
+        if len(channels) != 4 or max(channels) > 128:
+            raise ValueError("four channel counts, each <= 128, are needed")
+        self.hparams = dict(channels=channels, kernel_size=int(kernel_size), dropout=float(dropout),
+                            in_channels=int(in_channels))
+        self.net = MonaiAttentionUnet(spatial_dims=3, in_channels=in_channels, out_channels=1, channels=channels,
+                                      strides=(2, 2, 2), kernel_size=kernel_size, up_kernel_size=kernel_size,
+                                      dropout=dropout)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if any(n % 8 for n in x.shape[2:]):
+            raise ValueError(f"input size {tuple(x.shape[2:])} must be divisible by 8")
+        return self.net(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
+
+
+@register_architecture(ATTENTION_UNET)
+def build_attention_unet(**hparams) -> AttentionUNet:
+    """Builder used by the model registry (``architecture = "ctpm.attention_unet"``)."""
+    return AttentionUNet(**hparams)
+
+
+#: Architectures ``perfusionai ctpm train --architecture`` offers.
+ARCHITECTURES = {"arnn": ARCHITECTURE, "attention-unet": ATTENTION_UNET}

@@ -69,6 +69,9 @@ def register(subparsers) -> None:
     train.add_argument("--channels", type=_channels, default=(16, 32, 64, 128),
                        help="channels at the four scales (16,32,64,128)")
     train.add_argument("--kernel-size", type=_positive_int, default=5, help="convolution kernel (5)")
+    train.add_argument("--architecture", choices=("arnn", "attention-unet"), default="arnn",
+                       help="arnn: the paper's attention residual network (default); attention-unet: MONAI's "
+                            "attention U-Net as a baseline (needs the monai package)")
     train.add_argument("--epochs", type=_positive_int, default=500, help="maximum epochs (500, as the paper)")
     train.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (1e-3)")
     train.add_argument("--batch-size", type=_positive_int, default=2, help="lungs per batch (2)")
@@ -133,6 +136,7 @@ def register(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from .arnn import ARCHITECTURES
     from .preprocessing import PreprocessConfig
     from .training import train_from_cohort
 
@@ -146,7 +150,7 @@ def run_train(args: argparse.Namespace) -> int:
         args.cohort, args.out, config=config, trained_on_phantoms=True if args.trained_on_phantoms else None,
         channels=args.channels, kernel_size=args.kernel_size, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, val_fraction=args.val_fraction, folds=args.folds, patience=args.patience,
-        seed=args.seed, device=args.device,
+        seed=args.seed, device=args.device, architecture=ARCHITECTURES[args.architecture],
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
         progress=make_progress(args, "ctpm train"))
     training = result.card["training"]

@@ -24,7 +24,7 @@ from scipy import ndimage
 from ..errors import PerfusionAIError, input_error
 from ..io import Geometry, atomic_output_dir, read_labels, read_volume, write_json, write_volume
 from ..progress import as_progress
-from .arnn import ARCHITECTURE
+from .arnn import ARCHITECTURE, ATTENTION_UNET
 from .evaluation import HIGH_FUNCTION_THRESHOLD
 from .preprocessing import (LEFT_LUNG, RIGHT_LUNG, LungCrop, PreprocessConfig, preprocess_ct, resample_onto,
                             split_lungs, sub_geometry)
@@ -78,7 +78,7 @@ def load_ctpm_model(path: str | os.PathLike, expected_input_shape: Optional[tupl
     """
     from ..nn import load_model, model_label
 
-    network, card = load_model(path, expected_architecture=ARCHITECTURE, device=device)
+    network, card = load_model(path, expected_architecture=(ARCHITECTURE, ATTENTION_UNET), device=device)
     card_name = Path(path) / "model.json" if Path(path).is_dir() else Path(path)
     inputs = card.get("inputs", {})
     if "preprocessing" not in inputs:

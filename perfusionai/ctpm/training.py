@@ -170,14 +170,14 @@ def sample_metrics(model, samples: Sequence[LungSample]) -> list[dict]:
 
 def _fit_once(train: Sequence[LungSample], val: Optional[Sequence[LungSample]], hparams: dict,
               epochs: int, lr: float, batch_size: int, patience: Optional[int], seed: int,
-              device, progress, max_seconds: Optional[float]):
+              device, progress, max_seconds: Optional[float], architecture: str = ARCHITECTURE):
     import torch
 
     from ..nn import TensorBatchLoader, build_model, fit, seed_everything, set_threads
 
     set_threads()
     generator = seed_everything(seed)
-    model = build_model(ARCHITECTURE, **hparams)
+    model = build_model(architecture, **hparams)
     x, y, m = _tensors(train)
     loader = TensorBatchLoader(x, y, m, batch_size=batch_size, shuffle=True, generator=generator,
                                drop_last=len(train) > batch_size)
@@ -195,20 +195,29 @@ def train_ctpm(samples: Sequence[LungSample], *, config: PreprocessConfig = Prep
                channels: Sequence[int] = (16, 32, 64, 128), kernel_size: int = 5, epochs: int = 500,
                lr: float = 1e-3, batch_size: int = 2, val_fraction: float = 0.25, folds: int = 1,
                patience: Optional[int] = 30, seed: int = 0, device="auto", trained_on_phantoms: bool = False,
-               training_data: str = "", max_seconds: Optional[float] = None, progress=None) -> TrainingResult:
+               training_data: str = "", max_seconds: Optional[float] = None, architecture: str = ARCHITECTURE,
+               progress=None) -> TrainingResult:
     """Train an ARNN on lung samples (from :func:`prepare_patient`); returns model + card.
 
     ``folds`` > 1: k-fold cross-validation by patient, then a final fit on all
     patients for the mean best epoch count of the folds. Otherwise a random
     patient split with ``val_fraction`` of the patients for validation and
     early stopping (``patience`` epochs; the best epoch's weights are kept).
+    ``architecture``: ``"ctpm.arnn"`` (the paper's) or ``"ctpm.attention_unet"`` (MONAI baseline).
     """
     report = as_progress(progress)
     patients = sorted({s.patient for s in samples})
     if len(patients) < 2:
         raise PerfusionAIError("training needs at least 2 patients")
-    hparams = dict(channels=[int(c) for c in channels], kernel_size=int(kernel_size), dropout=0.1,
-                   prelu_init=0.2, roi_channels=4, attention_skips=2, in_channels=1)
+    from .arnn import ATTENTION_UNET
+
+    if architecture == ATTENTION_UNET:
+        hparams = dict(channels=[int(c) for c in channels], kernel_size=int(kernel_size), dropout=0.1, in_channels=1)
+    elif architecture == ARCHITECTURE:
+        hparams = dict(channels=[int(c) for c in channels], kernel_size=int(kernel_size), dropout=0.1,
+                       prelu_init=0.2, roi_channels=4, attention_skips=2, in_channels=1)
+    else:
+        raise input_error("--architecture", f"unknown architecture {architecture!r}")
     rng = np.random.default_rng(seed)
     order = list(rng.permutation(patients))
     started = time.perf_counter()
@@ -223,14 +232,15 @@ def train_ctpm(samples: Sequence[LungSample], *, config: PreprocessConfig = Prep
             train = [s for s in samples if s.patient not in held]
             val = [s for s in samples if s.patient in held]
             model, history = _fit_once(train, val, hparams, epochs, lr, batch_size, patience, seed + f, device,
-                                       report.sub(f / (folds + 1), (f + 1) / (folds + 1)), max_seconds)
+                                       report.sub(f / (folds + 1), (f + 1) / (folds + 1)), max_seconds,
+                                       architecture)
             rows = sample_metrics(model, val)
             fold_metrics.append({"fold": f + 1, "patients": len(held), "best_epoch": history.best_epoch + 1,
                                  "summary": summarise_cohort(rows), "cases": rows})
             best_epochs.append(history.best_epoch + 1)
         final_epochs = max(1, int(round(float(np.mean(best_epochs)))))
         model, history = _fit_once(samples, None, hparams, final_epochs, lr, batch_size, None, seed, device,
-                                   report.sub(folds / (folds + 1), 1.0), max_seconds)
+                                   report.sub(folds / (folds + 1), 1.0), max_seconds, architecture)
         validation = {"k_fold": folds,
                       "summary": summarise_cohort([r for fm in fold_metrics for r in fm["cases"]])}
         split = {"k_fold": folds, "final_epochs": final_epochs}
@@ -240,14 +250,14 @@ def train_ctpm(samples: Sequence[LungSample], *, config: PreprocessConfig = Prep
         train = [s for s in samples if s.patient not in held]
         val = [s for s in samples if s.patient in held]
         model, history = _fit_once(train, val or None, hparams, epochs, lr, batch_size, patience, seed, device,
-                                   report, max_seconds)
+                                   report, max_seconds, architecture)
         if val:
             validation = {"split": "patients", "summary": summarise_cohort(sample_metrics(model, val))}
         split = {"validation_patients": len(held), "training_patients": len(patients) - len(held)}
     from ..nn import count_parameters
 
     card = {
-        "architecture": {"name": ARCHITECTURE, "hyperparameters": hparams},
+        "architecture": {"name": architecture, "hyperparameters": hparams},
         "inputs": {"modality": "CT in HU, one lung per sample", "channels": 1,
                    "input_shape": list(config.input_shape), "preprocessing": config.to_dict(),
                    "normalisation": "histogram equalisation of HU in the window over the lung, median and "
