@@ -52,8 +52,12 @@ def register_verbs(verbs) -> None:
     p.add_argument("--post-vibe", help="post-contrast VIBE")
     p.add_argument("--irmax", help="IRmax map")
     p.add_argument("--pbf", help="PBF map (mL/100 mL/min)")
-    p.add_argument("--lung-mask", required=True, help="lung mask or lobe map on the same grid (nonzero = lung)")
+    p.add_argument("--lung-mask", default=None,
+                   help="lung mask or lobe map on the same grid (nonzero = lung); default: from --lobe-model")
     p.add_argument("--lobes", default=None, help="lobes 1-6 for per-lobe statistics (e.g. from 'lobes segment')")
+    p.add_argument("--lobe-model", default=None,
+                   help="nnU-Net lobe model (folder or zip): segment the lobes of --vibe first and use them as "
+                        "lung mask and lobes (Xu et al. Fig. 1); writes lobes.nii.gz too")
     p.add_argument("--model", required=True, help="MRI -> PRM model folder or zip")
     p.add_argument("--reference", default=None, help="CT-derived PRM on the same grid, for Dice and %%PRM comparison")
     p.add_argument("--out", required=True, help="output folder: prm.nii.gz, prm_stats.json/.csv, summary.json")
@@ -116,10 +120,29 @@ def run_predict(args: argparse.Namespace) -> int:
     from .mri_training import load_prm_model
     from .stats import prm_statistics, write_stats_csv
 
-    progress = make_progress(args, "PRM from MRI")
-    lung_vol = read_volume(args.lung_mask, "lung mask")
-    geometry = lung_vol.geometry
-    lung = read_mask(args.lung_mask, geometry, "lung mask")
+    from ..errors import input_error
+    from ..progress import as_progress
+
+    progress = as_progress(make_progress(args, "PRM from MRI"))
+    segmented = None
+    if args.lung_mask is None and args.lobe_model is None:
+        raise input_error("--lung-mask", "give a lung mask (--lung-mask) or a lobe model (--lobe-model)")
+    if args.lobe_model is not None:
+        if not args.vibe:
+            raise input_error("--lobe-model", "lobes are segmented on VIBE: give --vibe as well")
+        from ..lobes.nnunet import segment_lobes
+
+        segmented = segment_lobes(args.vibe, args.lobe_model, device=args.device, progress=progress.sub(0.0, 0.5))
+        progress = progress.sub(0.5, 1.0)
+    if args.lung_mask is not None:
+        lung_vol = read_volume(args.lung_mask, "lung mask")
+        geometry = lung_vol.geometry
+        lung = read_mask(args.lung_mask, geometry, "lung mask")
+    else:
+        geometry = segmented.geometry
+        lung = segmented.lobes > 0
+        if not lung.any():
+            raise input_error(args.vibe, "the lobe model found no lung in this VIBE")
     volumes = {}
     for key, path in (("vibe", args.vibe), ("post_vibe", args.post_vibe), ("irmax", args.irmax), ("pbf", args.pbf)):
         if path:
@@ -129,6 +152,8 @@ def run_predict(args: argparse.Namespace) -> int:
             check_same_grid(vol.geometry, geometry, path, key)
             volumes[key] = np.asarray(vol.array, dtype=np.float32)
     lobes = read_labels(args.lobes, geometry, "lobes") if args.lobes else None
+    if lobes is None and segmented is not None:
+        lobes = segmented.lobes
     reference = read_labels(args.reference, geometry, "reference PRM") if args.reference else None
     model, card = load_prm_model(args.model)
     result = predict_prm_mri(volumes, lung, model, card, device=args.device, progress=progress)
@@ -143,6 +168,9 @@ def run_predict(args: argparse.Namespace) -> int:
         write_volume(result.labels, geometry, stage / "prm.nii.gz", np.uint8)
         write_json(stats, stage / "prm_stats.json")
         write_stats_csv(stats, stage / "prm_stats.csv")
+        if segmented is not None:
+            write_volume(segmented.lobes, geometry, stage / "lobes.nii.gz", np.uint8)
+            summary["lobe_model"] = segmented.model
         write_json(summary, stage / "summary.json")
     print(f"predicted PRM written to {Path(args.out) / 'prm.nii.gz'} ({result.model}; inputs "
           f"{', '.join(result.sequences_used)})")
