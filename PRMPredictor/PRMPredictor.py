@@ -136,6 +136,9 @@ class PRMPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.enabled = False
         self.initializeParameterNode()
+        # PRM from MRI (issue 6): a separate section with its own logic, see PRMPredictorMRISection
+        self.mriSection = PRMPredictorMRISection(self.ui, self.ui.statusLabel, self.ui.progressBar,
+                                                 self.ui.resultsTableView)
 
     def cleanup(self) -> None:
         self.removeObservers()
@@ -434,6 +437,239 @@ class PRMPredictorLogic(ScriptedLoadableModuleLogic):
 
     def cancel(self) -> None:
         """Stop a running background computation (the launcher and the Python process it started)."""
+        if self._process is None:
+            return
+        self._cancelRequested = True
+        slicer_support.kill_process_tree(self._process.pid)
+
+
+#
+# PRM from MRI (Xu et al.): nnU-Net lobes on VIBE, then the multi-sequence network -- issue 6
+#
+
+
+MRI_SEQUENCE_OPTIONS = (("vibe", "--vibe"), ("post_vibe", "--post-vibe"), ("irmax", "--irmax"), ("pbf", "--pbf"))
+
+
+class PRMPredictorMRISection:
+    """The "PRM from MRI" section of the widget: pick the available sequences and the two models,
+    run lobes then PRM prediction in the background (progress, Cancel), show the predicted PRM as a
+    segmentation with the standard colours, the per-lobe table and, when a CT-derived PRM label map
+    is selected, the comparison with it."""
+
+    def __init__(self, ui, statusLabel, progressBar, resultsTableView) -> None:
+        self.ui = ui
+        self.logic = PRMPredictorMRILogic()
+        self.statusLabel = statusLabel
+        self.progressBar = progressBar
+        self.resultsTableView = resultsTableView
+        self.ui.mriApplyButton.connect("clicked(bool)", self.onApply)
+        self.ui.mriCancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.mriCancelButton.enabled = False
+
+    def onApply(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Predicting PRM from MRI failed."), waitCursor=False):
+            try:
+                self.progressBar.setVisible(True)
+                self.progressBar.value = 0
+                self.statusLabel.text = _("Starting...")
+                self.ui.mriApplyButton.enabled = False
+                self.ui.mriCancelButton.enabled = True
+                self.logic.process(
+                    self.ui.mriVibeSelector.currentNode(), self.ui.mriPostVibeSelector.currentNode(),
+                    self.ui.mriIrmaxSelector.currentNode(), self.ui.mriPbfSelector.currentNode(),
+                    lungMaskNode=self.ui.mriLungMaskSelector.currentNode(),
+                    ctPrmNode=self.ui.mriCtPrmSelector.currentNode(),
+                    lobeModelPath=self.ui.mriLobeModelPathLineEdit.currentPath,
+                    prmModelPath=self.ui.mriPrmModelPathLineEdit.currentPath,
+                    waitForCompletion=False, progressCallback=self.onProgress, completedCallback=self.onCompleted)
+            except PerfusionAIError as exc:
+                self._finish()
+                self.statusLabel.text = _("Failed.")
+                slicer.util.errorDisplay(str(exc))
+
+    def onCancel(self) -> None:
+        self.logic.cancel()
+        self.statusLabel.text = _("Cancelling...")
+
+    def onProgress(self, fraction, message) -> None:
+        self.progressBar.value = int(round(100 * fraction))
+        self.statusLabel.text = message
+
+    def _finish(self) -> None:
+        self.progressBar.setVisible(False)
+        self.ui.mriApplyButton.enabled = True
+        self.ui.mriCancelButton.enabled = False
+
+    def onCompleted(self, outcome) -> None:
+        self._finish()
+        if outcome.get("cancelled"):
+            self.statusLabel.text = _("Cancelled.")
+        elif outcome.get("error"):
+            self.statusLabel.text = _("Failed.")
+            slicer.util.errorDisplay(_("Predicting PRM from MRI failed:") + "\n" + outcome["error"])
+        else:
+            nodes = outcome["nodes"]
+            self.statusLabel.text = _("Done: predicted PRM ({model}) and table added.").format(model=nodes["model"])
+            self.resultsTableView.setMRMLTableNode(nodes["table"])
+            self.ui.mriComparisonTableView.setMRMLTableNode(nodes.get("comparison"))
+
+
+class PRMPredictorMRILogic(ScriptedLoadableModuleLogic):
+    """PRM from inspiratory MRI: ``perfusionai prm predict`` (lobes with the nnU-Net lobe model, then
+    the multi-sequence network) in a background process; nodes in, nodes out::
+
+        logic = PRMPredictor.PRMPredictorMRILogic()
+        nodes = logic.process(getNode("VIBE"), irmaxNode=getNode("IRmax"), pbfNode=getNode("PBF"),
+                              lobeModelPath="lobes_model", prmModelPath="prm_model")
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._process = None
+        self._processOutput = []
+        self._cancelRequested = False
+        self._workDir = None
+        self._pending = None
+        self._outcome = None
+
+    @property
+    def isRunning(self) -> bool:
+        return self._process is not None
+
+    def process(self, vibeNode=None, postVibeNode=None, irmaxNode=None, pbfNode=None, lungMaskNode=None,
+                ctPrmNode=None, lobeModelPath="", prmModelPath="", device="auto", waitForCompletion=True,
+                progressCallback=None, completedCallback=None):
+        """Predict PRM from the given MRI volume nodes (any subset of the four, on one grid).
+
+        :param lungMaskNode: lung mask label map on the VIBE grid; without it the lobe model segments
+            the lobes on VIBE and they are the lung mask.
+        :param ctPrmNode: optional CT-derived PRM label map (labels 0-4) on the same grid, for Dice and %PRM.
+        :param lobeModelPath: nnU-Net lobe model folder or zip; prmModelPath: MRI -> PRM model folder or zip.
+        :return: the nodes (``{"segmentation", "lobes", "table", "comparison", "summary", "model"}``) when
+            waiting, else None (``completedCallback(outcome)`` gets ``{"nodes": ...}``, ``{"cancelled": True}``
+            or ``{"error": message}``).
+        """
+        from perfusionai.io import write_volume
+
+        if self.isRunning:
+            raise PerfusionAIError(_("A PRM prediction is already running; cancel it first."))
+        sequences = {"vibe": vibeNode, "post_vibe": postVibeNode, "irmax": irmaxNode, "pbf": pbfNode}
+        given = {k: n for k, n in sequences.items() if n is not None}
+        if not given:
+            raise PerfusionAIError(_("Select at least one MRI sequence (VIBE, post VIBE, IRmax, PBF)."))
+        if not prmModelPath or not os.path.exists(prmModelPath):
+            raise PerfusionAIError(_("Select the MRI -> PRM model (folder or zip)."))
+        if lungMaskNode is None and (not lobeModelPath or vibeNode is None):
+            raise PerfusionAIError(_("Select a lung mask, or a lobe model and the VIBE volume."))
+        referenceNode = vibeNode if vibeNode is not None else next(iter(given.values()))
+        self._workDir = slicer.util.tempDirectory("PRMPredictorMRI")
+        inputs = os.path.join(self._workDir, "inputs")
+        command = [slicer_support.python_launcher(), "-m", "perfusionai", "prm", "predict"]
+        for key, option in MRI_SEQUENCE_OPTIONS:
+            if key in given:
+                array, geometry = mrml.array_from_volume_node(given[key])
+                command += [option, str(write_volume(array, geometry, os.path.join(inputs, f"{key}.nii.gz")))]
+        for node, option, fileName in ((lungMaskNode, "--lung-mask", "lung_mask.nii.gz"),
+                                       (ctPrmNode, "--reference", "ct_prm.nii.gz")):
+            if node is not None:
+                array, geometry = mrml.array_from_volume_node(node)
+                command += [option, str(write_volume(array, geometry, os.path.join(inputs, fileName)))]
+        if lobeModelPath:
+            command += ["--lobe-model", str(lobeModelPath)]
+        outDir = os.path.join(self._workDir, "out")
+        command += ["--model", str(prmModelPath), "--out", outDir, "--device", device, "--progress", "lines"]
+        logging.info("PRMPredictor MRI: " + " ".join(command))
+        self._processOutput = []
+        self._cancelRequested = False
+        self._outcome = None
+        self._pending = (referenceNode, outDir, progressCallback, completedCallback)
+        environment = slicer_support.background_environment(slicer.util.startupEnvironment().get("PYTHONPATH"),
+                                                            cpu_only=device == "cpu")
+        self._process = slicer.util.launchConsoleProcess(command, updateEnvironment=environment, blocking=False,
+                                                         logCallback=self._onProcessLine,
+                                                         completedCallback=self._onProcessCompleted)
+        if not waitForCompletion:
+            return None
+        while self.isRunning:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        if self._outcome.get("error"):
+            raise PerfusionAIError(self._outcome["error"])
+        return self._outcome.get("nodes")
+
+    def _onProcessLine(self, line) -> None:
+        self._processOutput.append(line)
+        parsed = slicer_support.parse_progress_line(line)
+        progressCallback = self._pending[2] if self._pending else None
+        if parsed is not None and progressCallback is not None:
+            progressCallback(parsed[0], parsed[1])
+
+    def _onProcessCompleted(self, returnCode) -> None:
+        referenceNode, outDir, progressCallback, completedCallback = self._pending
+        self._process = None
+        self._pending = None
+        try:
+            if self._cancelRequested:
+                outcome = {"cancelled": True}
+            elif returnCode != 0:
+                outcome = {"error": slicer_support.error_message_from_output(self._processOutput)}
+            else:
+                outcome = {"nodes": self._outputsToNodes(referenceNode, outDir)}
+                if progressCallback is not None:
+                    progressCallback(1.0, _("PRM from MRI done"))
+        except PerfusionAIError as exc:
+            outcome = {"error": str(exc)}
+        finally:
+            if self._workDir and os.path.isdir(self._workDir):
+                shutil.rmtree(self._workDir, ignore_errors=True)
+            self._workDir = None
+        self._outcome = outcome
+        if completedCallback is not None:
+            completedCallback(outcome)
+
+    def _outputsToNodes(self, referenceNode, outDir):
+        """Predicted PRM (segmentation, standard colours), lobes, %PRM table and the CT comparison."""
+        from perfusionai.io import read_volume
+        from perfusionai.labels import LOBE_LABELS
+        from perfusionai.prm.stats import stats_rows
+
+        prm = read_volume(os.path.join(outDir, "prm.nii.gz"), "predicted PRM")
+        with open(os.path.join(outDir, "prm_stats.json")) as fh:
+            stats = json.load(fh)
+        with open(os.path.join(outDir, "summary.json")) as fh:
+            summary = json.load(fh)
+        name = referenceNode.GetName()
+        model = summary.get("model", "")
+        segmentation = mrml.segmentation_node_from_labels(prm.array, prm.geometry, PRM_LABELS,
+                                                          f"{name} PRM from MRI", reference_volume_node=referenceNode)
+        lobesNode = None
+        if os.path.exists(os.path.join(outDir, "lobes.nii.gz")):
+            lobes = read_volume(os.path.join(outDir, "lobes.nii.gz"), "lobes")
+            lobesNode = mrml.segmentation_node_from_labels(lobes.array, lobes.geometry, LOBE_LABELS,
+                                                           f"{name} lobes", reference_volume_node=referenceNode)
+        table = mrml.table_node_from_rows(stats_rows(stats), f"{name} PRM from MRI statistics",
+                                          units={"normal": "%", "fsad": "%", "emph": "%", "uncategorized": "%",
+                                                 "excluded": "%", "volume_ml": "mL"})
+        comparison = None
+        reference = summary.get("comparison_with_reference")
+        if reference:
+            rows = [{"measure": "Dice emphysema", "MRI": reference["dice_emph"], "CT": ""},
+                    {"measure": "Dice abnormal (emphysema or fSAD)", "MRI": reference["dice_abnormal"], "CT": ""}]
+            for key, label in (("emph", "%PRM emphysema"), ("fsad", "%PRM fSAD"), ("normal", "%PRM normal")):
+                rows.append({"measure": label, "MRI": reference["pred"][key], "CT": reference["ref"][key]})
+            comparison = mrml.table_node_from_rows(rows, f"{name} PRM from MRI vs CT")
+        attributes = {"Method": "PRM from MRI (Xu et al.)", "Model": model,
+                      "Sequences": ", ".join(summary.get("sequences_used", [])), "LobeModel": summary.get("lobe_model")}
+        for node in (segmentation, lobesNode, table, comparison):
+            if node is not None:
+                mrml.set_attributes(node, attributes)
+        slicer.util.setSliceViewerLayers(background=referenceNode, fit=slicer.app.layoutManager() is not None)
+        return {"segmentation": segmentation, "lobes": lobesNode, "table": table, "comparison": comparison,
+                "summary": summary, "model": model}
+
+    def cancel(self) -> None:
+        """Stop a running prediction (the launcher and the Python process it started)."""
         if self._process is None:
             return
         self._cancelRequested = True
