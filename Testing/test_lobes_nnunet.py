@@ -194,3 +194,35 @@ def test_external_proton_mri_lobes_through_evaluate(nnunet_model, tmp_path, caps
         # no threshold: the model is trained on phantoms; the Dice is reported
         print(f"Tustison {case}: whole-lung Dice {dice['whole_lung']:.3f}, lobes "
               f"{ {k: round(v, 3) for k, v in dice['lobes'].items()} } (phantom-trained model)")
+
+
+@pytest.mark.slow
+def test_prm_predict_with_the_lobe_model_uses_its_lobes(nnunet_model, tmp_path, capsys):
+    """Fig. 1 of Xu et al. in one call: lobes from VIBE with nnU-Net, then the PRM network inside them."""
+    import torch
+
+    from perfusionai.nn import build_model
+    from perfusionai.prm.mri_network import ARCHITECTURE_NAME, SEQUENCES
+    from perfusionai.prm.mri_training import save_prm_model
+
+    root, phantoms, _, _ = nnunet_model
+    torch.manual_seed(0)
+    prm_model = build_model(ARCHITECTURE_NAME, kernel_size=3).eval()
+    save_prm_model(tmp_path / "prm_model", prm_model,
+                   {"inputs": {"sequences": list(SEQUENCES), "trained_with": list(SEQUENCES), "shape": [16, 28, 32]},
+                    "training_data": "untrained (plumbing test)", "trained_on_phantoms": True})
+    test = root / "cohort" / "mri005"
+    out = tmp_path / "pred"
+    assert main(["prm", "predict", "--vibe", str(test / "vibe.nii.gz"), "--irmax", str(test / "irmax.nii.gz"),
+                 "--lobe-model", str(root / "model"), "--model", str(tmp_path / "prm_model"), "--out", str(out),
+                 "--device", "cpu", "--progress", "none"]) == 0
+    capsys.readouterr()
+    lobes = read_volume(out / "lobes.nii.gz").array
+    prm = read_volume(out / "prm.nii.gz").array
+    assert lobes.shape == phantoms[5].lobes.shape
+    assert np.array_equal(prm > 0, lobes > 0)                       # PRM exactly inside the predicted lobes
+    summary = json.loads((out / "summary.json").read_text())
+    assert "trained on phantoms" in summary["lobe_model"]
+    rc = main(["prm", "predict", "--irmax", str(test / "irmax.nii.gz"), "--lobe-model", str(root / "model"),
+               "--model", str(tmp_path / "prm_model"), "--out", str(tmp_path / "x"), "--progress", "none"])
+    assert rc == 2 and "give --vibe" in capsys.readouterr().err

@@ -158,7 +158,7 @@ def evaluation_figures(evaluation: CohortEvaluation, out_dir: str | Path) -> lis
     return paths
 
 
-def evaluate_cohort(cases, model, card, sequences: Optional[Sequence[str]] = None, lung_from: str = "reference",
+def evaluate_cohort(cases, model, card, sequences: Optional[Sequence[str]] = None,
                     device: str = "auto", progress=None) -> CohortEvaluation:
     """Predict every case (:class:`perfusionai.prm.mri_training.MRICase` with a reference PRM) with the
     given inputs (default: every available one) and summarise."""
