@@ -271,10 +271,9 @@ def make_prm_phantom(
     if deform:
         xi, yi, zi = _deformation(x, y, z, p)
         mat_e, side_e, _ = _material_map(xi, yi, zi, p)
-        # Sample the material's expiratory HU at phi(x); linear interpolation would need the
-        # continuous material, so supersample the boundary by evaluating the map at the
-        # deformed points directly and smoothing one voxel to emulate partial volume.
-        exp_clean = ndimage.gaussian_filter(_EXP_HU[mat_e], 0.5)
+        # The material's expiratory HU evaluated exactly at phi(x) (no partial-volume blur, like the
+        # inspiratory scan, so both scans are sampled the same way).
+        exp_clean = _EXP_HU[mat_e]
         exp_lungs = side_e
         disp = np.stack([xi - x, yi - y, zi - z], axis=-1).astype(np.float32)
     else:
