@@ -91,8 +91,8 @@ def test_learned_tmax_trained_on_phantoms_predicts_unseen_phantom_within_one_tr(
         _, _, _, subject = _tmax_subject(seed, delays, cbf, peak)
         peak = subject.aif_peak_frame
         train.append(subject)
-    result = train_tmax(train, "conv2", epochs=300, learning_rate=1e-2, batch_size=512,
-                        early_stopping_patience=30, seed=0, device="cpu", trained_on_phantoms=True)
+    result = train_tmax(train, "conv2", epochs=150, learning_rate=1e-2, batch_size=512,
+                        early_stopping_patience=20, seed=0, device="cpu", trained_on_phantoms=True)
     assert result.card["trained_on_phantoms"] is True
     ph, conc, aif, _ = _tmax_subject(9, [0.0, 2.0, 4.0, 6.0], [25, 50], peak)
     pred = tmax_maps(result.model, result.card, conc, aif, ph.times, ph.tissue_mask)

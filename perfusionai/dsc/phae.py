@@ -25,7 +25,8 @@ Deviations from the paper (each is a hyperparameter or option; the paper's value
 1. **Width.** The paper's first block has 32 features (``base_features=32``): 15.5 MFLOP per
    voxel, about 40 s to map a 150k-voxel brain on 2 CPU cores, against the 5 s target of
    this product. ``base_features=None`` (default) picks 32 when training on CUDA and 8 on a
-   CPU (4 blocks 8-16-32-64, same structure; 3.5 s per 150k voxels). The width is stored in
+   CPU (4 blocks 8-16-32-64, same structure; about 10 CPU-seconds per 150k voxels, i.e.
+   ~5 s on two cores, batch norm folded into the convolutions for inference). The width is stored in
    the model file, so inference always uses the trained width.
 2. **Schedule.** The paper trains 65 epochs at lr 1e-4 over ~39 patients (~165k steps of
    batch 1536, 37 min on their hardware). One series has ~100 batches per epoch, so the

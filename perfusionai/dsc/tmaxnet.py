@@ -285,7 +285,9 @@ def train_tmax(subjects: Sequence[TmaxSubject], arch: str = "conv2", *, epochs: 
             raise ValueError("subjects must be aligned to the same AIF peak frame")
     device = choose_device(device)
     if device.type == "cpu":
-        set_threads()
+        # the 1x1x1 networks are a few thousand multiply-adds per voxel: one thread avoids the
+        # synchronisation cost that dominates such small operations; the U-Net uses every core
+        set_threads(None if arch == "unet" else 1)
     generator = seed_everything(seed)
     hyper = {"n_frames": int(n_frames)}
     if arch == "conv2":
