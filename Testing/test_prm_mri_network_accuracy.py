@@ -62,7 +62,10 @@ def test_ablation_without_perfusion_maps_runs_and_drops(trained):
     assert len(rows) == 8
     structural = by_name["VIBE, post VIBE"]                     # IRmax and PBF removed
     assert structural["n"] == len(test)
-    assert by_name["All 4"]["dice_abnormal_mean"] >= structural["dice_abnormal_mean"] + 0.02
+    # without the perfusion maps air trapping (fSAD) is barely visible: its %PRM correlation collapses
+    # and Dice(abnormal) drops (paper Table 1: pronounced impairment without IRmax or PBF)
+    assert by_name["All 4"]["r_fsad"] >= structural["r_fsad"] + 0.3
+    assert by_name["All 4"]["dice_abnormal_mean"] >= structural["dice_abnormal_mean"] + 0.01
 
 
 def test_ablation_cli_writes_table_csv_and_figures(trained, tmp_path, capsys):
