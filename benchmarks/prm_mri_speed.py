@@ -6,7 +6,7 @@
   :func:`perfusionai.prm.mri_predict.predict_prm_mri` (normalisation, crop/pad, network, paste back).
   Target: <= 30 s on 2 cores.
 * nnU-Net lobes: nnU-Net v2 plans a 3d_fullres configuration for two 60x256x256 VIBE-like phantom
-  volumes (fingerprint + planning only), a standard ``nnUNetTrainer`` is initialised from those
+  volumes (fingerprint, planning, preprocessing; no training), a standard ``nnUNetTrainer`` is initialised from those
   plans and its (untrained) checkpoint saved as ``fold_0/checkpoint_final.pth``, and
   ``nnUNetPredictor`` (1 fold, no mirroring, tile step 0.5) segments a 60x256x256 volume through
   :func:`perfusionai.lobes.nnunet.segment_lobes`. Reported, no target.
@@ -84,11 +84,14 @@ def bench_nnunet(threads: int, shape=(60, 256, 256)) -> dict:
         pre, res = tmp / "pre", tmp / "res"
         t = time.perf_counter()
         with nnunet_environment(tmp / "raw", pre, res):
-            from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
+            from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
+                                                                               preprocess)
             from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
             extract_fingerprints([502], num_processes=1, verbose=False, show_progress_bar=False)
             plans_id = plan_experiments([502])
+            # the trainer initialises from the preprocessed folder (no training happens)
+            preprocess([502], plans_id, configurations=("3d_fullres",), num_processes=(1,), show_progress_bar=False)
             plans = json.loads((pre / raw.name / f"{plans_id}.json").read_text())
             ds_json = json.loads((raw / "dataset.json").read_text())
             plans["continue_training"] = False
