@@ -229,3 +229,21 @@ def test_prm_predict_with_the_lobe_model_uses_its_lobes(nnunet_model, tmp_path, 
     rc = main(["prm", "predict", "--irmax", str(test / "irmax.nii.gz"), "--lobe-model", str(root / "model"),
                "--model", str(tmp_path / "prm_model"), "--out", str(tmp_path / "x"), "--progress", "none"])
     assert rc == 2 and "give --vibe" in capsys.readouterr().err
+
+
+def test_zip_in_nnunet_export_layout_opens(tmp_path):
+    from perfusionai.lobes.nnunet import NNUNET_LABELS, _write_zip, open_lobe_model
+
+    results = tmp_path / "results"
+    model = _fake_model(results / "Dataset501_Lobes" / "nnUNetTrainer__nnUNetPlans__3d_fullres",
+                        dict(NNUNET_LABELS), folds=(0, 1))
+    _write_zip(model, tmp_path / "export.zip", relative_to=results)
+    with zipfile.ZipFile(tmp_path / "export.zip") as zf:
+        assert "Dataset501_Lobes/nnUNetTrainer__nnUNetPlans__3d_fullres/fold_1/checkpoint_final.pth" in zf.namelist()
+    opened = open_lobe_model(tmp_path / "export.zip", folds=(0, 1))
+    try:
+        assert opened.path.name == "nnUNetTrainer__nnUNetPlans__3d_fullres"
+        assert opened.folds == (0, 1)
+    finally:
+        opened.close()
+    assert not opened.path.exists()                               # the extracted copy is removed

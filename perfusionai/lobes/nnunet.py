@@ -307,7 +307,7 @@ def train_nnunet(raw_dataset: str | Path, out_model: str | Path, config: Optiona
             report(0.95, "packing the model")
             out = Path(out_model)
             if out.suffix.lower() == ".zip":
-                _write_zip(model_src, out)
+                _write_zip(model_src, out, relative_to=res_root)
             else:
                 from ..io import atomic_output_dir
 
@@ -331,9 +331,12 @@ def _nnunet_version() -> str:
         return "unknown"
 
 
-def _write_zip(model_dir: Path, out: Path) -> None:
+def _write_zip(model_dir: Path, out: Path, relative_to: Optional[Path] = None) -> None:
     """Zip the model folder's inference files (checkpoints, plans, dataset.json, fingerprint,
-    our metadata) with the folder as the archive root, written atomically."""
+    our metadata), written atomically. Paths are relative to ``relative_to`` (nnU-Net's results
+    folder gives nnU-Net's export layout ``DatasetXXX_Name/nnUNetTrainer__nnUNetPlans__3d_fullres/...``,
+    which ``nnUNetv2_install_pretrained_model_from_zip`` installs) or to the model folder itself."""
+    base = Path(relative_to) if relative_to is not None else model_dir
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
     os.close(fd)
@@ -341,7 +344,7 @@ def _write_zip(model_dir: Path, out: Path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for p in sorted(model_dir.rglob("*")):
                 if p.is_file() and (p.suffix in (".json", ".pth") or p.name == "progress.png"):
-                    zf.write(p, p.relative_to(model_dir).as_posix())
+                    zf.write(p, p.relative_to(base).as_posix())
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
