@@ -68,9 +68,14 @@ def test_phantom_with_known_deformation_matches_truth():
 
 
 def test_registration_recovers_most_of_a_known_deformation_on_a_small_phantom():
-    """Fast check of the default recipe: lung overlap and class Dice improve well beyond no registration."""
+    """Fast plumbing check (mean-squares SyN, ~4x faster than the default CC; the default recipe is
+    checked against the acceptance limits by the slow test above): lung overlap and class Dice improve
+    well beyond no registration."""
+    from perfusionai.prm.pipeline import PRMOptions
+
     ph = make_prm_phantom(shape=(40, 56, 64), spacing_mm=5.0, seed=3)
-    result = compute_prm(ph.insp, ph.exp, lobes=ph.lobes)
+    options = PRMOptions(registration=RegistrationOptions(syn_metric="meansquares"))
+    result = compute_prm(ph.insp, ph.exp, lobes=ph.lobes, options=options)
     try:
         before = result.info["lung_dice_before_registration"]
         after = result.info["lung_dice_after_registration"]
