@@ -374,7 +374,8 @@ def register_verbs(verbs) -> None:
     p.add_argument("--out", required=True, help="model folder or .zip to write")
     p.add_argument("--epochs", type=int, default=65, help="maximum epochs (paper: 65)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (paper: 1e-4; default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=1536, help="voxel curves per batch (paper: 1536)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="voxel curves per batch (paper: 1536; default 1536, or n/40 for series under 61k voxels)")
     p.add_argument("--residue", choices=("lorentzian", "exponential", "gamma"), default="lorentzian",
                    help="decoder residue shape (paper: lorentzian)")
     p.add_argument("--estimate-delay", action="store_true",

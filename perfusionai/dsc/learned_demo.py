@@ -44,7 +44,10 @@ def run_learned_demo(out_dir: Path, phantom, progress: Optional[ProgressCallback
     report(0.0, "training the PHAE on the demo phantom")
     started = time.perf_counter()
     subject = prepare_subject(conc, aif, times, mask)
-    training = train_phae(subject, max_seconds=max_training_seconds, seed=0, progress=report.sub(0.0, 0.7),
+    # the small demo phantom gets the settings of the accuracy test: batch 256, lr 3e-3, a fixed
+    # 30 epochs (~800 steps) unless the time cap is reached first
+    training = train_phae(subject, batch_size=256, learning_rate=3e-3, epochs=30, early_stopping_patience=None,
+                          max_seconds=max_training_seconds, seed=0, progress=report.sub(0.0, 0.7),
                           trained_on_phantoms=True, training_description="the demo phantom itself")
     timings["phae_training"] = time.perf_counter() - started
     started = time.perf_counter()

@@ -304,7 +304,7 @@ def default_base_features(device: torch.device) -> int:
 def train_phae(subjects: PHAESubject | Sequence[PHAESubject], *, residue: str = "lorentzian",
                gamma_shape: int = 3, estimate_delay: bool = False, convolution: str = "trapezoid",
                base_features: Optional[int] = None, epochs: int = 65, learning_rate: float = 1e-3,
-               batch_size: int = 1536, validation_fraction: float = 0.05, early_stopping_patience: int = 6,
+               batch_size: Optional[int] = None, validation_fraction: float = 0.05, early_stopping_patience: int = 6,
                max_seconds: Optional[float] = -1.0, max_training_voxels: Optional[int] = None,
                seed: int = 0, device=None, progress: Optional[ProgressCallback] = None,
                trained_on_phantoms: bool = False, training_description: str = "",
@@ -322,7 +322,9 @@ def train_phae(subjects: PHAESubject | Sequence[PHAESubject], *, residue: str = 
     base_features
         First-block width; None = 32 on CUDA, 8 on CPU.
     epochs, learning_rate, batch_size
-        Adam without weight decay; paper: 65 epochs, 1e-4, 1536 (see deviation 2).
+        Adam without weight decay; paper: 65 epochs, 1e-4, 1536 (see deviation 2). ``batch_size``
+        None uses 1536 when the series has at least 40 batches of it, else ``n / 40`` (>= 128)
+        so that a small series still gets 40 optimisation steps per epoch.
     validation_fraction, early_stopping_patience
         Held-out voxels for early stopping (best weights restored).
     max_seconds
@@ -369,6 +371,8 @@ def train_phae(subjects: PHAESubject | Sequence[PHAESubject], *, residue: str = 
     n_train = int(train[0].shape[0])
     if n_train < 2:
         raise input_error("--mask", "the mask selects fewer than 2 voxels; the PHAE needs many curves")
+    if not batch_size:
+        batch_size = 1536 if n_train >= 40 * 1536 else max(128, n_train // 40)
     train_loader = TensorBatchLoader(*train, batch_size=batch_size, shuffle=True, generator=generator,
                                      samples_per_epoch=max_training_voxels, drop_last=n_train > batch_size)
     val_loader = TensorBatchLoader(*val, batch_size=8192) if val[0].shape[0] > 0 else None
