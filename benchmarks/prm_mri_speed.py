@@ -122,10 +122,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = []
     prm = bench_prm_network(args.threads)
+    print(f"PRM network: {prm['first_s']:.1f} s, {prm['second_s']:.1f} s", flush=True)
     rows.append(("PRM network (4 inputs, 5x5x5, BN folded)", "60x256x256", prm["first_s"], prm["second_s"],
                  "<= 30 s", "yes" if prm["second_s"] <= 30 else "NO"))
     if not args.skip_nnunet:
         nn = bench_nnunet(args.threads)
+        print(f"nnU-Net lobes: {nn['first_s']:.1f} s, {nn['second_s']:.1f} s (planning {nn['planning_s']:.0f} s)",
+              flush=True)
         rows.append((f"nnU-Net lobes 3d_fullres (patch {nn['patch_size']}, 1 fold, no mirroring)", "60x256x256",
                      nn["first_s"], nn["second_s"], "reported", "-"))
     print(f"CPU threads: {args.threads}")
