@@ -27,7 +27,7 @@ PAIRS = {
 }
 
 
-def run_pair(name: str, threads: int) -> dict:
+def run_pair(name: str, threads: int, syn_metric: str = "CC") -> dict:
     import numpy as np
 
     from perfusionai.phantoms.prm import make_prm_phantom
@@ -39,7 +39,7 @@ def run_pair(name: str, threads: int) -> dict:
     t0 = time.perf_counter()
     phantom = make_prm_phantom(shape=spec["shape"], spacing_mm=spec["spacing_mm"])
     t_phantom = time.perf_counter() - t0
-    options = PRMOptions(registration=RegistrationOptions(threads=threads))
+    options = PRMOptions(registration=RegistrationOptions(threads=threads, syn_metric=syn_metric))
     t0 = time.perf_counter()
     result = compute_prm(phantom.insp, phantom.exp, options=options)
     total = time.perf_counter() - t0
@@ -58,17 +58,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sizes", nargs="*", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--syn-metric", default="CC", choices=("CC", "meansquares", "mattes"))
     parser.add_argument("--out", help="also write the rows as JSON")
     args = parser.parse_args(argv)
-    rows = [run_pair(name, args.threads) for name in args.sizes]
     stages = ("lung_mask", "moving_lung_mask", "registration", "classification", "statistics", "total_pipeline")
-    print(f"{'pair':6s} " + " ".join(f"{s:>16s}" for s in stages) + f" {'target':>8s} {'ratio':>6s} {'load':>5s}")
-    for row in rows:
+    print(f"{'pair':6s} " + " ".join(f"{s:>16s}" for s in stages) + f" {'target':>8s} {'ratio':>6s} {'load':>5s}",
+          flush=True)
+    rows = []
+    for name in args.sizes:  # one row as soon as each pair is done
+        row = run_pair(name, args.threads, args.syn_metric)
+        rows.append(row)
         t = row["timings_s"]
         print(f"{row['pair']:6s} " + " ".join(f"{t.get(s, float('nan')):16.2f}" for s in stages)
               + f" {row['target_s']:8.0f} {row['ratio_to_target']:6.2f} {row['load_average_1min']:5.1f}")
         print(f"       lung Dice after registration {row['lung_dice_after_registration']:.4f}; class Dice vs truth "
-              + ", ".join(f"{k} {v:.3f}" for k, v in row["class_dice_vs_truth"].items()))
+              + ", ".join(f"{k} {v:.3f}" for k, v in row["class_dice_vs_truth"].items()), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     return 0
