@@ -464,7 +464,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
                       "rho": settings["rho"], "LeakageCorrection": settings["leakageCorrection"]}
         if slicer_support.is_learned(settings["method"]):
             attributes["Model"] = settings["modelPath"] or "PHAE trained on this series"
-            attributes["ModelNote"] = "trained on phantoms"
+            attributes["ModelNote"] = slicer_support.model_note(settings["modelPath"])
         return attributes
 
     def _processInThisProcess(self, seriesNode, inputs, settings, progressCallback):

@@ -515,7 +515,8 @@ def test_learned_method_dispatch_keeps_its_maps_and_fills_the_rest(monkeypatch):
     def compute_learned_maps(method, concentration, aif, times, mask, options, progress):
         seen.update(method=method, shape=concentration.shape, aif=aif.shape, mask=mask.sum())
         progress(1.0, "learned")
-        return {"tmax": np.where(mask, 7.0, 0.0)}
+        return {"tmax": np.where(mask, 7.0, 0.0), "label": "dsc.tmaxnet.conv2 (trained on phantoms)",
+                "notes": ["CBV, CBF, MTT and TTP from oSVD"], "model_card": {"trained_on_phantoms": True}}
 
     fake = types.ModuleType("perfusionai.dsc.learned")
     fake.compute_learned_maps = compute_learned_maps
@@ -527,4 +528,5 @@ def test_learned_method_dispatch_keeps_its_maps_and_fills_the_rest(monkeypatch):
     np.testing.assert_array_equal(result.maps["tmax"][brain], 7.0)       # the learned map
     assert np.all(result.maps["cbf"][brain] > 0)                        # filled by oSVD
     assert result.residue_threshold["fallback_for"] == ["cbf", "mtt"]
-    assert result.summary["learned_method_note"] == "trained on phantoms"
+    assert result.summary["learned_method"]["trained_on_phantoms"] is True
+    assert "trained on phantoms" in result.summary["learned_method"]["label"]

@@ -203,3 +203,17 @@ def test_pytorch_message_and_requirement():
 ])
 def test_path_or_none_treats_an_empty_path_field_as_none(value, expected):
     assert support.path_or_none(value) == expected
+
+
+def test_model_note_reads_the_model_card(tmp_path):
+    import perfusionai.dsc.tmaxnet  # noqa: F401  (registers the architectures)
+    from perfusionai.nn.modelfile import build_model, save_model
+    from perfusionai.slicer_support import model_note
+
+    assert "this series" in model_note(None)
+    model = build_model("dsc.tmaxnet.conv1", n_frames=20)
+    for flag in (True, False):
+        path = tmp_path / f"m{flag}"
+        save_model(path, model, {"inputs": {"n_frames": 20}, "training_data": "test",
+                                 "trained_on_phantoms": flag})
+        assert ("trained on phantoms" in model_note(str(path))) is flag

@@ -379,3 +379,16 @@ def python_launcher(which=None) -> str:
 
     found = (which or shutil.which)("PythonSlicer")
     return found or sys.executable
+
+
+def model_note(model_path: Optional[str]) -> str:
+    """What the maps of a learned method rest on, for the result nodes' attributes.
+
+    A model file's card says whether it was trained on phantoms; without a model the
+    PHAE is trained on the user's own series (self-supervised, no reference maps).
+    """
+    if not model_path:
+        return "PHAE trained on this series (self-supervised)"
+    from .nn.modelfile import model_label, read_card
+
+    return model_label(read_card(model_path))

@@ -306,7 +306,12 @@ def compute_dsc_maps(signal: np.ndarray, times: np.ndarray, options: DSCOptions,
                   "k2": "1/s", "aif": "1/s (delta R2*)"},
     }
     if key in LEARNED_METHODS:
-        summary["learned_method_note"] = "trained on phantoms"
+        card = learned_maps.get("model_card") or {}
+        summary["learned_method"] = {
+            "label": learned_maps.get("label"),
+            "notes": list(learned_maps.get("notes") or []),
+            "trained_on_phantoms": bool(card.get("trained_on_phantoms", False)),
+        }
     report(1.0, "done")
     return DSCResult(maps=maps, aif=aif, times=t, aif_voxels=aif_voxels, tissue_curve=tissue_curve,
                      baseline_frames=int(baseline), bolus_arrival_s=arrival_s, summary=summary,
