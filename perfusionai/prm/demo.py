@@ -31,12 +31,12 @@ def run_demo(out_dir: Path, progress: Optional[ProgressCallback] = None) -> Repo
     prog(0.0, "PRM phantom")
     phantom = make_prm_phantom(shape=DEMO_SHAPE, spacing_mm=DEMO_SPACING_MM, seed=7)
     truth = truth_statistics(phantom)
-    result = compute_prm(phantom.insp, phantom.exp, lobes=phantom.lobes, progress=prog.sub(0.05, 0.9))
+    result = compute_prm(phantom.insp, phantom.exp, lobes=phantom.lobes, progress=prog.sub(0.05, 0.45))
     try:
         write_prm_outputs(result, out)
     finally:
         result.cleanup()
-    prog(0.95, "PRM report")
+    prog(0.48, "PRM report")
     classes = ("normal", "fsad", "emph", "uncategorized")
     rows = []
     regions = [("whole lung", result.stats["whole_lung"], truth["whole_lung"])]
@@ -59,6 +59,9 @@ def run_demo(out_dir: Path, progress: Optional[ProgressCallback] = None) -> Repo
     body += table_html(["class", "Dice vs truth"], dice_rows, caption="Voxel-wise agreement with the truth map")
     timings = info.get("timings_s", {})
     body += table_html(["stage", "seconds"], [[k, v] for k, v in timings.items()], caption="Time per stage")
+    images = [out / "prm_overlay.png", out / "prm_scatter.png"]
+    from .demo_mri import run_mri_demo
+
+    mri_body, mri_images = run_mri_demo(out, prog.sub(0.5, 1.0))
     prog(1.0, "PRM done")
-    return ReportSection("Parametric response mapping (CT)", body,
-                         [out / "prm_overlay.png", out / "prm_scatter.png"])
+    return ReportSection("Parametric response mapping (CT; PRM from MRI)", body + mri_body, images + mri_images)
