@@ -6,8 +6,9 @@ network is trained with :func:`perfusionai.prm.mri_training.train_prm_network` (
 predicted with :func:`perfusionai.prm.mri_predict.predict_prm_mri`. Written under
 ``out_dir/prm_mri``:
 
-* ``<subject>_predicted_prm.nii.gz``, ``<subject>_reference_prm.nii.gz``, ``<subject>_lung_mask.nii.gz``
-  and ``<subject>_vibe.nii.gz`` per held-out subject (``[k, j, i]`` on the phantom's MRI grid);
+* ``<subject>/predicted_prm.nii.gz``, ``reference_prm.nii.gz``, ``lung_mask.nii.gz`` and the four inputs
+  ``vibe``, ``post_vibe``, ``irmax``, ``pbf`` ``.nii.gz`` per held-out subject (``[k, j, i]`` on the
+  phantom's MRI grid);
 * ``mri_prm_table.csv``: whole-lung %PRM (normal, fSAD, emphysema; percent of the valid lung voxels,
   :func:`perfusionai.prm.stats.prm_statistics`) predicted and reference, Dice(abnormal) over the
   reference's valid lung voxels, per held-out subject; the HTML table shows the same numbers;
@@ -157,10 +158,12 @@ def run_mri_demo(out_dir: Path, progress: Optional[ProgressCallback] = None, n_s
                      **{f"ref_{c}": m["ref"][c] for c in ("normal", "fsad", "emph")},
                      "dice_abnormal": m["dice_abnormal"]})
         lung = (np.asarray(case.lung_labels) != 0).astype(np.uint8)
-        write_volume(pred.labels, case.geometry, data / f"{case.subject}_predicted_prm.nii.gz", np.uint8)
-        write_volume(case.prm, case.geometry, data / f"{case.subject}_reference_prm.nii.gz", np.uint8)
-        write_volume(lung, case.geometry, data / f"{case.subject}_lung_mask.nii.gz", np.uint8)
-        write_volume(case.sequences["vibe"], case.geometry, data / f"{case.subject}_vibe.nii.gz", np.float32)
+        sub = data / case.subject
+        write_volume(pred.labels, case.geometry, sub / "predicted_prm.nii.gz", np.uint8)
+        write_volume(case.prm, case.geometry, sub / "reference_prm.nii.gz", np.uint8)
+        write_volume(lung, case.geometry, sub / "lung_mask.nii.gz", np.uint8)
+        for s in ALL_FOUR:
+            write_volume(case.sequences[s], case.geometry, sub / f"{s}.nii.gz", np.float32)
         if len(montage) < n_montage:
             montage.append((case.subject, case.sequences["vibe"], pred.labels, case.prm, lung))
     with (data / "mri_prm_table.csv").open("w", newline="") as fh:
