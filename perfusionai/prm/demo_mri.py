@@ -205,7 +205,8 @@ def run_mri_demo(out_dir: Path, progress: Optional[ProgressCallback] = None, n_s
         f"pair), split {len(train)} train / {len(val)} validation / {len(test)} held out. Small CPU setting: "
         f"{shape[0]}x{shape[1]}x{shape[2]} grid, 3x3x3 kernels, batch 2, Adam 3e-3, "
         f"{hist.get('epochs_run', 0)} epoch(s) in {card['training']['seconds']:.1f} s "
-        f"(cap {train_seconds:g} s{', reached' if hist.get('stopped_by_time') else ''}); best validation loss "
+        f"(cap {train_seconds:g} s{'; reached: fewer epochs on a busy machine give poorer maps' if hist.get('stopped_by_time') else ''}); "
+        f"best validation loss "
         f"{hist.get('best_loss', float('nan')):.3f} at epoch {int(hist.get('best_epoch', 0)) + 1}. "
         "The numbers below are for held-out phantoms only and say nothing about patients.")
     table_rows = [[r["subject"]] + [f"{r[f'pred_{c}']:.1f} / {r[f'ref_{c}']:.1f}" for c in ("normal", "fsad", "emph")]
