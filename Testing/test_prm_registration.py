@@ -68,9 +68,8 @@ def test_phantom_with_known_deformation_matches_truth():
 
 
 def test_registration_recovers_most_of_a_known_deformation_on_a_small_phantom():
-    """Fast plumbing check (mean-squares SyN, ~4x faster than the default CC; the default recipe is
-    checked against the acceptance limits by the slow test above): lung overlap and class Dice improve
-    well beyond no registration."""
+    """Fast plumbing check (mean-squares SyN; the default CC recipe is checked against the acceptance
+    limits by the slow test above): lung overlap and class Dice improve well beyond no registration."""
     from perfusionai.prm.pipeline import PRMOptions
 
     ph = make_prm_phantom(shape=(40, 56, 64), spacing_mm=5.0, seed=3)
@@ -84,6 +83,20 @@ def test_registration_recovers_most_of_a_known_deformation_on_a_small_phantom():
         assert dice(result.prm == 1, ph.truth_prm == 1) > 0.85
     finally:
         result.cleanup()
+
+
+def test_registration_recipes_and_unknown_quality():
+    """The default options are the ``fast`` recipe; ``accurate`` iterates down to a 2 mm grid; a wrong name
+    is a user error naming the option."""
+    from perfusionai.errors import PerfusionAIError
+    from perfusionai.prm.registration import registration_recipe
+
+    assert registration_recipe("fast") == RegistrationOptions()
+    accurate = registration_recipe("accurate", threads=1)
+    assert accurate.registration_spacing_mm == 2.0 and accurate.syn_iterations == (40, 20, 10)
+    assert accurate.threads == 1
+    with pytest.raises(PerfusionAIError, match="--registration-quality"):
+        registration_recipe("fastest")
 
 
 @pytest.mark.skipif(not (CIP / "ct-64.nrrd").exists(), reason=f"CIP test data not found in {CIP}")

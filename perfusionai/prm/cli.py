@@ -50,10 +50,15 @@ def _add_ct(verbs) -> None:
                    help="exp_to_insp (default; PRM on the inspiratory grid) or insp_to_exp (Galban style, "
                         "PRM on the expiratory grid; masks then belong to the expiratory CT)")
     p.add_argument("--threads", type=int, default=2, help="registration threads (default 2)")
-    p.add_argument("--registration-spacing", type=float, default=2.0,
-                   help="registration grid spacing in mm (default 2; finer scans are downsampled)")
-    p.add_argument("--syn-iterations", type=_int_tuple, default=(40, 20, 10),
-                   help="SyN iterations per level, coarse to fine (default 40x20x10)")
+    p.add_argument("--registration-quality", choices=("fast", "accurate"), default="fast",
+                   help="registration recipe: fast (default; SyN on a 3 mm grid, 40x20x0: iterations at 12 and 6 mm) "
+                        "or accurate (SyN on a 2 mm grid, 40x20x10 at 8, 4 and 2 mm; several times slower)")
+    p.add_argument("--registration-spacing", type=float, default=None,
+                   help="registration grid spacing in mm (default from --registration-quality: fast 3, "
+                        "accurate 2; finer scans are downsampled)")
+    p.add_argument("--syn-iterations", type=_int_tuple, default=None,
+                   help="SyN iterations per level, coarse to fine (default from --registration-quality: "
+                        "fast 40x20x0, accurate 40x20x10)")
     p.add_argument("--threshold-insp", type=float, default=-950.0, help="inspiratory threshold HU (default -950)")
     p.add_argument("--threshold-exp", type=float, default=-856.0, help="expiratory threshold HU (default -856)")
     p.add_argument("--valid-range", type=float, nargs=2, default=(-1000.0, -500.0), metavar=("LOW", "HIGH"),
@@ -105,7 +110,7 @@ def run_ct(args: argparse.Namespace) -> int:
     from .classification import ClassificationOptions
     from .lobes_import import import_lobes
     from .pipeline import PRMOptions, compute_prm, write_prm_outputs
-    from .registration import RegistrationOptions
+    from .registration import registration_recipe
 
     if args.threads < 1:
         raise input_error("--threads", f"must be at least 1, got {args.threads}")
@@ -125,9 +130,11 @@ def run_ct(args: argparse.Namespace) -> int:
     options = PRMOptions(
         classification=ClassificationOptions(args.threshold_insp, args.threshold_exp, args.valid_range[0],
                                              args.valid_range[1], args.median, args.median_2d),
-        registration=RegistrationOptions(direction=args.direction, threads=args.threads,
-                                         registration_spacing_mm=args.registration_spacing,
-                                         syn_iterations=tuple(args.syn_iterations)),
+        registration=registration_recipe(args.registration_quality, direction=args.direction, threads=args.threads,
+                                         **({} if args.registration_spacing is None
+                                            else {"registration_spacing_mm": args.registration_spacing}),
+                                         **({} if args.syn_iterations is None
+                                            else {"syn_iterations": tuple(args.syn_iterations)})),
         register=not args.no_registration,
     )
     progress = make_progress(args, "prm ct")

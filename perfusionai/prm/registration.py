@@ -4,22 +4,31 @@ Recipe (research/prm.md sections 1.2 and 3; Xu et al. use "ANTsPy SyN: rigid, af
 deformable"):
 
 1. intensities clamped to [-1000, 0] HU (CMI ``lungreg_BH.m``) and rescaled to [0, 1];
-2. both images resampled to ``registration_spacing_mm`` (default 2 mm, as
-   ``ntustison/antsCtLungRegistrationExample``) when finer, optionally cropped to their lung bounding
-   box plus ``margin_mm`` (off by default: on the phantom the crop cost accuracy, lung Dice 0.971 vs
-   0.986); transforms live in physical (LPS) space, so they apply to the full-resolution images;
+2. both images resampled to ``registration_spacing_mm`` when finer, optionally cropped to their lung
+   bounding box plus ``margin_mm`` (off by default: on the phantom the crop cost accuracy, lung Dice
+   0.971 vs 0.986); transforms live in physical (LPS) space, so they apply to the full-resolution images;
 3. ``ants.registration(type_of_transform="SyNRA")``: centre-of-mass initialisation, rigid then
-   affine (Mattes MI, 32 bins, 25 % regular sampling with a fixed random seed), then SyN[0.2,3,0]
+   affine (Mattes MI, 32 bins, 25 % regular sampling with a fixed random seed; ANTsPy's
+   2100x1200x1200x10 iterations at shrink 6x4x2x1, ``affine_*`` options), then SyN[0.2,3,0]
    with a neighbourhood cross-correlation metric (radius ``cc_radius`` = 2, as ANTs'
    ``antsRegistrationSyN[s]``; mono-modal CT whose lung density changes between breath holds, which
-   CC tolerates and mean squares does not: on the phantom CC met the truth %PRM within 1.1 points
-   (whole lung) and 4.8 (worst lobe), mean squares (the metric of ``ntustison/antsCtLungRegistrationExample``,
-   option ``syn_metric="meansquares"``, ~4x faster) was off by 3.1 and 6.9, affine alone by 5.4),
-   ``syn_iterations`` coarse to fine (ANTsPy uses shrink
-   factors 2^(n-1)..1 and smoothing n-1..0 voxels for n levels; default 40x20x10 at 2 mm, i.e.
-   iterations down to the registration grid, unlike ANTsPy's default 40x20x0), every stage masked by the
-   fixed and moving lung masks dilated by ``mask_dilation_mm`` (CMI and the ANTs lung example
-   dilate by 10 voxels/mm);
+   CC tolerates and mean squares does not: on the phantom mean squares, the metric of
+   ``ntustison/antsCtLungRegistrationExample``, option ``syn_metric="meansquares"``, was off the truth
+   %PRM by 3.1 points (whole lung) and 6.9 (worst lobe), affine alone by 5.4), ``syn_iterations``
+   coarse to fine (ANTsPy uses shrink factors 2^(n-1)..1 and smoothing n-1..0 voxels for n levels),
+   every stage masked by the fixed and moving lung masks dilated by ``mask_dilation_mm`` (CMI and the
+   ANTs lung example dilate by 10 voxels/mm).
+
+   Default recipe ``fast`` (:data:`RECIPES`): a 3 mm registration grid and SyN 40x20x0, i.e. 40
+   iterations at 12 mm and 20 at 6 mm, none on the 3 mm grid (ANTsPy's own default ``40x20x0``).
+   Why: ANTs' CC costs about 2 s per iteration per 0.16 M voxels on 2 cores, so iterations on a 2 mm
+   grid (the earlier default, 40x20x10 at 2 mm, now ``accurate``: ~300 s on the 2 mm 128x128x80
+   pair) and even on a 4 mm grid (~45 CPU s) dominate the run time, while on the phantom they did
+   not improve %PRM: with the deformation resolved at 6-7 mm the phantom %PRM is within 0.7 points
+   (whole lung) and 4.5 (worst lobe) of the truth, versus 1.1 and 4.8 for 40x20x10 at 2 mm (3.5 mm
+   phantom). A 4 mm grid with 40x20x0 (levels 16 and 8 mm, ~11 s) reached 4.96 points on the worst
+   lobe, too close to the 5-point acceptance; CC radius 1 saved only ~30 % CPU. ``accurate`` keeps
+   the slow recipe for real scans with finer structure than the phantom;
 4. the moving image is warped onto the fixed full-resolution grid with linear interpolation
    (default value -1024 HU), its lung mask with ``genericLabel``, and the overlap (Dice) of the
    fixed lung mask and the warped moving lung mask is reported.
@@ -59,14 +68,17 @@ class RegistrationOptions:
 
     direction: str = "exp_to_insp"
     threads: int = 2
-    registration_spacing_mm: float = 2.0
+    registration_spacing_mm: float = 3.0
     margin_mm: Optional[float] = None
     moving_extra_margin_mm: float = 40.0
     mask_dilation_mm: float = 10.0
     cc_radius: int = 2
     syn_metric: str = "CC"
-    syn_iterations: tuple[int, ...] = (40, 20, 10)
+    syn_iterations: tuple[int, ...] = (40, 20, 0)
     syn_gradient_step: float = 0.2
+    affine_iterations: tuple[int, ...] = (2100, 1200, 1200, 10)
+    affine_shrink_factors: tuple[int, ...] = (6, 4, 2, 1)
+    affine_smoothing_sigmas: tuple[int, ...] = (3, 2, 1, 0)
     linear_only: bool = False
     seed: int = 1
 
@@ -79,9 +91,26 @@ class RegistrationOptions:
             raise PerfusionAIError("--registration-spacing: must be positive (mm)")
         if not self.syn_iterations or any(int(v) < 0 for v in self.syn_iterations):
             raise PerfusionAIError("--syn-iterations: give non-negative iterations per level, coarse to fine")
+        if not (len(self.affine_iterations) == len(self.affine_shrink_factors) == len(self.affine_smoothing_sigmas)):
+            raise PerfusionAIError("affine iterations, shrink factors and smoothing sigmas need one value per level")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: Named recipes (``--registration-quality``). ``fast`` is the default of :class:`RegistrationOptions`;
+#: ``accurate`` is the earlier default (SyN iterations down to a 2 mm grid), several times slower.
+RECIPES = {
+    "fast": dict(registration_spacing_mm=3.0, syn_iterations=(40, 20, 0)),
+    "accurate": dict(registration_spacing_mm=2.0, syn_iterations=(40, 20, 10)),
+}
+
+
+def registration_recipe(quality: str = "fast", **overrides) -> RegistrationOptions:
+    """:class:`RegistrationOptions` of the named recipe (``fast`` or ``accurate``), with ``overrides``."""
+    if quality not in RECIPES:
+        raise PerfusionAIError(f"--registration-quality: must be one of {', '.join(RECIPES)}, got {quality!r}")
+    return RegistrationOptions(**{**RECIPES[quality], **overrides})
 
 
 @dataclass
@@ -281,6 +310,9 @@ def register_ct(
             ants.write_transform(init_tx, initial)
         common = dict(initial_transform=initial, mask=fixed_mask, moving_mask=moving_mask, mask_all_stages=fixed_mask is not None,
                       aff_metric="mattes", aff_sampling=32, aff_random_sampling_rate=0.25,
+                      aff_iterations=tuple(int(v) for v in opts.affine_iterations),
+                      aff_shrink_factors=tuple(int(v) for v in opts.affine_shrink_factors),
+                      aff_smoothing_sigmas=tuple(int(v) for v in opts.affine_smoothing_sigmas),
                       outprefix=str(workdir / "prm_reg_"), verbose=False)
         if opts.linear_only:
             reg = ants.registration(fixed_img, moving_img, type_of_transform="Affine", **common)
