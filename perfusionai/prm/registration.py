@@ -21,14 +21,17 @@ deformable"):
 
    Default recipe ``fast`` (:data:`RECIPES`): a 3 mm registration grid and SyN 40x20x0, i.e. 40
    iterations at 12 mm and 20 at 6 mm, none on the 3 mm grid (ANTsPy's own default ``40x20x0``).
-   Why: ANTs' CC costs about 2 s per iteration per 0.16 M voxels on 2 cores, so iterations on a 2 mm
+   Why: ANTs' CC SyN costs about 2 CPU s per iteration per 0.16 M voxels, so iterations on a 2 mm
    grid (the earlier default, 40x20x10 at 2 mm, now ``accurate``: ~300 s on the 2 mm 128x128x80
-   pair) and even on a 4 mm grid (~45 CPU s) dominate the run time, while on the phantom they did
-   not improve %PRM: with the deformation resolved at 6-7 mm the phantom %PRM is within 0.7 points
-   (whole lung) and 4.5 (worst lobe) of the truth, versus 1.1 and 4.8 for 40x20x10 at 2 mm (3.5 mm
-   phantom). A 4 mm grid with 40x20x0 (levels 16 and 8 mm, ~11 s) reached 4.96 points on the worst
-   lobe, too close to the 5-point acceptance; CC radius 1 saved only ~30 % CPU. ``accurate`` keeps
-   the slow recipe for real scans with finer structure than the phantom;
+   pair) and even on a 4 mm grid (20 iterations: ~45 CPU s) dominate the run time, while on the
+   phantom they did not improve %PRM. Measured on the acceptance phantom (3.5 mm, so registered at
+   3.5 mm: SyN levels 14 and 7 mm): %PRM within 0.7 points (whole lung) and 4.5 (worst lobe) of the
+   truth, class Dice >= 0.93, versus 1.1 and 4.8 for the ``accurate`` recipe; 2 mm 128x128x80 pair:
+   0.4 and 2.2 points, registration ~22 s. Rejected: a 4 mm grid with 40x20x0 (levels 16 and 8 mm,
+   ~11 s) reached 4.96 points on the worst lobe, too close to the 5-point acceptance; a 4 mm grid
+   with 40x20 (levels 8 and 4 mm) and CC radius 1 reached 4.6 points at ~49 CPU s (radius 1 saves
+   only ~30 % CPU against radius 2).
+   ``accurate`` keeps the slow recipe for real scans with finer structure than the phantom;
 4. the moving image is warped onto the fixed full-resolution grid with linear interpolation
    (default value -1024 HU), its lung mask with ``genericLabel``, and the overlap (Dice) of the
    fixed lung mask and the warped moving lung mask is reported.
