@@ -48,7 +48,6 @@ def _mean_surface_distance_mm(a: np.ndarray, b: np.ndarray, spacing_kji) -> floa
     return float(np.concatenate([da[sa], db[sb]]).mean())
 
 
-@pytest.mark.slow
 def test_phantom_with_known_deformation_matches_truth():
     """Acceptance: whole lung within 2 points, each lobe within 5, Dice of each class >= 0.85."""
     ph = make_prm_phantom()
@@ -69,7 +68,7 @@ def test_phantom_with_known_deformation_matches_truth():
 
 def test_registration_recovers_most_of_a_known_deformation_on_a_small_phantom():
     """Fast plumbing check (mean-squares SyN; the default CC recipe is checked against the acceptance
-    limits by the slow test above): lung overlap and class Dice improve well beyond no registration."""
+    limits by the acceptance test above): lung overlap and class Dice improve well beyond no registration."""
     from perfusionai.prm.pipeline import PRMOptions
 
     ph = make_prm_phantom(shape=(40, 56, 64), spacing_mm=5.0, seed=3)
@@ -134,7 +133,6 @@ def _read_keypoints(path: Path) -> np.ndarray:
     return np.asarray(rows)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not (L2R / "case_012_insp_lungmask.nii.gz").exists(),
                     reason=f"Learn2Reg case 012 masks not found in {L2R}")
 def test_learn2reg_case012_masks_register_and_keypoint_error_shrinks(capsys):
