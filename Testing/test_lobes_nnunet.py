@@ -1,6 +1,7 @@
 """Lobe segmentation with nnU-Net v2: Dice evaluation, orientation handling, refusal of wrong
-models (fast), and nnU-Net end to end on small MRI phantoms plus the external proton-MRI lobes
-(slow: nnU-Net's planning/preprocessing/training take minutes on 2 CPU cores)."""
+models, and nnU-Net end to end on small MRI phantoms plus the external proton-MRI lobes (nnU-Net's
+planning, preprocessing and a 3-epoch training take about a minute on 2 idle CPU cores, so they run
+in the default test run and in CI)."""
 
 import json
 import zipfile
@@ -135,7 +136,6 @@ def nnunet_model(tmp_path_factory):
     return root, phantoms, splits, dataset
 
 
-@pytest.mark.slow
 def test_nnunet_export_train_segment_evaluate(nnunet_model, tmp_path, capsys):
     from perfusionai.lobes.nnunet import _write_zip
 
@@ -171,7 +171,6 @@ def test_nnunet_export_train_segment_evaluate(nnunet_model, tmp_path, capsys):
     assert np.array_equal(read_volume(out_zip / "lobes.nii.gz").array, seg.array)
 
 
-@pytest.mark.slow
 def test_external_proton_mri_lobes_through_evaluate(nnunet_model, tmp_path, capsys):
     if not TUSTISON.is_dir():
         pytest.skip(f"external proton-MRI lobe data not found at {TUSTISON} (no licence: read in place only)")
@@ -199,7 +198,6 @@ def test_external_proton_mri_lobes_through_evaluate(nnunet_model, tmp_path, caps
         print("\n" + "\n".join(reported))
 
 
-@pytest.mark.slow
 def test_prm_predict_with_the_lobe_model_uses_its_lobes(nnunet_model, tmp_path, capsys):
     """Fig. 1 of Xu et al. in one call: lobes from VIBE with nnU-Net, then the PRM network inside them."""
     import torch

@@ -2,9 +2,9 @@
 phantoms: Dice(abnormal) >= 0.8 and patient-level Pearson r of %emphysema >= 0.9 with all four
 inputs; without IRmax and PBF it still runs and the Table-1 ablation shows the drop.
 
-Training is the expensive part (about 1.5-5 min on 2 loaded CPU cores: 3x3x3 kernels and a
-12x20x28 grid to fit a CPU test; the paper's 5x5x5 kernels are the default of the network and of
-``prm train``), hence ``slow``.
+Training is the expensive part (about 15 s on 2 idle CPU cores, minutes when the cores are shared:
+3x3x3 kernels and a 12x20x28 grid to fit a CPU test; the paper's 5x5x5 kernels are the default of
+the network and of ``prm train``).
 """
 
 import csv
@@ -12,8 +12,6 @@ import json
 
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
