@@ -9,7 +9,9 @@ module is present its section (PHAE trained on this phantom) is appended.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import time
 from pathlib import Path
 
@@ -27,7 +29,9 @@ REGIONS = {"grey matter": 1, "white matter": 2, "lesion (delayed, low flow)": 3,
 
 
 def _run_cli(argv: list[str]) -> None:
-    code = cli_main(argv + ["--progress", "none"])
+    # the verb's "maps written to <staging folder>" line means nothing to a demo user
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = cli_main(argv + ["--progress", "none"])
     if code != 0:
         raise PerfusionAIError(f"perfusionai {' '.join(argv[:2])} failed with exit code {code}")
 
