@@ -15,20 +15,6 @@ from perfusionai.dr import models, pipeline  # noqa: E402
 from perfusionai.phantoms.dr import make_dr_phantom  # noqa: E402
 
 
-@pytest.fixture
-def scene():
-    sc = slicer.vtkMRMLScene()
-    previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = sc
-    colors = slicer.vtkSlicerColorLogic()
-    colors.SetMRMLScene(sc)
-    sequences = slicer.vtkSlicerSequencesLogic()
-    sequences.SetMRMLScene(sc)
-    yield sc
-    sequences.SetMRMLScene(None)
-    colors.SetMRMLScene(None)
-    sc.Clear(1)
-    slicer.mrmlScene = previous
 
 
 def test_sequence_attributes_carry_the_protocol_and_maps_come_back_as_nodes(scene):

@@ -19,23 +19,6 @@ from perfusionai.io import Geometry  # noqa: E402
 from perfusionai.labels import LOBE_LABELS, PRM_LABELS  # noqa: E402
 
 
-@pytest.fixture
-def scene():
-    """A fresh scene with the built-in colour nodes, set as slicer.mrmlScene."""
-    sc = slicer.vtkMRMLScene()
-    previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = sc
-    # As in the application: module logics register their node classes and built-in nodes.
-    colors = slicer.vtkSlicerColorLogic()
-    colors.SetMRMLScene(sc)
-    sequences = slicer.vtkSlicerSequencesLogic()
-    sequences.SetMRMLScene(sc)
-    sc.sequences_logic = sequences
-    yield sc
-    sequences.SetMRMLScene(None)
-    colors.SetMRMLScene(None)
-    sc.Clear(1)
-    slicer.mrmlScene = previous
 
 
 def _oblique_direction(angle_deg: float) -> tuple[float, ...]:

@@ -22,17 +22,6 @@ from perfusionai.io import Geometry  # noqa: E402
 from perfusionai.phantoms.dr import make_dr_phantom  # noqa: E402
 
 
-@pytest.fixture
-def scene():
-    sc = slicer.vtkMRMLScene()
-    previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = sc
-    colors = slicer.vtkSlicerColorLogic()
-    colors.SetMRMLScene(sc)
-    yield sc
-    colors.SetMRMLScene(None)
-    sc.Clear(1)
-    slicer.mrmlScene = previous
 
 
 def _rotation(angle_deg: float) -> np.ndarray:

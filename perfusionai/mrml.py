@@ -769,14 +769,11 @@ class DSCNodeInputs:
 
 
 def _resolve_te(te: Optional[float], series: Series) -> float:
-    value = te if te is not None else series.te
-    if value is None:
+    from .dsc.concentration import validate_te
+
+    if te is None and series.te is None:
         raise input_error("TE", f"the echo time of '{series.path}' is not known; enter it in seconds (e.g. 0.03)")
-    if not (math.isfinite(value) and value > 0):
-        raise input_error("TE", f"the echo time must be a positive number of seconds, got {value}")
-    if value > 1.0:
-        raise input_error("TE", f"the echo time is in seconds; {value} looks like milliseconds ({value / 1000:g} s?)")
-    return float(value)
+    return validate_te(te if te is not None else series.te, "TE")
 
 
 def dsc_inputs_from_nodes(series_node, te: Optional[float] = None, tr: Optional[float] = None,

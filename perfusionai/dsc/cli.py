@@ -109,14 +109,11 @@ def register(subparsers) -> None:
 
 def resolve_te(te_option, series) -> float:
     """Echo time in seconds from ``--te`` or the series header; refuses missing, zero or ms-looking values."""
-    te = te_option if te_option is not None else series.te
-    if te is None:
+    from .concentration import validate_te
+
+    if te_option is None and series.te is None:
         raise input_error(series.path, "the echo time (TE) is not in the header; give it with --te SECONDS")
-    if not np.isfinite(te) or te <= 0:
-        raise input_error("--te", f"the echo time must be a positive number of seconds, got {te}")
-    if te > 1.0:
-        raise input_error("--te", f"the echo time is in seconds; {te} looks like milliseconds ({te / 1000:g} s?)")
-    return float(te)
+    return validate_te(te_option if te_option is not None else series.te, "--te")
 
 
 def run_maps(args: argparse.Namespace) -> int:

@@ -81,7 +81,8 @@ def validate_te(te, name: str = "--te") -> float:
     if not np.isfinite(value) or value <= 0:
         raise input_error(name, f"the echo time must be positive (seconds), got {te!r}")
     if value > 1.0:
-        raise input_error(name, f"the echo time {value} s is implausible for DSC; give TE in seconds (e.g. 0.03)")
+        raise input_error(name, f"the echo time is in seconds; {value:g} looks like milliseconds "
+                                f"({value / 1000:g} s?)")
     return value
 
 
