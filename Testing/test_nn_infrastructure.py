@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from perfusionai.errors import Cancelled, PerfusionAIError
-from perfusionai.nn import (ConvNormAct, ResidualBlock, TensorBatchLoader, build_model, choose_device,
-                            count_parameters, fit, fold_batchnorm, keras_parameter_count, load_checkpoint,
+from perfusionai.nn import (ChannelsLastConv1d, ConvNormAct, GlobalAvgPool, ResidualBlock, TensorBatchLoader,
+                            build_model, choose_device, count_parameters, fit, fold_batchnorm, inference_copy,
+                            keras_parameter_count, load_checkpoint,
                             load_model, model_label, read_card, register_architecture, save_model,
                             seed_everything, set_threads)
 
@@ -87,6 +88,32 @@ def test_conv_norm_act_shapes_and_fold_batchnorm_is_exact(dims):
     block = ConvNormAct(dims, 2, 6, 3)
     assert count_parameters(block) == 2 * 6 * 3 ** dims + 2 * 6
     assert keras_parameter_count(block) == count_parameters(block) + 2 * 6
+
+
+def test_inference_copy_swaps_conv1d_for_channels_last_twin_with_equal_outputs():
+    seed_everything(0)
+    net = nn.Sequential(ConvNormAct(1, 2, 8, 3, act="leaky_relu", negative_slope=0.02),
+                        nn.Conv1d(8, 16, 5, stride=2, padding=2, dilation=1),
+                        nn.Conv1d(16, 4, 3, padding=2, dilation=2, groups=4, bias=False),
+                        GlobalAvgPool(1))
+    x = torch.randn(64, 2, 37)
+    net.train()
+    for _ in range(3):
+        net(x + torch.randn_like(x))
+    net.eval()
+    with torch.no_grad():
+        reference = net(x)
+        fast = inference_copy(net, "cpu")
+        got = fast(x)
+    assert not any(type(m) is nn.Conv1d for m in fast.modules())
+    assert sum(isinstance(m, ChannelsLastConv1d) for m in fast.modules()) == 3
+    assert any(type(m) is nn.Conv1d for m in net.modules())  # the original is left alone
+    assert torch.allclose(reference, got, atol=1e-5)
+    # the output of a twin is channels-last in memory, so stacked twins never copy between layers
+    twin = ChannelsLastConv1d(nn.Conv1d(2, 8, 3, padding=1))
+    assert twin(x).stride() == (8 * 37, 1, 8)
+    with pytest.raises(ValueError, match="zero padding"):
+        ChannelsLastConv1d(nn.Conv1d(2, 8, 3, padding=1, padding_mode="reflect"))
 
 
 def _toy_data(n=512, seed=0):

@@ -3,7 +3,7 @@
 Every network of the package is assembled from these so that normalisation,
 activation and initialisation choices are made in one place, and so that
 batch norm can be folded into the convolutions for fast CPU inference
-(:func:`fold_batchnorm`).
+(:func:`fold_batchnorm`, :func:`inference_copy`).
 """
 
 from __future__ import annotations
@@ -165,3 +165,52 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             module[0] = fuse_conv_bn_eval(module[0], module[1])
             module[1] = nn.Identity()
     return folded
+
+
+class ChannelsLastConv1d(nn.Module):
+    """Inference twin of an ``nn.Conv1d``, computed as a ``(1 x k)`` Conv2d on channels-last memory.
+
+    Same numbers as the wrapped convolution (to float rounding); input ``(B, C, T)`` of any
+    memory layout, output ``(B, C_out, T_out)`` whose memory is channels-last (strides
+    ``(C_out T_out, 1, C_out)``), so a stack of these never copies between layers. Why: for
+    thin 1D networks (a few to 64 channels, tens of time points) oneDNN's channels-last 2D
+    kernels are about 2x faster on CPU than PyTorch's Conv1d path.
+    """
+
+    def __init__(self, conv: nn.Conv1d):
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("ChannelsLastConv1d supports numeric zero padding only")
+        self.conv = nn.Conv2d(conv.in_channels, conv.out_channels, (1, conv.kernel_size[0]),
+                              stride=(1, conv.stride[0]), padding=(0, conv.padding[0]),
+                              dilation=(1, conv.dilation[0]), groups=conv.groups, bias=conv.bias is not None)
+        with torch.no_grad():
+            self.conv.weight.copy_(conv.weight.unsqueeze(2))
+            if conv.bias is not None:
+                self.conv.bias.copy_(conv.bias)
+        self.conv.to(device=conv.weight.device, dtype=conv.weight.dtype, memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.unsqueeze(2).contiguous(memory_format=torch.channels_last)).squeeze(2)
+
+
+def inference_copy(model: nn.Module, device: Optional[torch.device | str] = None) -> nn.Module:
+    """An eval-mode copy of ``model`` prepared for fast inference on ``device``.
+
+    Batch norm is folded into the convolutions (:func:`fold_batchnorm`); on a CPU every
+    ``nn.Conv1d`` is replaced by its :class:`ChannelsLastConv1d` twin. The outputs equal the
+    eval-mode outputs of ``model`` to float rounding; ``model`` itself is not changed.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    net = fold_batchnorm(model).to(device)
+    if device.type == "cpu":
+        _swap_conv1d(net)
+    return net.eval()
+
+
+def _swap_conv1d(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if type(child) is nn.Conv1d:
+            setattr(module, name, ChannelsLastConv1d(child))
+        else:
+            _swap_conv1d(child)
