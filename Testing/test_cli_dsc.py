@@ -127,3 +127,26 @@ def test_bad_input_one_clear_error_nothing_written(phantom_dir, tmp_path, capsys
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_phantom_verb_default_and_clinical_contrast_round_trip_through_maps(tmp_path, capsys):
+    # the default (noise-free) phantom, then one with clinical tissue contrast whose printed --kh
+    # gives back the truth through 'dsc maps'
+    assert run(["dsc", "phantom", "--out", str(tmp_path / "plain")], capsys)[0] == 0
+    assert json.loads((tmp_path / "plain" / "truth.json").read_text())["acquisition"]["snr"] is None
+    code = main(["dsc", "phantom", "--out", str(tmp_path / "clinical"), "--tissue-kappa", "10", "--aif-peak", "35",
+                 "--progress", "none"])
+    out = capsys.readouterr().out
+    assert code == 0 and "--kh 0.073" in out
+    truth = json.loads((tmp_path / "clinical" / "truth.json").read_text())
+    assert truth["conventions"]["tissue_kappa"] == 10.0
+    folder = tmp_path / "clinical"
+    code, err = run(["dsc", "maps", "--dsc", str(folder / "dsc.nii.gz"), "--te", "0.03", "--aif-mask", str(folder / "aif_mask.nii.gz"),
+                     "--mask", str(folder / "brain_mask.nii.gz"), "--kh", str(truth["conventions"]["analysis_kh"]),
+                     "--out", str(tmp_path / "maps")], capsys)
+    assert code == 0, err
+    cbv = io.read_volume(tmp_path / "maps" / "cbv.nii.gz").array
+    rois = io.read_volume(folder / "rois.nii.gz").array
+    expected = io.read_volume(folder / "truth_cbv_window.nii.gz").array
+    for label in (1, 2):  # grey and white matter
+        assert np.median(cbv[rois == label]) == pytest.approx(np.median(expected[rois == label]), rel=0.01)

@@ -1,9 +1,9 @@
 """Learned DSC methods against phantom truth (helper B's perfusionai.phantoms.dsc).
 
 * PHAE (self-supervised, trained on the phantom itself as the paper trains on the user's series):
-  Lorentzian residue at SNR >= 50 -> CBF and MTT ROI medians within 10 % of truth; exponential and
-  gamma residues (model mismatch, research/dsc.md 3 and 6.2) -> within 35 % and the CBF ordering
-  of the regions preserved.
+  Lorentzian residue at SNR 50 -> CBF and MTT ROI medians within 10 % of truth and no further from
+  it than oSVD; exponential and gamma residues (model mismatch, research/dsc.md 3 and 6.2) ->
+  within 35 % and the CBF ordering of the regions preserved.
 * Learned Tmax (2-layer 1x1x1 network) trained on phantoms predicts Tmax of an unseen phantom
   within 1 TR (ROI medians).
 * The CLI path Slicer relies on: train-phae, then maps --method phae --model M --progress lines.
@@ -39,7 +39,8 @@ def _train_and_map(ph, residue="lorentzian", epochs=30):
     training = train_phae(prepare_subject(conc, aif, ph.times, ph.brain_mask), residue=residue, batch_size=256,
                           learning_rate=3e-3, epochs=epochs, early_stopping_patience=None, max_seconds=None,
                           seed=0, device="cpu")
-    return phae_maps(training.model, conc, aif, ph.times, ph.brain_mask, kh=ph.kh, rho=ph.rho, device="cpu")
+    return phae_maps(training.model, conc, aif, ph.times, ph.brain_mask, kh=ph.analysis_kh, rho=ph.rho,
+                     device="cpu")
 
 
 def _medians(values, ph):
@@ -47,17 +48,31 @@ def _medians(values, ph):
 
 
 # ~800 training steps: about 35 s on 2 idle cores (minutes when the cores are shared)
-def test_phae_lorentzian_phantom_cbf_and_mtt_within_10_percent():
-    # SNR 200 (>= 50 as the issue asks; at SNR 100 white-matter CBF came out -11 %), continuous-time
-    # ("fine") simulation, no bolus delay in
-    # the evaluated regions (the paper's decoder has no delay term; the lesion is left out).
-    ph = make_dsc_phantom(residue="lorentzian", snr=200, discretisation="fine", seed=1, n_frames=90,
-                          lesion=False)
+def test_phae_lorentzian_phantom_at_snr_50_cbf_and_mtt_within_10_percent_and_not_worse_than_osvd():
+    # SNR 50 (S0 / sigma, the paper's definition) with clinical tissue contrast: tissue_kappa 10 and an
+    # AIF peak of 35 1/s give signal drops of 31 % (grey matter), 15 % (white matter) and 64 %
+    # (artery), as at standard dose (the OSIPI/Chakwizira DRO uses kappa_s / kappa_a = 18.6). With
+    # kappa 1 the tissue drops are only 4-8 %, a contrast-to-noise ratio 10x below a clinical scan at
+    # the same SNR; there white-matter MTT comes out -11 % at SNR 100 (noted in the README).
+    # Continuous-time ("fine") simulation, no bolus delay in the evaluated regions (the paper's
+    # decoder has no delay term; the lesion is left out). Seeds 3 and 7 gave at worst -6.3 %.
+    from perfusionai.dsc.deconvolution import deconvolve, frame_interval
+
+    ph = make_dsc_phantom(residue="lorentzian", snr=50, discretisation="fine", seed=1, n_frames=90,
+                          lesion=False, tissue_kappa=10.0, aif_peak=35.0)
     maps = _train_and_map(ph)
+    conc, aif = _concentration(ph)
+    osvd = deconvolve(conc[ph.brain_mask], aif, frame_interval(ph.times), "oSVD")
+    osvd_cbf = np.zeros(ph.rois.shape)
+    osvd_cbf[ph.brain_mask] = 6000.0 * ph.analysis_kh / ph.rho * osvd.cbf
     for key in ("cbf", "mtt"):
         got, truth = _medians(maps[key], ph), _medians(ph.truth[key], ph)
         for region in REGIONS:
             assert got[region] == pytest.approx(truth[region], rel=0.10), (key, region, got, truth)
+    got, truth, reference = _medians(maps["cbf"], ph), _medians(ph.truth["cbf"], ph), _medians(osvd_cbf, ph)
+    for region in REGIONS:
+        assert abs(got[region] / truth[region] - 1) <= abs(reference[region] / truth[region] - 1), \
+            (region, got, reference, truth)
 
 
 @pytest.mark.parametrize("residue", ["exponential", "gamma"])

@@ -79,6 +79,25 @@ def test_fine_discretisation_has_no_offset_and_dispersion_moves_tmax():
     assert d.truth["tmax"][d.rois == 10][0] == pytest.approx(12.0 * np.log(4.0 / 3.0), abs=0.002)
 
 
+def test_tissue_kappa_scales_tissue_delta_r2_and_analysis_kh_recovers_truth():
+    # kappa multiplies the tissue delta-R2* (not the AIF); kh / kappa then gives back the truth
+    plain = make_dsc_phantom(shape=(2, 12, 12), cbf=[60.0], cbv=[4.0], tr=1.0, n_frames=90,
+                             discretisation="fine", recirculation=False)
+    clinical = make_dsc_phantom(shape=(2, 12, 12), cbf=[60.0], cbv=[4.0], tr=1.0, n_frames=90,
+                                discretisation="fine", recirculation=False, tissue_kappa=10.0, aif_peak=35.0)
+    np.testing.assert_allclose(clinical.curve(10), 10.0 * plain.curve(10) * 35.0 / 80.0, rtol=1e-6, atol=1e-9)
+    assert clinical.analysis_kh == pytest.approx(clinical.kh / 10.0)
+    ratio = 100.0 * (clinical.analysis_kh / clinical.rho) * clinical.curve(10).sum() / clinical.aif.sum()
+    assert ratio == pytest.approx(4.0, rel=5e-3)
+    # the point of kappa: clinical signal drops (grey matter 30-40 %) with a 60-70 % arterial drop
+    block = clinical.signal[clinical.rois == 10].mean(0)
+    artery = clinical.signal[clinical.aif_mask].mean(0)
+    assert 0.30 <= 1 - block.min() / block[0] <= 0.45 and 0.6 <= 1 - artery.min() / artery[0] <= 0.7
+    assert clinical.describe()["conventions"]["tissue_kappa"] == 10.0
+    with pytest.raises(ValueError, match="tissue_kappa"):
+        make_dsc_phantom(shape=(2, 12, 12), tissue_kappa=0.0)
+
+
 def test_rician_noise_matches_requested_snr():
     p = make_dsc_phantom(snr=40.0, seed=3, s0=1000.0)
     sigma = 1000.0 / 40.0
