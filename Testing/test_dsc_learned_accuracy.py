@@ -53,7 +53,7 @@ def test_phae_lorentzian_phantom_at_snr_50_cbf_and_mtt_within_10_percent_and_not
     # AIF peak of 35 1/s give signal drops of 31 % (grey matter), 15 % (white matter) and 64 %
     # (artery), as at standard dose (the OSIPI/Chakwizira DRO uses kappa_s / kappa_a = 18.6). With
     # kappa 1 the tissue drops are only 4-8 %, a contrast-to-noise ratio 10x below a clinical scan at
-    # the same SNR; there white-matter MTT comes out -11 % at SNR 100 (noted in the README).
+    # the same SNR; there white-matter and tumour MTT come out 9-10 % low at SNR 100 (README).
     # Continuous-time ("fine") simulation, no bolus delay in the evaluated regions (the paper's
     # decoder has no delay term; the lesion is left out). Seeds 3 and 7 gave at worst -6.3 %.
     from perfusionai.dsc.deconvolution import deconvolve, frame_interval
