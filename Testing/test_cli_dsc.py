@@ -133,7 +133,8 @@ def test_phantom_verb_default_and_clinical_contrast_round_trip_through_maps(tmp_
     # the default (noise-free) phantom, then one with clinical tissue contrast whose printed --kh
     # gives back the truth through 'dsc maps'
     assert run(["dsc", "phantom", "--out", str(tmp_path / "plain")], capsys)[0] == 0
-    assert json.loads((tmp_path / "plain" / "truth.json").read_text())["acquisition"]["snr"] is None
+    plain = json.loads((tmp_path / "plain" / "truth.json").read_text())
+    assert plain["acquisition"]["snr"] is None and plain["conventions"]["discretisation"] == "fine"
     code = main(["dsc", "phantom", "--out", str(tmp_path / "clinical"), "--tissue-kappa", "10", "--aif-peak", "35",
                  "--progress", "none"])
     out = capsys.readouterr().out
