@@ -142,3 +142,29 @@ def test_user_lung_mask_wins(pair, tmp_path, capsys):
     assert not prm[ph.lung_labels == 2].any()
     stats = json.loads((out / "prm_stats.json").read_text())
     assert stats["left"]["lung_voxels"] == 0 and stats["right"]["voxels"] > 0
+
+
+def test_prm_phantom_verb_writes_pair_and_truth_matching_its_maps(tmp_path, capsys):
+    out = tmp_path / "ph"
+    assert main(["prm", "phantom", "--out", str(out), "--spacing", "7", "--progress", "none"]) == 0
+    capsys.readouterr()
+    insp, exp = read_volume(out / "insp.nii.gz"), read_volume(out / "exp.nii.gz")
+    truth_prm = read_volume(out / "truth_prm.nii.gz").array
+    lungs = read_volume(out / "lung_mask.nii.gz").array
+    assert insp.array.shape == exp.array.shape == truth_prm.shape == (28, 40, 48)
+    assert insp.geometry.spacing == pytest.approx((7.0, 7.0, 7.0))
+    assert set(np.unique(lungs)) == {0, 1, 2} and set(np.unique(read_volume(out / "lobes.nii.gz").array)) <= set(range(7))
+    truth = json.loads((out / "truth.json").read_text())["truth"]["whole_lung"]
+    in_lung = truth_prm[lungs > 0]
+    # the JSON percentages are those of the written truth map (excluded voxels left out)
+    assert truth["emph"] == pytest.approx(100 * np.mean(in_lung[in_lung > 0] == 3), abs=1e-6)
+    assert truth["normal"] > 30 and truth["emph"] > 5
+    # a bad value is one line, exit 2, nothing written
+    assert main(["prm", "phantom", "--out", str(tmp_path / "bad"), "--noise-hu", "-1", "--progress", "none"]) == 2
+    assert "--noise-hu" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_ctpm_phantom_is_an_alias_of_phantoms(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["ctpm", "phantom", "--help"])
+    assert done.value.code == 0 and "ctpm phantoms" in capsys.readouterr().out

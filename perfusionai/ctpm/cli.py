@@ -124,7 +124,7 @@ def register(subparsers) -> None:
     evaluate.set_defaults(handler=run_evaluate)
 
     phantoms = verbs.add_parser(
-        "phantoms", help="write a synthetic CT/SPECT cohort with cohort.csv",
+        "phantoms", aliases=["phantom"], help="write a synthetic CT/SPECT cohort with cohort.csv (alias: phantom)",
         description="Chest CT phantoms with paired SPECT-like perfusion (gravity gradient, emphysema, dense "
                     "lung, vascular defects, 4.42 mm SPECT voxels, blur and Poisson noise).")
     phantoms.add_argument("--out", required=True, help="output folder")

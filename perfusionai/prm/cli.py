@@ -1,7 +1,7 @@
 """``perfusionai prm <verb>``: CT parametric response mapping and its evaluation.
 
-Verbs: ``ct`` (insp/exp CT -> PRM map, stats, figures) and ``evaluate`` (one case or a
-cohort CSV). The MRI verbs (``train``, ``predict``, ``ablation``) are added by other
+Verbs: ``ct`` (insp/exp CT -> PRM map, stats, figures), ``evaluate`` (one case or a
+cohort CSV) and ``phantom`` (a CT pair with known PRM to try them on). The MRI verbs (``train``, ``predict``, ``ablation``) are added by other
 modules through :data:`VERB_REGISTRARS`: each entry is ``(name, register_fn)`` with
 ``register_fn(verb_subparsers)`` adding one verb to ``perfusionai prm``.
 """
@@ -89,6 +89,54 @@ def _add_evaluate(verbs) -> None:
     p.set_defaults(handler=run_evaluate)
 
 
+def _add_phantom(verbs) -> None:
+    from ..cli_common import positive_float
+
+    p = verbs.add_parser(
+        "phantom", help="write an inspiratory/expiratory CT phantom pair with known PRM and lobes",
+        description="Write a paired chest CT phantom (HU) with known truth: OUT/insp.nii.gz, OUT/exp.nii.gz "
+                    "(deformed by breathing), OUT/lung_mask.nii.gz (1 right, 2 left), OUT/lobes.nii.gz (1-6), "
+                    "OUT/truth_prm.nii.gz (0-4) on the inspiratory grid and OUT/truth.json (%%PRM per lung and "
+                    "lobe). Then: perfusionai prm ct --insp OUT/insp.nii.gz --exp OUT/exp.nii.gz "
+                    "--lobes OUT/lobes.nii.gz --out prm/")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--spacing", type=positive_float, default=3.5, help="voxel size in mm (3.5; the anatomy "
+                   "scales with the field of view, so the grid is resized to keep it)")
+    p.add_argument("--noise-hu", type=float, default=15.0, help="Gaussian noise sigma in HU (15; low dose 40-80)")
+    p.add_argument("--emphysema-scale", type=positive_float, default=1.0,
+                   help="radius multiplier of the emphysema regions (1; 2 = severe)")
+    p.add_argument("--seed", type=int, default=0)
+    add_common_options(p)
+    p.set_defaults(handler=run_phantom)
+
+
+def run_phantom(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..io import atomic_output_dir, write_json, write_volume
+    from ..phantoms.prm import make_prm_phantom, truth_statistics
+
+    if args.noise_hu < 0:
+        raise input_error("--noise-hu", f"must be >= 0, got {args.noise_hu}")
+    # the default grid (56, 80, 96) at 3.5 mm; other spacings keep the same field of view
+    shape = tuple(max(8, int(round(n * 3.5 / args.spacing))) for n in (56, 80, 96))
+    phantom = make_prm_phantom(shape=shape, spacing_mm=args.spacing, noise_hu=args.noise_hu,
+                               emphysema_scale=args.emphysema_scale, seed=args.seed)
+    g = phantom.geometry
+    with atomic_output_dir(args.out) as stage:
+        write_volume(phantom.insp.array, g, stage / "insp.nii.gz")
+        write_volume(phantom.exp.array, phantom.exp.geometry, stage / "exp.nii.gz")
+        write_volume(phantom.lung_labels.astype(np.uint8), g, stage / "lung_mask.nii.gz")
+        write_volume(phantom.lobes.astype(np.uint8), g, stage / "lobes.nii.gz")
+        write_volume(phantom.truth_prm.astype(np.uint8), g, stage / "truth_prm.nii.gz")
+        write_json({"truth": truth_statistics(phantom), "parameters": phantom.parameters,
+                    "labels": {"prm": "0 outside/vessels, 1 normal, 2 fSAD, 3 emphysema, 4 uncategorized",
+                               "lungs": "1 right, 2 left", "lobes": "ARCHITECTURE.md numbering 1-6"}},
+                   stage / "truth.json")
+    print(f"PRM phantom written to {args.out} ({shape[2]}x{shape[1]}x{shape[0]} voxels of {args.spacing:g} mm)")
+    return 0
+
+
 def register(subparsers) -> None:
     """Add the ``prm`` domain and its verbs to the top-level parser."""
     domain = subparsers.add_parser("prm", help="parametric response mapping of the lungs (CT; MRI prediction)")
@@ -96,6 +144,7 @@ def register(subparsers) -> None:
     verbs.required = True
     _add_ct(verbs)
     _add_evaluate(verbs)
+    _add_phantom(verbs)
     for _name, registrar in VERB_REGISTRARS:
         registrar(verbs)
     from importlib.util import find_spec  # MRI verbs (train, predict, ablation): perfusionai/prm/cli_mri.py
