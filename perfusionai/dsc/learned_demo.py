@@ -51,17 +51,18 @@ def run_learned_demo(out_dir: Path, phantom, progress: Optional[ProgressCallback
                           trained_on_phantoms=True, training_description="the demo phantom itself")
     timings["phae_training"] = time.perf_counter() - started
     started = time.perf_counter()
-    phae = phae_maps(training.model, conc, aif, times, mask, kh=phantom.kh, rho=phantom.rho)
+    kh = getattr(phantom, "analysis_kh", phantom.kh)  # kH / tissue kappa: the truth's units
+    phae = phae_maps(training.model, conc, aif, times, mask, kh=kh, rho=phantom.rho)
     timings["phae_inference"] = time.perf_counter() - started
     maps["PHAE"] = phae
 
     curves = conc[mask]
-    cbv = maps_mod.cbv_map(curves, aif, dt, phantom.kh, phantom.rho)
+    cbv = maps_mod.cbv_map(curves, aif, dt, kh, phantom.rho)
     for step, (name, method) in enumerate((("oSVD", "oSVD"), ("Tikhonov", "Tikhonov"))):
         report(0.75 + 0.1 * step, name)
         started = time.perf_counter()
         result = deconvolve(curves, aif, dt, method)
-        cbf = maps_mod.cbf_map(result.cbf, phantom.kh, phantom.rho)
+        cbf = maps_mod.cbf_map(result.cbf, kh, phantom.rho)
         timings[name.lower()] = time.perf_counter() - started
         volumes = {}
         for key, values in (("cbf", cbf), ("mtt", maps_mod.mtt_map(cbv, cbf))):
