@@ -7,10 +7,8 @@ background process) and converts the results back to nodes. All numerics live in
 the ``perfusionai`` package, which the extension installs next to this file.
 """
 
-import logging
 import os
 import pathlib
-import shutil
 import sys
 import time
 from typing import Annotated, Optional, Union
@@ -52,6 +50,7 @@ _makePerfusionAIImportable()
 from perfusionai import mrml  # noqa: E402
 from perfusionai import slicer_support  # noqa: E402
 from perfusionai.errors import PerfusionAIError  # noqa: E402
+from PerfusionAISlicerLib import BackgroundRun, ensurePythonRequirements, ensureTorch  # noqa: E402
 
 METHOD_CHOICES = list(slicer_support.DSC_METHODS)
 AIF_MODES = ["Automatic", "Region"]
@@ -349,18 +348,14 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._process = None
-        self._processOutput = []
-        self._cancelRequested = False
-        self._workDir = None
-        self._pending = None
+        self._run = BackgroundRun("DSCDeconvolution")
 
     def getParameterNode(self):
         return DSCDeconvolutionParameterNode(super().getParameterNode())
 
     @property
     def isRunning(self) -> bool:
-        return self._process is not None
+        return self._run.isRunning
 
     # -- dependencies -------------------------------------------------------------------
 
@@ -370,38 +365,10 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
         Returns False when the user declined.
         """
         learned = slicer_support.is_learned(method)
-        if learned and not self._ensureTorch("The learned methods (PHAE, tmax-net)"):
+        if learned and not ensureTorch("The learned methods (PHAE, tmax-net)"):
             return False
         missing = slicer_support.missing_module_requirements(__file__, ["learned"] if learned else [])
-        if not missing:
-            return True
-        try:
-            import slicer.packaging as packaging  # Slicer >= 5.12
-        except ImportError:
-            packaging = None
-        if packaging is not None:
-            packaging.pip_ensure(missing, requester="DSCDeconvolution")
-        else:
-            if not slicer.util.confirmOkCancelDisplay(
-                    _("DSCDeconvolution needs these Python packages, which will be downloaded and installed now:"),
-                    detailedText="\n".join(missing)):
-                return False
-            slicer.util.pip_install(missing)
-        return not slicer_support.missing_requirements(missing)
-
-    def _ensureTorch(self, neededBy) -> bool:
-        """Install torch through the PyTorch extension (needs the running application); False when declined."""
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            raise PerfusionAIError(slicer_support.pytorch_extension_missing_message(neededBy))
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            torch = torchLogic.installTorch(askConfirmation=True,
-                                            torchVersionRequirement=slicer_support.TORCH_VERSION_REQUIREMENT)
-            if torch is None:
-                return False
-        return True
+        return ensurePythonRequirements(missing, "DSCDeconvolution")
 
     # -- processing ---------------------------------------------------------------------
 
@@ -483,84 +450,29 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
 
     def _startBackgroundProcess(self, seriesNode, inputs, settings, waitForCompletion, progressCallback,
                                 completedCallback):
-        self._workDir = slicer.util.tempDirectory("DSCDeconvolution")
-        files = slicer_support.write_dsc_inputs(os.path.join(self._workDir, "inputs"), inputs.series.array,
+        workDir = self._run.newWorkDir()
+        files = slicer_support.write_dsc_inputs(os.path.join(workDir, "inputs"), inputs.series.array,
                                                 inputs.series.geometry, inputs.times, mask=inputs.mask,
                                                 aif_mask=inputs.aif_mask)
-        outDir = os.path.join(self._workDir, "maps")
+        outDir = os.path.join(workDir, "maps")
         command = slicer_support.build_dsc_maps_command(
             slicer_support.python_launcher(), files, outDir, te=settings["te"], method=settings["method"],
             threshold=settings["threshold"], kh=settings["kh"], rho=settings["rho"],
             leakage_correction=settings["leakageCorrection"], model_path=settings["modelPath"])
-        logging.info("DSCDeconvolution: " + " ".join(command))
-        self._processOutput = []
-        self._cancelRequested = False
-        self._pending = (seriesNode, inputs, settings, outDir, progressCallback, completedCallback)
-        environment = slicer_support.background_environment(
-            slicer.util.startupEnvironment().get("PYTHONPATH"),
-            cpu_only=not slicer_support.is_learned(settings["method"]))
-        if waitForCompletion:
-            self._process = slicer.util.launchConsoleProcess(command, updateEnvironment=environment)
-            for line in self._process.stdout:
-                self._onProcessLine(line.rstrip("\n"))
-            outcome = self._collectOutcome(self._process.wait())
-            if outcome.get("error"):
-                raise PerfusionAIError(outcome["error"])
-            return outcome.get("nodes")
-        self._process = slicer.util.launchConsoleProcess(command, updateEnvironment=environment, blocking=False,
-                                                         logCallback=self._onProcessLine,
-                                                         completedCallback=self._onProcessCompleted)
-        return None
 
-    def _onProcessLine(self, line) -> None:
-        self._processOutput.append(line)
-        parsed = slicer_support.parse_progress_line(line)
-        progressCallback = self._pending[4] if self._pending else None
-        if parsed is not None and progressCallback is not None:
-            progressCallback(parsed[0], parsed[1])
-        elif parsed is None and line.strip():
-            logging.info("perfusionai: " + line)
+        def readOutputs():
+            return mrml.dsc_output_to_nodes(
+                slicer_support.read_dsc_outputs(outDir), seriesNode, prefix=f"DSC {settings['method']}",
+                show=settings["showResults"], opacity=settings["overlayOpacity"],
+                attributes=self._attributes(settings), series=inputs.series)
 
-    def _onProcessCompleted(self, returnCode) -> None:
-        """End of a background run: hand the outcome to the caller's completedCallback."""
-        completedCallback = self._pending[5]
-        outcome = self._collectOutcome(returnCode)
-        if outcome.get("error"):
-            logging.error("DSCDeconvolution: " + outcome["error"])
-        if completedCallback is not None:
-            completedCallback(outcome)
-
-    def _collectOutcome(self, returnCode) -> dict:
-        """Read the results of a finished run into the scene; ``{"nodes"|"error"|"cancelled": ...}``."""
-        seriesNode, inputs, settings, outDir, progressCallback, completedCallback = self._pending
-        self._process = None
-        self._pending = None
-        outcome = {}
-        try:
-            if self._cancelRequested:
-                outcome = {"cancelled": True}
-            elif returnCode != 0:
-                outcome = {"error": slicer_support.error_message_from_output(self._processOutput)}
-            else:
-                output = slicer_support.read_dsc_outputs(outDir)
-                outcome = {"nodes": mrml.dsc_output_to_nodes(
-                    output, seriesNode, prefix=f"DSC {settings['method']}", show=settings["showResults"],
-                    opacity=settings["overlayOpacity"], attributes=self._attributes(settings),
-                    series=inputs.series)}
-        except PerfusionAIError as exc:
-            outcome = {"error": str(exc)}
-        finally:
-            if self._workDir and os.path.isdir(self._workDir):
-                shutil.rmtree(self._workDir, ignore_errors=True)
-            self._workDir = None
-        return outcome
+        return self._run.start(command, readOutputs, progressCallback, completedCallback,
+                               waitForCompletion=waitForCompletion,
+                               cpuOnly=not slicer_support.is_learned(settings["method"]))
 
     def cancel(self) -> None:
         """Stop a running background computation (the launcher and the Python process it started)."""
-        if self._process is None:
-            return
-        self._cancelRequested = True
-        slicer_support.kill_process_tree(self._process.pid)
+        self._run.cancel()
 
 
 #

@@ -51,6 +51,7 @@ from perfusionai import mrml  # noqa: E402
 from perfusionai import slicer_support  # noqa: E402
 from perfusionai.dr import models as drmodels  # noqa: E402
 from perfusionai.errors import Cancelled, PerfusionAIError  # noqa: E402
+from PerfusionAISlicerLib import ensurePythonRequirements, ensureTorch  # noqa: E402
 
 MODES = ["Fit", "Predict"]
 FIT_MODELS = list(drmodels.MODELS)
@@ -355,38 +356,9 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
         if modelPath:
             from perfusionai.dr.learners import model_summary
 
-            if model_summary(modelPath)["needs_torch"] and not self._ensureTorch("Network models"):
+            if model_summary(modelPath)["needs_torch"] and not ensureTorch("Network models"):
                 return False
-        missing = slicer_support.missing_module_requirements(__file__)
-        if not missing:
-            return True
-        try:
-            import slicer.packaging as packaging  # Slicer >= 5.12
-        except ImportError:
-            packaging = None
-        if packaging is not None:
-            packaging.pip_ensure(missing, requester="DiffusionRelaxation")
-        else:
-            if not slicer.util.confirmOkCancelDisplay(
-                    _("DiffusionRelaxation needs these Python packages, which will be downloaded and installed now:"),
-                    detailedText="\n".join(missing)):
-                return False
-            slicer.util.pip_install(missing)
-        return not slicer_support.missing_requirements(missing)
-
-    def _ensureTorch(self, neededBy) -> bool:
-        """Install torch through the PyTorch extension (needs the running application); False when declined."""
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            raise PerfusionAIError(slicer_support.pytorch_extension_missing_message(neededBy))
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            torch = torchLogic.installTorch(askConfirmation=True,
-                                            torchVersionRequirement=slicer_support.TORCH_VERSION_REQUIREMENT)
-            if torch is None:
-                return False
-        return True
+        return ensurePythonRequirements(slicer_support.missing_module_requirements(__file__), "DiffusionRelaxation")
 
     # -- processing ---------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ All numerics live in the ``perfusionai`` package, installed next to this file.
 """
 
 import json
-import logging
 import os
 import shutil
 import sys
@@ -50,6 +49,7 @@ _makePerfusionAIImportable()
 from perfusionai import mrml  # noqa: E402
 from perfusionai import slicer_support  # noqa: E402
 from perfusionai.errors import PerfusionAIError  # noqa: E402
+from PerfusionAISlicerLib import BackgroundRun, ensurePythonRequirements  # noqa: E402
 from perfusionai.labels import PRM_LABELS  # noqa: E402
 from perfusionai.prm.lobes_import import CONVENTIONS  # noqa: E402
 
@@ -249,39 +249,21 @@ class PRMPredictorLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._process = None
-        self._processOutput = []
-        self._cancelRequested = False
-        self._workDir = None
-        self._pending = None
+        self._run = BackgroundRun("PRMPredictor")
 
     def getParameterNode(self):
         return PRMPredictorParameterNode(super().getParameterNode())
 
     @property
     def isRunning(self) -> bool:
-        return self._process is not None
+        return self._run.isRunning
 
     def ensureDependencies(self, register=True) -> bool:
         """Install ANTsPy (registration) after one confirmation; returns False when declined."""
         requirements = slicer_support.read_requirements(
             os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt"))
         missing = slicer_support.missing_requirements(requirements) if register else []
-        if not missing:
-            return True
-        try:
-            import slicer.packaging as packaging  # Slicer >= 5.12
-        except ImportError:
-            packaging = None
-        if packaging is not None:
-            packaging.pip_ensure(missing, requester="PRMPredictor")
-        else:
-            if not slicer.util.confirmOkCancelDisplay(
-                    _("PRMPredictor needs these Python packages, which will be downloaded and installed now:"),
-                    detailedText="\n".join(missing)):
-                return False
-            slicer.util.pip_install(missing)
-        return not slicer_support.missing_requirements(missing)
+        return ensurePythonRequirements(missing, "PRMPredictor")
 
     def processWithParameterNode(self, p, waitForCompletion=True, progressCallback=None, completedCallback=None):
         return self.process(p.inspiratoryVolume, p.expiratoryVolume, lobesNode=p.lobes,
@@ -333,12 +315,15 @@ class PRMPredictorLogic(ScriptedLoadableModuleLogic):
         options = PRMOptions(registration=RegistrationOptions(threads=settings["threads"]),
                              register=settings["register"])
         result = compute_prm(insp, exp, lobes=lobeLabels, options=options, progress=progressCallback)
-        self._workDir = slicer.util.tempDirectory("PRMPredictor")
+        workDir = slicer.util.tempDirectory("PRMPredictor")
         try:
-            write_prm_outputs(result, self._workDir)
-        finally:
-            result.cleanup()
-        return self._outputsToNodes(inspNode, self._workDir, settings)
+            try:
+                write_prm_outputs(result, workDir)
+            finally:
+                result.cleanup()
+            return self._outputsToNodes(inspNode, workDir, settings)
+        finally:  # the nodes hold their own copies of everything read from the folder
+            shutil.rmtree(workDir, ignore_errors=True)
 
     def _outputsToNodes(self, inspNode, outDir, settings):
         """Read a PRM output folder into the scene."""
@@ -374,11 +359,11 @@ class PRMPredictorLogic(ScriptedLoadableModuleLogic):
     def _startBackgroundProcess(self, inspNode, insp, exp, lobes, settings, progressCallback, completedCallback):
         from perfusionai.io import write_volume
 
-        self._workDir = slicer.util.tempDirectory("PRMPredictor")
-        inputs = os.path.join(self._workDir, "inputs")
+        workDir = self._run.newWorkDir()
+        inputs = os.path.join(workDir, "inputs")
         inspPath = str(write_volume(insp.array, insp.geometry, os.path.join(inputs, "insp.nii.gz")))
         expPath = str(write_volume(exp.array, exp.geometry, os.path.join(inputs, "exp.nii.gz")))
-        outDir = os.path.join(self._workDir, "prm")
+        outDir = os.path.join(workDir, "prm")
         command = [slicer_support.python_launcher(), "-m", "perfusionai", "prm", "ct", "--insp", inspPath,
                    "--exp", expPath, "--out", outDir, "--threads", str(int(settings["threads"])),
                    "--progress", "lines"]
@@ -387,60 +372,18 @@ class PRMPredictorLogic(ScriptedLoadableModuleLogic):
             command += ["--lobes", lobesPath, "--lobe-convention", lobes[1]]
         if not settings["register"]:
             command.append("--no-registration")
-        logging.info("PRMPredictor: " + " ".join(command))
-        self._processOutput = []
-        self._cancelRequested = False
-        self._pending = (inspNode, settings, outDir, progressCallback, completedCallback)
-        environment = slicer_support.background_environment(slicer.util.startupEnvironment().get("PYTHONPATH"))
-        self._process = slicer.util.launchConsoleProcess(command, updateEnvironment=environment, blocking=False,
-                                                         logCallback=self._onProcessLine,
-                                                         completedCallback=self._onProcessCompleted)
-        return None
 
-    def _onProcessLine(self, line) -> None:
-        self._processOutput.append(line)
-        parsed = slicer_support.parse_progress_line(line)
-        progressCallback = self._pending[3] if self._pending else None
-        if parsed is not None and progressCallback is not None:
-            progressCallback(parsed[0], parsed[1])
-        elif parsed is None and line.strip():
-            logging.info("perfusionai: " + line)
+        def readOutputs():
+            nodes = self._outputsToNodes(inspNode, outDir, settings)
+            if progressCallback is not None:
+                progressCallback(1.0, _("PRM done"))
+            return nodes
 
-    def _onProcessCompleted(self, returnCode) -> None:
-        completedCallback = self._pending[4]
-        outcome = self._collectOutcome(returnCode)
-        if outcome.get("error"):
-            logging.error("PRMPredictor: " + outcome["error"])
-        if completedCallback is not None:
-            completedCallback(outcome)
-
-    def _collectOutcome(self, returnCode) -> dict:
-        inspNode, settings, outDir, progressCallback, completedCallback = self._pending
-        self._process = None
-        self._pending = None
-        try:
-            if self._cancelRequested:
-                outcome = {"cancelled": True}
-            elif returnCode != 0:
-                outcome = {"error": slicer_support.error_message_from_output(self._processOutput)}
-            else:
-                outcome = {"nodes": self._outputsToNodes(inspNode, outDir, settings)}
-                if progressCallback is not None:
-                    progressCallback(1.0, _("PRM done"))
-        except PerfusionAIError as exc:
-            outcome = {"error": str(exc)}
-        finally:
-            if self._workDir and os.path.isdir(self._workDir):
-                shutil.rmtree(self._workDir, ignore_errors=True)
-            self._workDir = None
-        return outcome
+        return self._run.start(command, readOutputs, progressCallback, completedCallback)
 
     def cancel(self) -> None:
         """Stop a running background computation (the launcher and the Python process it started)."""
-        if self._process is None:
-            return
-        self._cancelRequested = True
-        slicer_support.kill_process_tree(self._process.pid)
+        self._run.cancel()
 
 
 #
@@ -526,16 +469,11 @@ class PRMPredictorMRILogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._process = None
-        self._processOutput = []
-        self._cancelRequested = False
-        self._workDir = None
-        self._pending = None
-        self._outcome = None
+        self._run = BackgroundRun("PRMPredictorMRI")
 
     @property
     def isRunning(self) -> bool:
-        return self._process is not None
+        return self._run.isRunning
 
     def process(self, vibeNode=None, postVibeNode=None, irmaxNode=None, pbfNode=None, lungMaskNode=None,
                 ctPrmNode=None, lobeModelPath="", prmModelPath="", device="auto", waitForCompletion=True,
@@ -563,8 +501,8 @@ class PRMPredictorMRILogic(ScriptedLoadableModuleLogic):
         if lungMaskNode is None and (not lobeModelPath or vibeNode is None):
             raise PerfusionAIError(_("Select a lung mask, or a lobe model and the VIBE volume."))
         referenceNode = vibeNode if vibeNode is not None else next(iter(given.values()))
-        self._workDir = slicer.util.tempDirectory("PRMPredictorMRI")
-        inputs = os.path.join(self._workDir, "inputs")
+        workDir = self._run.newWorkDir()
+        inputs = os.path.join(workDir, "inputs")
         command = [slicer_support.python_launcher(), "-m", "perfusionai", "prm", "predict"]
         for key, option in MRI_SEQUENCE_OPTIONS:
             if key in given:
@@ -577,56 +515,17 @@ class PRMPredictorMRILogic(ScriptedLoadableModuleLogic):
                 command += [option, str(write_volume(array, geometry, os.path.join(inputs, fileName)))]
         if lobeModelPath:
             command += ["--lobe-model", str(lobeModelPath)]
-        outDir = os.path.join(self._workDir, "out")
+        outDir = os.path.join(workDir, "out")
         command += ["--model", str(prmModelPath), "--out", outDir, "--device", device, "--progress", "lines"]
-        logging.info("PRMPredictor MRI: " + " ".join(command))
-        self._processOutput = []
-        self._cancelRequested = False
-        self._outcome = None
-        self._pending = (referenceNode, outDir, progressCallback, completedCallback)
-        environment = slicer_support.background_environment(slicer.util.startupEnvironment().get("PYTHONPATH"),
-                                                            cpu_only=device == "cpu")
-        self._process = slicer.util.launchConsoleProcess(command, updateEnvironment=environment, blocking=False,
-                                                         logCallback=self._onProcessLine,
-                                                         completedCallback=self._onProcessCompleted)
-        if not waitForCompletion:
-            return None
-        while self.isRunning:
-            slicer.app.processEvents()
-            time.sleep(0.05)
-        if self._outcome.get("error"):
-            raise PerfusionAIError(self._outcome["error"])
-        return self._outcome.get("nodes")
 
-    def _onProcessLine(self, line) -> None:
-        self._processOutput.append(line)
-        parsed = slicer_support.parse_progress_line(line)
-        progressCallback = self._pending[2] if self._pending else None
-        if parsed is not None and progressCallback is not None:
-            progressCallback(parsed[0], parsed[1])
+        def readOutputs():
+            nodes = self._outputsToNodes(referenceNode, outDir)
+            if progressCallback is not None:
+                progressCallback(1.0, _("PRM from MRI done"))
+            return nodes
 
-    def _onProcessCompleted(self, returnCode) -> None:
-        referenceNode, outDir, progressCallback, completedCallback = self._pending
-        self._process = None
-        self._pending = None
-        try:
-            if self._cancelRequested:
-                outcome = {"cancelled": True}
-            elif returnCode != 0:
-                outcome = {"error": slicer_support.error_message_from_output(self._processOutput)}
-            else:
-                outcome = {"nodes": self._outputsToNodes(referenceNode, outDir)}
-                if progressCallback is not None:
-                    progressCallback(1.0, _("PRM from MRI done"))
-        except PerfusionAIError as exc:
-            outcome = {"error": str(exc)}
-        finally:
-            if self._workDir and os.path.isdir(self._workDir):
-                shutil.rmtree(self._workDir, ignore_errors=True)
-            self._workDir = None
-        self._outcome = outcome
-        if completedCallback is not None:
-            completedCallback(outcome)
+        return self._run.start(command, readOutputs, progressCallback, completedCallback,
+                               waitForCompletion=waitForCompletion, cpuOnly=device == "cpu")
 
     def _outputsToNodes(self, referenceNode, outDir):
         """Predicted PRM (segmentation, standard colours), lobes, %PRM table and the CT comparison."""
@@ -670,10 +569,7 @@ class PRMPredictorMRILogic(ScriptedLoadableModuleLogic):
 
     def cancel(self) -> None:
         """Stop a running prediction (the launcher and the Python process it started)."""
-        if self._process is None:
-            return
-        self._cancelRequested = True
-        slicer_support.kill_process_tree(self._process.pid)
+        self._run.cancel()
 
 
 #

@@ -9,10 +9,8 @@ the evaluation numbers (Spearman R, SSIM, Dice). All numerics live in the ``perf
 package, which the extension installs next to this file.
 """
 
-import logging
 import os
 import pathlib
-import shutil
 import sys
 import time
 from typing import Annotated, Optional, Union
@@ -53,6 +51,7 @@ _makePerfusionAIImportable()
 from perfusionai import mrml  # noqa: E402
 from perfusionai import slicer_support  # noqa: E402
 from perfusionai.errors import PerfusionAIError  # noqa: E402
+from PerfusionAISlicerLib import BackgroundRun, ensurePythonRequirements, ensureTorch  # noqa: E402
 
 
 #
@@ -311,51 +310,22 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._process = None
-        self._processOutput = []
-        self._cancelRequested = False
-        self._workDir = None
-        self._pending = None
+        self._run = BackgroundRun("PerfusionTranslation")
 
     def getParameterNode(self):
         return PerfusionTranslationParameterNode(super().getParameterNode())
 
     @property
     def isRunning(self) -> bool:
-        return self._process is not None
+        return self._run.isRunning
 
     # -- dependencies -------------------------------------------------------------------
 
     def ensureDependencies(self) -> bool:
         """torch through the PyTorch extension, other packages after one confirmation; False if declined."""
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            raise PerfusionAIError(_("Perfusion Translation needs the PyTorch extension. Install 'PyTorch' from "
-                                     "the Extensions Manager and restart Slicer."))
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.1")
-            if torch is None:
-                return False
-        requirements = slicer_support.read_requirements(
-            os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt"))
-        missing = slicer_support.missing_requirements(requirements)
-        if not missing:
-            return True
-        try:
-            import slicer.packaging as packaging  # Slicer >= 5.12
-        except ImportError:
-            packaging = None
-        if packaging is not None:
-            packaging.pip_ensure(missing, requester="PerfusionTranslation")
-        else:
-            if not slicer.util.confirmOkCancelDisplay(
-                    _("Perfusion Translation needs these Python packages, which will be downloaded and installed now:"),
-                    detailedText="\n".join(missing)):
-                return False
-            slicer.util.pip_install(missing)
-        return not slicer_support.missing_requirements(missing)
+        if not ensureTorch("Perfusion Translation"):
+            return False
+        return ensurePythonRequirements(slicer_support.missing_module_requirements(__file__), "PerfusionTranslation")
 
     # -- processing ---------------------------------------------------------------------
 
@@ -437,71 +407,23 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
                 "evaluationTable": evaluationTable, "evaluation": evaluation, "modelLabel": result.model_label}
 
     def _startBackgroundProcess(self, ctNode, ctHU, geometry, labels, settings, progressCallback, completedCallback):
-        from perfusionai.ctpm.predict import build_predict_command, write_predict_inputs
+        from perfusionai.ctpm.predict import build_predict_command, read_prediction, write_predict_inputs
 
-        self._workDir = slicer.util.tempDirectory("PerfusionTranslation")
-        ctPath, maskPath = write_predict_inputs(os.path.join(self._workDir, "inputs"), ctHU, geometry, labels)
-        outDir = os.path.join(self._workDir, "prediction")
+        workDir = self._run.newWorkDir()
+        ctPath, maskPath = write_predict_inputs(os.path.join(workDir, "inputs"), ctHU, geometry, labels)
+        outDir = os.path.join(workDir, "prediction")
         command = build_predict_command(slicer_support.python_launcher(), ctPath, settings["modelPath"], outDir,
                                         maskPath)
-        logging.info("PerfusionTranslation: " + " ".join(command))
-        self._processOutput = []
-        self._cancelRequested = False
-        self._pending = (ctNode, settings, outDir, progressCallback, completedCallback)
-        environment = slicer_support.background_environment(
-            slicer.util.startupEnvironment().get("PYTHONPATH"), cpu_only=False)
-        self._process = slicer.util.launchConsoleProcess(command, updateEnvironment=environment, blocking=False,
-                                                         logCallback=self._onProcessLine,
-                                                         completedCallback=self._onProcessCompleted)
-        return None
 
-    def _onProcessLine(self, line) -> None:
-        self._processOutput.append(line)
-        parsed = slicer_support.parse_progress_line(line)
-        progressCallback = self._pending[3] if self._pending else None
-        if parsed is not None and progressCallback is not None:
-            progressCallback(parsed[0], parsed[1])
-        elif parsed is None and line.strip():
-            logging.info("perfusionai: " + line)
+        def readOutputs():
+            result, resultGeometry, _summary = read_prediction(outDir)
+            return self._resultsToNodes(ctNode, result, resultGeometry, settings)
 
-    def _onProcessCompleted(self, returnCode) -> None:
-        completedCallback = self._pending[4]
-        outcome = self._collectOutcome(returnCode)
-        if outcome.get("error"):
-            logging.error("PerfusionTranslation: " + outcome["error"])
-        if completedCallback is not None:
-            completedCallback(outcome)
-
-    def _collectOutcome(self, returnCode) -> dict:
-        """Read the results of a finished run into the scene; ``{"nodes"|"error"|"cancelled": ...}``."""
-        from perfusionai.ctpm.predict import read_prediction
-
-        ctNode, settings, outDir, progressCallback, completedCallback = self._pending
-        self._process = None
-        self._pending = None
-        outcome = {}
-        try:
-            if self._cancelRequested:
-                outcome = {"cancelled": True}
-            elif returnCode != 0:
-                outcome = {"error": slicer_support.error_message_from_output(self._processOutput)}
-            else:
-                result, geometry, summary = read_prediction(outDir)
-                outcome = {"nodes": self._resultsToNodes(ctNode, result, geometry, settings)}
-        except PerfusionAIError as exc:
-            outcome = {"error": str(exc)}
-        finally:
-            if self._workDir and os.path.isdir(self._workDir):
-                shutil.rmtree(self._workDir, ignore_errors=True)
-            self._workDir = None
-        return outcome
+        return self._run.start(command, readOutputs, progressCallback, completedCallback, cpuOnly=False)
 
     def cancel(self) -> None:
         """Stop a running background prediction (the launcher and the Python process it started)."""
-        if self._process is None:
-            return
-        self._cancelRequested = True
-        slicer_support.kill_process_tree(self._process.pid)
+        self._run.cancel()
 
 
 #

@@ -634,6 +634,18 @@ def test_mrml_bridge_uses_only_existing_mrml_methods():
     assert problems == [], "\n".join(problems)
 
 
+def test_shared_slicer_library_uses_only_existing_slicer_api():
+    """PerfusionAISlicerLib (background runs and dependency installation for all four modules)."""
+    path = ROOT / "PerfusionAISlicerLib" / "__init__.py"
+    problems = check_python_source(path.read_text(), "PerfusionAISlicerLib/__init__.py", api(), module_file=False)
+    assert problems == [], "\n".join(problems)
+    # every module that runs in the background uses it, none re-implements the process handling
+    for module_dir in MODULES:
+        source = (module_dir / f"{module_dir.name}.py").read_text()
+        assert "from PerfusionAISlicerLib import" in source, module_dir.name
+        assert "launchConsoleProcess" not in source and "kill_process_tree" not in source, module_dir.name
+
+
 def test_index_provenance_is_recorded():
     data = load_api_data()
     assert data["target_version"] == TARGET
