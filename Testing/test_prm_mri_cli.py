@@ -57,11 +57,31 @@ def test_predict_with_a_subset_of_sequences_keeps_the_grid(cohort, trained_model
     assert set(np.unique(pred.array[lung])) <= {1, 2, 3} and np.all(pred.array[~lung] == 0)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sequences_used"] == ["vibe", "irmax"]
-    assert 0.0 <= summary["comparison_with_reference"]["dice_abnormal"] <= 1.0
+    # Dice of the abnormal class (fSAD or emphysema) recomputed from the written files
+    reference = read_volume(sub / "prm.nii.gz").array
+    valid = lung & (reference >= 1) & (reference <= 3)  # uncategorized / excluded CT voxels left out
+    a, r = np.isin(pred.array, (2, 3)) & valid, np.isin(reference, (2, 3)) & valid
+    expected = 2 * np.sum(a & r) / (np.sum(a) + np.sum(r))
+    assert summary["comparison_with_reference"]["dice_abnormal"] == pytest.approx(expected, abs=1e-6)
     stats = json.loads((out / "prm_stats.json").read_text())
     total = sum(stats["whole_lung"][k] for k in ("normal", "fsad", "emph"))
     assert total == pytest.approx(100.0, abs=1e-6)
     assert set(stats["lobes"]) == {"1", "2", "3", "4", "5", "6"}
+
+
+def test_predict_without_lobes_splits_a_binary_lung_mask_into_right_and_left(cohort, trained_model, tmp_path):
+    root, _, phantoms = cohort
+    sub = root / "mri004"
+    binary = tmp_path / "binary_lungs.nii.gz"
+    write_volume((phantoms[4].lung_labels > 0).astype(np.uint8), phantoms[4].geometry, binary)
+    out = tmp_path / "pred"
+    assert main(["prm", "predict", "--vibe", str(sub / "vibe.nii.gz"), "--lung-mask", str(binary),
+                 "--model", str(trained_model), "--out", str(out), "--device", "cpu", "--progress", "none"]) == 0
+    stats = json.loads((out / "prm_stats.json").read_text())
+    truth_sides = phantoms[4].lung_labels
+    # the sides are the phantom's two lungs, not "everything is the right lung"
+    assert stats["right"]["lung_voxels"] == int(np.sum(truth_sides == 1))
+    assert stats["left"]["lung_voxels"] == int(np.sum(truth_sides == 2))
 
 
 def test_predict_user_errors_are_one_clear_message(cohort, trained_model, tmp_path, capsys):

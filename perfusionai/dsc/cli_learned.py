@@ -55,11 +55,13 @@ def load_concentration(dsc_path, te_option, tr_option, mask_path, aif_mask_path,
                        baseline_frames: Optional[int] = None, signal: Optional[np.ndarray] = None):
     """Read a series and return ``(series, te, times, mask, concentration [k,j,i,t], aif (t,))``.
 
-    The same steps as :func:`perfusionai.dsc.pipeline.compute_dsc_maps` (bolus detection, delta
-    R2*, AIF from the mask or automatic). ``signal`` replaces the series' array (noise study).
+    The same steps as :func:`perfusionai.dsc.pipeline.compute_dsc_maps`, through the same
+    function (:func:`perfusionai.dsc.pipeline.prepare_concentration_and_aif`). ``signal``
+    replaces the series' array.
     """
     from . import concentration as conc_mod
     from .cli import MIN_FRAMES, resolve_te
+    from .pipeline import prepare_concentration_and_aif
 
     series = read_series(dsc_path, tr=tr_option, name="DSC series", min_frames=MIN_FRAMES)
     times = series.frame_times()
@@ -67,18 +69,10 @@ def load_concentration(dsc_path, te_option, tr_option, mask_path, aif_mask_path,
     mask = read_mask(mask_path, series.geometry, "brain mask") if mask_path else np.ones(series.geometry.shape, bool)
     arterial = read_mask(aif_mask_path, series.geometry, "AIF mask") if aif_mask_path else None
     array = series.array if signal is None else signal
-    baseline = baseline_frames
-    if baseline is None:
-        baseline = conc_mod.detect_bolus_arrival(array, mask).baseline_frames
-    convert = mask if arterial is None else (mask | arterial)
-    conc = conc_mod.signal_to_concentration(array, te, baseline, convert).concentration
-    from . import aif as aif_mod
-
-    if arterial is not None:
-        aif = aif_mod.aif_from_mask(conc, arterial)
-    else:
-        aif = aif_mod.select_aif_auto(conc, mask, times).curve
-    return series, te, times, mask, conc, np.asarray(aif, dtype=np.float64), int(baseline)
+    conc_mod.check_finite_frames(array)
+    prepared = prepare_concentration_and_aif(array, times, te, mask, arterial, baseline_frames)
+    return (series, te, times, mask, prepared.concentration, np.asarray(prepared.aif, dtype=np.float64),
+            prepared.baseline_frames)
 
 
 # ------------------------------------------------------------------------------ train-phae
@@ -277,7 +271,9 @@ def run_noise_study(args: argparse.Namespace) -> int:
                 truth[name] = read_volume(p, f"truth {name}").array
     from . import concentration as conc_mod
 
-    baseline = args.baseline_frames or conc_mod.detect_bolus_arrival(series.array, mask).baseline_frames
+    # the baseline compute_dsc_maps would choose (earliest arrival in the brain or the arteries), fixed
+    # once so that every SNR level and method shares it
+    baseline = args.baseline_frames or conc_mod.earliest_bolus_arrival(series.array, mask, aif_mask).baseline_frames
     methods = args.methods
     progress = make_progress(args, "noise study")
     report = progress or (lambda f, m: None)

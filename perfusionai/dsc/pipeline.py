@@ -187,40 +187,11 @@ def compute_dsc_maps(signal: np.ndarray, times: np.ndarray, options: DSCOptions,
     else:
         aif_auto = True
 
-    report(0.0, "concentration")
-    arrival_s = None
-    baseline = options.baseline_frames
-    if baseline is None:
-        bolus = conc_mod.earliest_bolus_arrival(s, brain, arterial)
-        baseline = bolus.baseline_frames
-        arrival_s = float(t[bolus.arrival_index] - t[0])
-    convert = brain if arterial is None else (brain | arterial)
-    converted = conc_mod.signal_to_concentration(s, te, baseline, convert, check_frames=False)
-    concentration = converted.concentration  # float32 [k, j, i, t]
+    report(0.0, "concentration and AIF")
+    prepared = prepare_concentration_and_aif(s, t, te, brain, arterial, options.baseline_frames)
+    concentration, aif, aif_info = prepared.concentration, prepared.aif, prepared.aif_info
+    baseline, arrival_s, aif_voxels = prepared.baseline_frames, prepared.arrival_s, prepared.aif_voxels
     report(0.2, "AIF")
-
-    aif_voxels = None
-    aif_module = _optional("perfusionai.dsc.aif")
-    if arterial is not None:
-        source = "AIF mask"
-        if aif_module is not None and hasattr(aif_module, "aif_from_mask"):
-            aif = aif_module.aif_from_mask(concentration, arterial)
-        else:
-            aif = _local_aif_from_mask(concentration, arterial)
-        aif_voxels = np.argwhere(arterial).astype(int)
-        aif_info = {"source": "mask", "n_voxels": int(arterial.sum())}
-    else:
-        source = "automatic AIF"
-        if aif_module is None or not hasattr(aif_module, "select_aif_auto"):
-            raise PerfusionAIError("automatic AIF selection is not available in this installation; "
-                                   "give an AIF mask (--aif-mask)")
-        selection = aif_module.select_aif_auto(concentration, brain, t, baseline_frames=baseline)
-        aif = selection.curve
-        aif_voxels = np.asarray(selection.voxels, dtype=int).reshape(-1, 3)
-        aif_info = {"source": "automatic", "n_voxels": int(aif_voxels.shape[0]),
-                    "voxels_kji": aif_voxels.tolist()}
-    aif = _validate_aif(aif, source)
-    aif_info.update(peak=float(aif.max()), peak_time_s=float(t[int(np.argmax(aif))] - t[0]))
 
     extra_maps = {}
     if options.leakage_correction:
@@ -294,8 +265,8 @@ def compute_dsc_maps(signal: np.ndarray, times: np.ndarray, options: DSCOptions,
     summary = {
         "inputs": {"shape_kji": list(shape3), "n_frames": int(n_frames), "frame_interval_s": dt,
                    "te_s": te, "mask_voxels": int(brain.sum()),
-                   "voxels_without_valid_baseline": int(converted.invalid_voxels),
-                   "clipped_signal_samples": int(converted.clipped_samples)},
+                   "voxels_without_valid_baseline": prepared.invalid_voxels,
+                   "clipped_signal_samples": prepared.clipped_samples},
         "options": asdict(options),
         "baseline_frames": int(baseline),
         "bolus_arrival_s": arrival_s,
@@ -316,3 +287,71 @@ def compute_dsc_maps(signal: np.ndarray, times: np.ndarray, options: DSCOptions,
     return DSCResult(maps=maps, aif=aif, times=t, aif_voxels=aif_voxels, tissue_curve=tissue_curve,
                      baseline_frames=int(baseline), bolus_arrival_s=arrival_s, summary=summary,
                      residue_threshold=regularisation)
+
+
+@dataclass
+class PreparedDSC:
+    """Concentration and AIF of a series as :func:`compute_dsc_maps` derives them.
+
+    ``concentration`` ``[k, j, i, t]`` float32 delta R2* (1/s, zero outside the converted
+    voxels); ``aif`` ``(t,)`` 1/s; ``baseline_frames`` pre-bolus frames used for S0;
+    ``arrival_s`` the detected earliest bolus arrival (s from the first frame; None when
+    ``baseline_frames`` was given); ``aif_voxels`` ``(n, 3)`` [k, j, i] indices; ``aif_info``
+    the summary entry; ``invalid_voxels`` / ``clipped_samples`` as
+    :func:`perfusionai.dsc.concentration.signal_to_concentration` counts them.
+    """
+
+    concentration: np.ndarray
+    aif: np.ndarray
+    baseline_frames: int
+    arrival_s: Optional[float]
+    aif_voxels: np.ndarray
+    aif_info: dict
+    invalid_voxels: int = 0
+    clipped_samples: int = 0
+
+
+def prepare_concentration_and_aif(s: np.ndarray, t: np.ndarray, te: float, brain: np.ndarray,
+                                  arterial: Optional[np.ndarray] = None,
+                                  baseline_frames: Optional[int] = None) -> PreparedDSC:
+    """Signal ``[k, j, i, t]`` -> delta R2* and the AIF, the one way every DSC path does it.
+
+    The baseline ends before the *earliest* bolus arrival in the brain or the arteries (unless
+    ``baseline_frames`` is given); the AIF is the mean of ``arterial`` voxels, or selected
+    automatically inside ``brain`` when ``arterial`` is None. ``t`` frame times in s, ``te`` s.
+    Used by :func:`compute_dsc_maps`, the learned-method training verbs and the noise study.
+    """
+    arrival_s = None
+    baseline = baseline_frames
+    if baseline is None:
+        bolus = conc_mod.earliest_bolus_arrival(s, brain, arterial)
+        baseline = bolus.baseline_frames
+        arrival_s = float(t[bolus.arrival_index] - t[0])
+    convert = brain if arterial is None else (brain | arterial)
+    converted = conc_mod.signal_to_concentration(s, te, baseline, convert, check_frames=False)
+    concentration = converted.concentration  # float32 [k, j, i, t]
+
+    aif_voxels = None
+    aif_module = _optional("perfusionai.dsc.aif")
+    if arterial is not None:
+        source = "AIF mask"
+        if aif_module is not None and hasattr(aif_module, "aif_from_mask"):
+            aif = aif_module.aif_from_mask(concentration, arterial)
+        else:
+            aif = _local_aif_from_mask(concentration, arterial)
+        aif_voxels = np.argwhere(arterial).astype(int)
+        aif_info = {"source": "mask", "n_voxels": int(arterial.sum())}
+    else:
+        source = "automatic AIF"
+        if aif_module is None or not hasattr(aif_module, "select_aif_auto"):
+            raise PerfusionAIError("automatic AIF selection is not available in this installation; "
+                                   "give an AIF mask (--aif-mask)")
+        selection = aif_module.select_aif_auto(concentration, brain, t, baseline_frames=baseline)
+        aif = selection.curve
+        aif_voxels = np.asarray(selection.voxels, dtype=int).reshape(-1, 3)
+        aif_info = {"source": "automatic", "n_voxels": int(aif_voxels.shape[0]),
+                    "voxels_kji": aif_voxels.tolist()}
+    aif = _validate_aif(aif, source)
+    aif_info.update(peak=float(aif.max()), peak_time_s=float(t[int(np.argmax(aif))] - t[0]))
+    return PreparedDSC(concentration, aif, int(baseline), arrival_s, aif_voxels, aif_info,
+                       int(converted.invalid_voxels), int(converted.clipped_samples))

@@ -114,10 +114,11 @@ def run_train(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..io import atomic_output_dir, read_labels, read_mask, read_volume, write_json, write_volume
+    from ..io import atomic_output_dir, read_labels, read_volume, write_json, write_volume
     from .mri_evaluation import case_metrics
     from .mri_predict import predict_prm_mri
     from .mri_training import load_prm_model
+    from .pipeline import lung_sides
     from .stats import prm_statistics, write_stats_csv
 
     from ..errors import input_error
@@ -137,9 +138,11 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.lung_mask is not None:
         lung_vol = read_volume(args.lung_mask, "lung mask")
         geometry = lung_vol.geometry
-        lung = read_mask(args.lung_mask, geometry, "lung mask")
+        lung_map = read_labels(args.lung_mask, geometry, "lung mask")  # binary, right/left 1/2, or lobes
+        lung = lung_map > 0
     else:
         geometry = segmented.geometry
+        lung_map = segmented.lobes
         lung = segmented.lobes > 0
         if not lung.any():
             raise input_error(args.vibe, "the lobe model found no lung in this VIBE")
@@ -158,7 +161,12 @@ def run_predict(args: argparse.Namespace) -> int:
     model, card = load_prm_model(args.model)
     result = predict_prm_mri(volumes, lung, model, card, device=args.device, progress=progress)
     voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
-    stats = prm_statistics(result.labels, lung.astype(np.uint8), lobes, voxel_ml)
+    # right (1) / left (2): from the lobes when there are any, else the mask's own labels or its two lungs
+    if lobes is not None and np.any(lobes):
+        sides = np.where(lung, np.where(np.isin(lobes, (1, 2, 3)), 1, np.where(np.isin(lobes, (4, 5, 6)), 2, 0)), 0)
+    else:
+        sides = lung_sides(lung_map, geometry)
+    stats = prm_statistics(result.labels, sides.astype(np.uint8), lobes, voxel_ml)
     summary = {"model": result.model, "sequences_used": result.sequences_used,
                "trained_with": card["inputs"].get("trained_with"), "voxels_outside_window": result.voxels_outside_window,
                "whole_lung": stats["whole_lung"]}
