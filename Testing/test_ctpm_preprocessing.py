@@ -120,6 +120,16 @@ def test_split_binary_mask_by_patient_side_whatever_the_storage_order():
     assert lungs[2][:, :, :2].all() and lungs[1][:, :, 4:].all()
 
 
+def test_split_binary_mask_stored_as_255_ignores_a_stray_blob():
+    binary = np.zeros((4, 8, 20), np.uint8)
+    binary[:, 1:7, 1:8] = 255   # right lung (low i, identity direction)
+    binary[:, 1:7, 11:19] = 255  # left lung
+    binary[0, 0, 19] = 255       # one stray voxel far to the left
+    lungs = pp.split_lungs(binary, Geometry((4, 8, 20)))
+    assert np.array_equal(lungs[1], binary.astype(bool) & (np.arange(20) < 9)[None, None, :])
+    assert lungs[2][:, 1:7, 11:19].all() and lungs[2][0, 0, 19]
+
+
 def test_split_lungs_refuses_missing_lungs():
     geometry = Geometry((2, 2, 4))
     with pytest.raises(PerfusionAIError, match="mask.nii.gz: contains no lung voxel"):

@@ -79,7 +79,8 @@ def test_model_folder_round_trip_reproduces_predictions(cohort, tmp_path, algori
 def test_cli_train_predict_evaluate(tmp_path, capsys):
     csv_path = write_dr_cohort(make_dr_cohort(4, shape=(2, 24, 24), snr=60, seed=3), tmp_path / "cohort")
     model_dir = tmp_path / "model"
-    assert main(["dr", "train", "--cohort", str(csv_path), "--algorithm", "lr", "--phantom-data",
+    # no --phantom-data: the marker 'dr phantom' writes beside cohort.csv labels the model by itself
+    assert main(["dr", "train", "--cohort", str(csv_path), "--algorithm", "lr",
                  "--out", str(model_dir), "--progress", "none"]) == 0
     assert "trained on phantoms" in capsys.readouterr().out
     patient = tmp_path / "cohort" / "patient01"
@@ -91,6 +92,12 @@ def test_cli_train_predict_evaluate(tmp_path, capsys):
     assert summary["trained_on_phantoms"] and summary["strategy"] == "signal-to-signal"
     for name in ("s0", "f", "dv", "t2v", "dt", "k", "t2t", "predicted_signals"):
         assert (out / f"{name}.nii.gz").is_file()
+    from perfusionai.io import read_volume
+
+    dt = read_volume(out / "dt.nii.gz")
+    tumour = read_volume(patient / "tumour.nii.gz").array > 0
+    assert dt.geometry.same_grid(read_volume(patient / "tumour.nii.gz").geometry)
+    assert np.all(np.isfinite(dt.array)) and np.all(dt.array[tumour] > 0) and np.all(dt.array[~tumour] == 0)
     ev = tmp_path / "eval"
     assert main(["dr", "evaluate", "--cohort", str(csv_path), "--algorithms", "lr", "--sizes", "1,3",
                  "--out", str(ev), "--progress", "none"]) == 0

@@ -40,7 +40,7 @@ def test_sequence_attributes_carry_the_protocol_and_maps_come_back_as_nodes(scen
     assert geometry.same_grid(ph.geometry)
     np.testing.assert_allclose(back, maps["dt"])
     roi = ph.tumour & ph.body
-    rows = pipeline.roi_statistics(maps, roi, "tumour") + pipeline.roi_statistics({"f": maps["f"]}, ~ph.body & ~ph.body)
+    rows = pipeline.roi_statistics(maps, roi, "tumour") + pipeline.roi_statistics({"f": maps["f"]}, ph.body & ~ph.body)
     table = mrml.table_node_from_rows(rows, "DR statistics")
     assert table.GetNumberOfRows() == len(models.ADVANCED_MAPS) + 1
     read = mrml.rows_of_table_node(table)

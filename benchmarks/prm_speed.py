@@ -8,7 +8,7 @@ Prints one row per stage and pair: seconds, and the ratio to the target (60 s fo
 pair, 300 s for the 1 mm pair, whole pipeline) and the CPU seconds of the process (ANTs runs
 in-process, so its threads count; CPU seconds are steadier than wall time on a shared machine).
 Registration runs with the ``--registration-quality`` recipe (default ``fast``: rigid + affine +
-SyN CC on a 4 mm grid, lungs masked; ``accurate``: SyN down to a 2 mm grid) and ``--threads`` ITK
+SyN CC on a 3 mm grid, lungs masked; ``accurate``: SyN down to a 2 mm grid) and ``--threads`` ITK
 threads (the pipeline sets ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` before ANTs is imported).
 """
 

@@ -91,20 +91,14 @@ class DSCInputFiles:
     aif_mask: Optional[Path] = None
 
 
-def frame_interval(times: np.ndarray) -> float:
-    """Median frame interval in seconds of frame times ``(t,)``."""
-    t = np.asarray(times, dtype=float)
-    if t.size < 2:
-        raise input_error("frame times", "at least two frames are needed")
-    return float(np.median(np.diff(t)))
-
-
 def write_dsc_inputs(work_dir: str | os.PathLike, signal_kjit: np.ndarray, geometry: Geometry,
                      times: np.ndarray, mask: Optional[np.ndarray] = None,
                      aif_mask: Optional[np.ndarray] = None) -> DSCInputFiles:
     """Write the series ``[k, j, i, t]`` and optional masks ``[k, j, i]`` as NIfTI for the CLI."""
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    from .dsc.deconvolution import frame_interval  # refuses irregular timing, as the in-process route does
+
     tr = frame_interval(times)
     files = DSCInputFiles(series=write_series(signal_kjit, geometry, work / "dsc.nii.gz", tr=tr), tr=tr)
     if mask is not None:

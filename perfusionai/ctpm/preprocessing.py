@@ -107,56 +107,35 @@ def split_lungs(labels: np.ndarray, geometry: Geometry, name: str = "lung mask")
 
     Accepted label maps: 1 = right / 2 = left (the CT lung mask convention);
     lobe labels 1-6 (1-3 right, 4-6 left; recognised when a value above 2 is
-    present); or a binary mask (one nonzero value), which is split at the
-    mid-plane between the centroids of its two largest connected components,
-    along LPS x (x grows towards the patient's left), or at the centroid when
-    the lungs form one component. Raises :class:`PerfusionAIError` when a lung
+    present); or a binary mask (one nonzero value: 1, or above 6 such as 255),
+    split into right and left by :func:`perfusionai.prm.pipeline.lung_sides`
+    (between its two largest components along LPS x, x growing towards the
+    patient's left). Raises :class:`PerfusionAIError` when a lung
     is missing.
     """
     arr = np.asarray(labels)
     values = np.unique(arr[arr != 0])
     if values.size == 0:
         raise input_error(name, "contains no lung voxel (the CT has no lungs, or the mask is empty)")
-    if values.max() > 2:
+    if values.size == 1 and (values[0] == 1 or values[0] > 6):
+        # binary (any single value: 1, 255, ...); the shared right/left split (prm.pipeline.lung_sides)
+        # ignores stray blobs smaller than 8 % of the larger lung
+        from ..prm.pipeline import lung_sides
+
+        sides = lung_sides(arr != 0, geometry)
+        right, left = sides == RIGHT_LUNG, sides == LEFT_LUNG
+    elif values.max() > 2:
         if not set(values.tolist()) <= set(range(1, 7)):
             raise input_error(name, f"has labels {values.tolist()}; expected 1 right / 2 left, "
                                     f"lobes 1-6, or a binary mask")
         right = np.isin(arr, _RIGHT_LOBES)
         left = np.isin(arr, _LEFT_LOBES)
-    elif values.size == 2:
+    else:  # 1 right / 2 left (a mask of label 2 alone has no right lung and is refused below)
         right, left = arr == RIGHT_LUNG, arr == LEFT_LUNG
-    else:
-        right, left = _split_binary(arr != 0, geometry)
     for side, mask in ((RIGHT_LUNG, right), (LEFT_LUNG, left)):
         if not mask.any():
             raise input_error(name, f"has no {SIDE_NAMES[side]} lung; both lungs are needed")
     return {RIGHT_LUNG: right, LEFT_LUNG: left}
-
-
-def _lps_x(geometry: Geometry, index_kji: np.ndarray) -> np.ndarray:
-    """LPS x (mm) of voxel indices given as rows ``(k, j, i)``."""
-    m = geometry.ijk_to_lps()
-    ijk = np.asarray(index_kji, dtype=float)[..., ::-1]
-    return ijk @ m[0, :3] + m[0, 3]
-
-
-def _split_binary(mask: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
-    """Right/left halves of a binary two-lung mask (see :func:`split_lungs`)."""
-    components, n = ndimage.label(mask)
-    if n >= 2:
-        sizes = ndimage.sum_labels(mask, components, np.arange(1, n + 1))
-        big = np.argsort(sizes)[::-1][:2] + 1
-        centroids = np.asarray(ndimage.center_of_mass(mask, components, big))
-        mid_x = float(np.mean(_lps_x(geometry, centroids)))
-    else:
-        mid_x = float(_lps_x(geometry, np.asarray(ndimage.center_of_mass(mask)))[()])
-    # LPS x of every voxel is affine in (i, j, k): evaluate it as one broadcast sum.
-    m = geometry.ijk_to_lps()
-    k, j, i = (np.arange(s, dtype=float) for s in mask.shape)
-    x = (m[0, 0] * i[None, None, :] + m[0, 1] * j[None, :, None] + m[0, 2] * k[:, None, None] + m[0, 3])
-    right = mask & (x < mid_x)
-    left = mask & (x >= mid_x)
-    return right, left
 
 
 # ------------------------------------------------------------------------------ 2. network grid

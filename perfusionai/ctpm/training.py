@@ -41,7 +41,7 @@ from .predict import lung_labels_for
 from .preprocessing import (PreprocessConfig, coverage, discretise, preprocess_ct, resample_onto,
                             spect_reference_level)
 
-PHANTOM_MARKER = "phantom_cohort.json"
+from ..phantoms import PHANTOM_COHORT_MARKER as PHANTOM_MARKER  # noqa: E402
 
 
 @dataclass

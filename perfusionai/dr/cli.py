@@ -88,7 +88,7 @@ def register(subparsers) -> None:
     train.add_argument("--strategy", choices=_strat(), default="signal-to-signal")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--phantom-data", action="store_true",
-                       help="label the model 'trained on phantoms' (set when the cohort is a digital phantom)")
+                       help="label the model 'trained on phantoms' (automatic for a cohort written by 'dr phantom')")
     train.add_argument("--out", required=True, help="model folder to write (model.json + weights.safetensors)")
     add_common_options(train)
     train.set_defaults(handler=run_train)
@@ -205,12 +205,15 @@ def run_train(args: argparse.Namespace) -> int:
     progress = as_progress(make_progress(args, "dr train"))
     patients = read_cohort(args.cohort, progress.sub(0.0, 0.6))
     progress(0.6, f"training {args.algorithm} ({args.strategy})")
-    model = train(patients, args.algorithm, args.strategy, seed=args.seed, trained_on_phantoms=args.phantom_data)
+    from ..phantoms import is_phantom_cohort
+
+    on_phantoms = bool(args.phantom_data) or is_phantom_cohort(args.cohort)  # the phantom writer marks its cohort
+    model = train(patients, args.algorithm, args.strategy, seed=args.seed, trained_on_phantoms=on_phantoms)
     model.description["cohort"] = str(args.cohort)
     with atomic_output_dir(args.out) as stage:
         save_model(model, stage)
     progress(1.0, "model written")
-    label = " (trained on phantoms)" if args.phantom_data else ""
+    label = " (trained on phantoms)" if on_phantoms else ""
     print(f"{args.algorithm} {args.strategy} model{label} written to {args.out} "
           f"({model.description['voxels']} voxels of {len(patients)} patients)")
     return 0

@@ -11,8 +11,8 @@ Two strategies (Macarro et al., JMRI 2025):
 Algorithms (keys of :data:`ALGORITHMS`): ``lr`` linear regression, ``rf`` random forest, ``etr``
 extra trees, ``gbr`` gradient boosting (one model per output), ``slnn`` single-hidden-
 layer network, ``mlnn`` three-hidden-layer network (both voxel-wise), and ``patchnn`` a network
-whose input is the 3x3 in-plane neighbourhood of every input channel. Networks are scikit-learn
-``MLPRegressor`` (ReLU, Adam, early stopping); all inputs and outputs are standardised.
+whose input is the 3x3 in-plane neighbourhood of every input channel. Networks are torch MLPs
+(ReLU, Adam, early stopping) trained by :func:`perfusionai.nn.fit`; all inputs and outputs are standardised.
 
 Model directory (no pickles, ever): ``model.json`` (algorithm, strategy, protocols, hyper-
 parameters, standardisation, training description incl. "trained on phantoms", metrics, package

@@ -77,7 +77,7 @@ def register(subparsers) -> None:
                       help="number of pre-bolus frames for S0 (default: detected automatically)")
     maps.add_argument("--leakage-correction", action="store_true",
                       help="Boxerman-Schmainda-Weisskoff leakage correction (contrast-enhancing tumours); "
-                           "adds k2.nii.gz")
+                           "adds k2.nii.gz (leakage, 1/s) and k1.nii.gz (scaling of the reference curve)")
     maps.add_argument("--model", default=None,
                       help="model folder or zip for --method phae / tmax-net (phae without --model trains on "
                            "this series first)")

@@ -55,7 +55,7 @@ def run_demo(out_dir: Path, progress=None) -> ReportSection:
     timings = {}
     runs = {"oSVD, drawn AIF": ["--method", "oSVD", "--aif-mask", str(phantom_dir / "aif_mask.nii.gz")],
             "oSVD, automatic AIF": ["--method", "oSVD", "--aif-auto"],
-            "Tikhonov (L-curve), drawn AIF": ["--method", "Tikhonov",
+            "Tikhonov (GCV), drawn AIF": ["--method", "Tikhonov",
                                               "--aif-mask", str(phantom_dir / "aif_mask.nii.gz")]}
     folders = {}
     for n, (label, extra) in enumerate(runs.items()):

@@ -246,4 +246,7 @@ def write_dr_cohort(cohort: Sequence[DRPhantom], folder: str | Path) -> Path:
         w = csv.writer(fh)
         w.writerow(["patient", "dwi", "bvals", "tes", "mask"])
         w.writerows(rows)
+    from . import PHANTOM_COHORT_MARKER
+
+    (folder / PHANTOM_COHORT_MARKER).write_text('{"generator": "perfusionai.phantoms.dr"}\n')
     return csv_path

@@ -479,9 +479,11 @@ def make_dsc_phantom(
         1 (default) is the linear model: tissue signal drops of 4-14 % against a 90 %
         arterial drop, well below clinical scans (30-40 % grey matter at standard dose). The
         OSIPI/Chakwizira DRO uses kappa_s / kappa_a = 130.8 / 7.03 = 18.6; with ``aif_peak``
-        35 1/s, ``tissue_kappa`` 10 gives clinical drops (grey matter 37 %, white matter
-        19 %, artery 65 %). Maps computed with ``kh`` are then ``tissue_kappa`` times the
-        truth; compute them with :attr:`DSCPhantom.analysis_kh`.
+        35 1/s, ``tissue_kappa`` 10 gives clinical drops (grey matter 31-35 %, white matter
+        15-17 %, artery 64 %; the lower values with ``discretisation="fine"``). Maps
+        computed with ``kh`` are then ``tissue_kappa`` times the truth; compute them with
+        :attr:`DSCPhantom.analysis_kh`.
+    spacing
         Voxel size in mm along ``(i, j, k)``.
     brain_extent
         In-plane semi-axes of the brain ellipsoid as a fraction of the half field of view.

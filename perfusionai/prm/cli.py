@@ -96,7 +96,7 @@ def _add_phantom(verbs) -> None:
         "phantom", help="write an inspiratory/expiratory CT phantom pair with known PRM and lobes",
         description="Write a paired chest CT phantom (HU) with known truth: OUT/insp.nii.gz, OUT/exp.nii.gz "
                     "(deformed by breathing), OUT/lung_mask.nii.gz (1 right, 2 left), OUT/lobes.nii.gz (1-6), "
-                    "OUT/truth_prm.nii.gz (0-4) on the inspiratory grid and OUT/truth.json (%%PRM per lung and "
+                    "OUT/truth_prm.nii.gz (0-4) on the inspiratory grid and OUT/truth.json (%PRM per lung and "
                     "lobe). Then: perfusionai prm ct --insp OUT/insp.nii.gz --exp OUT/exp.nii.gz "
                     "--lobes OUT/lobes.nii.gz --out prm/")
     p.add_argument("--out", required=True, help="output folder")

@@ -9,7 +9,7 @@ Structure (research/prm.md 2.4):
 
 * **Shared encoder**, applied to every available input separately:
   ConvNormAct(1->8, 5x5x5) -> ConvNormAct(8->16, 5x5x5, stride 2) -> ConvNormAct(16->32, 5x5x5, stride 2)
-  (instance norm, LeakyReLU 0.2). A 60x256x256 volume gives a 32x15x64x64 latent.
+  (batch norm, LeakyReLU 0.2). A 60x256x256 volume gives a 32x15x64x64 latent.
 * **Fusion robust to any missing subset**: missing inputs get all-zero features; weights
   ``p = softmax(Linear(m))`` of the availability mask ``m`` are restricted to the available
   inputs and renormalised, ``fused = sum_i m_i p_i f_i / sum_i m_i p_i``; a residual

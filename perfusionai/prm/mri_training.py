@@ -31,7 +31,7 @@ from .mri_losses import DEFAULT_BLUR_SIZE, DEFAULT_WEIGHTS, prm_loss
 from .mri_network import ARCHITECTURE_NAME, DEFAULT_SHAPE, SEQUENCES, crop_labels, prepare_inputs
 
 COHORT_COLUMNS = ("subject", "split", "vibe", "post_vibe", "irmax", "pbf", "lung_mask", "lobes", "prm")
-PHANTOM_MARKER = "phantom_cohort.json"
+from ..phantoms import PHANTOM_COHORT_MARKER as PHANTOM_MARKER  # noqa: E402
 NORMALISATION = ("per sequence: clip to [0, 2 x P99 inside the lung mask], map to [-1, 1]; "
                  "outside the lung -1")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import html
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -81,7 +82,9 @@ def write_report(sections: Sequence[ReportSection], out_dir: str | Path, title: 
         parts.append(f"<h2 id='s{i}'>{html.escape(s.title)}</h2>{s.html_body}")
         for img in s.images:
             rel = Path(img).resolve().relative_to(out.resolve()) if Path(img).resolve().is_relative_to(
-                out.resolve()) else Path(img).name
+                out.resolve()) else Path(Path(img).name)
+            if not (out / rel).exists() and Path(img).is_file():  # an image from elsewhere goes beside the report
+                shutil.copyfile(img, out / rel)
             parts.append(f"<figure><img src='{html.escape(rel.as_posix())}' alt='{html.escape(rel.stem)}'>"
                          f"<figcaption>{html.escape(rel.stem)}</figcaption></figure>")
     parts.append("</body></html>")
