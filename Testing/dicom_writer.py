@@ -72,8 +72,13 @@ def write_dsc_dicom(folder: Path, data: np.ndarray, spacing=(0.9, 1.1, 4.0), ori
 
 
 def write_enhanced_dicom(path: Path, data: np.ndarray, spacing=(0.9, 1.1, 4.0), origin=(-50.0, -60.0, 10.0),
-                         orientation=(1, 0, 0, 0, 1, 0), tr_s=1.5, te_ms=30.0, shuffle_seed=0) -> None:
-    """Write ``data[k, j, i, t]`` as one enhanced multi-frame MR object (frames in shuffled order)."""
+                         orientation=(1, 0, 0, 0, 1, 0), tr_s=1.5, te_ms=30.0, shuffle_seed=0,
+                         rescale=None) -> None:
+    """Write ``data[k, j, i, t]`` as one enhanced multi-frame MR object (frames in shuffled order).
+
+    ``rescale(t) -> (slope, intercept)``: stored pixels are ``(data - intercept) / slope`` and each
+    frame carries its own Pixel Value Transformation functional group (as enhanced objects do).
+    """
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
     from pydicom.uid import generate_uid
@@ -111,8 +116,15 @@ def write_enhanced_dicom(path: Path, data: np.ndarray, spacing=(0.9, 1.1, 4.0), 
         fc.FrameAcquisitionDateTime = f"20260101{int(hh):02d}{int(mm):02d}{ss:09.6f}"
         group.PlanePositionSequence = Sequence([pp])
         group.FrameContentSequence = Sequence([fc])
+        frame = data[k, :, :, t].astype(np.float64)
+        if rescale is not None:
+            slope, intercept = rescale(t)
+            pv = Dataset()
+            pv.RescaleSlope, pv.RescaleIntercept, pv.RescaleType = slope, intercept, "US"
+            group.PixelValueTransformationSequence = Sequence([pv])
+            frame = (frame - intercept) / slope
         frames.append(group)
-        pixels.append(data[k, :, :, t].astype(np.uint16))
+        pixels.append(np.round(frame).astype(np.uint16))
     ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
     ds.NumberOfFrames = len(frames)
     ds.PixelData = np.ascontiguousarray(np.stack(pixels)).tobytes()

@@ -67,6 +67,8 @@ def test_bids_sidecar_gives_te_and_tr(tmp_path):
     (tmp_path / "dsc.json").write_text(json.dumps({"EchoTime": 0.025, "RepetitionTime": 1.2}))
     s = io.read_series(path)
     assert s.te == pytest.approx(0.025)
+    assert s.tr == pytest.approx(1.2)  # pixdim[4] holds the writer's placeholder 1.0
+    np.testing.assert_allclose(s.frame_times(), np.arange(10) * 1.2)
 
 
 def test_3d_file_where_4d_expected_names_file(tmp_path):
@@ -167,3 +169,14 @@ def test_dicom_enhanced_multiframe_4d(tmp_path):
     assert s.te == pytest.approx(0.028)
     np.testing.assert_allclose(s.geometry.spacing, (0.9, 1.1, 4.0))
     np.testing.assert_allclose(s.geometry.origin, (-50.0, -60.0, 10.0))
+
+
+def test_dicom_enhanced_multiframe_applies_per_frame_rescale(tmp_path):
+    # enhanced objects keep slope/intercept in the Pixel Value Transformation functional group,
+    # here a different slope per time point
+    from dicom_writer import write_enhanced_dicom
+
+    data = np.random.default_rng(6).integers(0, 2000, size=(2, 4, 3, 6)).astype(np.float32)
+    values = data * np.arange(1, 7, dtype=np.float32) + 10.0
+    write_enhanced_dicom(tmp_path / "mf" / "series.dcm", values, rescale=lambda t: (float(t + 1), 10.0))
+    np.testing.assert_allclose(io.read_series(tmp_path / "mf").array, values, rtol=1e-6)

@@ -234,6 +234,18 @@ def _read_enhanced(path: Path, ds, folder: Path) -> Series:
     iop = np.asarray(orient.ImageOrientationPatient, dtype=float)
     rotation = np.stack([iop[:3], iop[3:], np.cross(iop[:3], iop[3:])], axis=1)
     normal = rotation[:, 2]
+    # enhanced objects keep the rescale in the (shared or per-frame) Pixel Value Transformation
+    # functional group, possibly per frame; classic attributes at the top level are the fallback
+    top_slope = float(getattr(full, "RescaleSlope", 1) or 1)
+    top_intercept = float(getattr(full, "RescaleIntercept", 0) or 0)
+    slopes = np.empty(len(per_frame), np.float32)
+    intercepts = np.empty(len(per_frame), np.float32)
+    for idx, group in enumerate(per_frame):
+        transform = item(group, "PixelValueTransformationSequence")
+        slopes[idx] = float(getattr(transform, "RescaleSlope", top_slope) or top_slope) if transform else top_slope
+        intercepts[idx] = (float(getattr(transform, "RescaleIntercept", top_intercept) or 0.0)
+                           if transform else top_intercept)
+    pixels = pixels * slopes[:, None, None] + intercepts[:, None, None]
     entries = []
     for idx, group in enumerate(per_frame):
         pos = np.asarray(item(group, "PlanePositionSequence").ImagePositionPatient, dtype=float)
@@ -253,8 +265,6 @@ def _read_enhanced(path: Path, ds, folder: Path) -> Series:
             data[k, :, :, t] = pixels[e[3]]
             if k == 0:
                 times_by_t[t] = e[2]
-    slope = float(getattr(full, "RescaleSlope", 1) or 1)
-    data = data * slope + float(getattr(full, "RescaleIntercept", 0) or 0)
     ps = measures.PixelSpacing
     dz = (distances[1] - distances[0]) if len(distances) > 1 else float(getattr(measures, "SliceThickness", 1) or 1)
     first_pos = min(entries, key=lambda e: e[0])[4]

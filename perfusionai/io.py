@@ -401,7 +401,8 @@ def _read_series_file(p: Path) -> Series:
     te = None
     if "EchoTime" in side:
         te = float(side["EchoTime"])
-    if "RepetitionTime" in side and step is None and times is None:
+    if "RepetitionTime" in side and times is None:
+        # the BIDS sidecar wins over pixdim[4], which many writers leave at a placeholder 1.0
         step = float(side["RepetitionTime"])
     if times is None and step is not None:
         times = np.arange(arr.shape[-1], dtype=float) * step
