@@ -151,3 +151,24 @@ def test_phantom_verb_default_and_clinical_contrast_round_trip_through_maps(tmp_
     expected = io.read_volume(folder / "truth_cbv_window.nii.gz").array
     for label in (1, 2):  # grey and white matter
         assert np.median(cbv[rois == label]) == pytest.approx(np.median(expected[rois == label]), rel=0.01)
+
+
+def test_library_refuses_nan_inside_the_masks_like_the_command_line(phantom_dir):
+    # one NaN policy for 'dsc maps', the Slicer in-process route and the API: refused inside the
+    # brain/AIF masks (frames 1-based), harmless outside them
+    from perfusionai.dsc.pipeline import DSCOptions, compute_dsc_maps
+    from perfusionai.errors import PerfusionAIError
+
+    _, phantom = phantom_dir
+    inside = phantom.signal.copy()
+    k, j, i = np.argwhere(phantom.brain_mask)[0]
+    inside[k, j, i, 20] = np.nan
+    with pytest.raises(PerfusionAIError, match=r"frame\(s\) 21 of 40"):
+        compute_dsc_maps(inside, phantom.times, DSCOptions(te=0.03), mask=phantom.brain_mask,
+                         aif_mask=phantom.aif_mask)
+    outside = phantom.signal.copy()
+    k, j, i = np.argwhere(~phantom.brain_mask & ~phantom.aif_mask)[0]
+    outside[k, j, i, :] = np.nan
+    result = compute_dsc_maps(outside, phantom.times, DSCOptions(te=0.03), mask=phantom.brain_mask,
+                              aif_mask=phantom.aif_mask)
+    assert np.isfinite(result.maps["cbf"][phantom.brain_mask]).all()

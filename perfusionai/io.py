@@ -581,7 +581,17 @@ def check_finite_series(series: Series, mask: Optional[np.ndarray] = None, name:
     The message names the file and the first affected frames (1-based), since a
     broken frame is the usual cause (an interrupted acquisition or conversion).
     """
-    data = series.array
+    check_finite_values(series.array, mask, series.path or name, name)
+
+
+def check_finite_values(data: np.ndarray, mask: Optional[np.ndarray] = None, source: str = "series",
+                        name: str = "series") -> None:
+    """:func:`check_finite_series` for an array ``[k, j, i, t]``; ``source`` names it in the message.
+
+    The one NaN policy of the package: any NaN or infinite value inside ``mask`` is refused
+    (outside it the values are never used), by the command line and the library alike.
+    """
+    data = np.asarray(data)
     if not np.issubdtype(data.dtype, np.floating):
         return
     inside = data[mask] if mask is not None else data.reshape(-1, data.shape[-1])
@@ -590,5 +600,5 @@ def check_finite_series(series: Series, mask: Optional[np.ndarray] = None, name:
         frames = np.flatnonzero(bad) + 1
         listed = ", ".join(str(f) for f in frames[:8]) + (" ..." if frames.size > 8 else "")
         where = "inside the mask" if mask is not None else ""
-        raise input_error(series.path, f"{name} has NaN or infinite values {where} in frame(s) {listed} "
-                                       f"of {series.n_frames}; remove or repair those frames".replace("  ", " "))
+        raise input_error(source, f"{name} has NaN or infinite values {where} in frame(s) {listed} "
+                                  f"of {data.shape[-1]}; remove or repair those frames".replace("  ", " "))

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..cli_common import add_common_options, make_progress, positive_float
 from ..errors import PerfusionAIError, input_error
-from ..io import atomic_output_dir, read_mask, read_series, read_volume, write_json
+from ..io import atomic_output_dir, check_finite_values, read_mask, read_series, read_volume, write_json
 
 
 # ------------------------------------------------------------------------------ shared input handling
@@ -59,7 +59,6 @@ def load_concentration(dsc_path, te_option, tr_option, mask_path, aif_mask_path,
     function (:func:`perfusionai.dsc.pipeline.prepare_concentration_and_aif`). ``signal``
     replaces the series' array.
     """
-    from . import concentration as conc_mod
     from .cli import MIN_FRAMES, resolve_te
     from .pipeline import prepare_concentration_and_aif
 
@@ -69,7 +68,7 @@ def load_concentration(dsc_path, te_option, tr_option, mask_path, aif_mask_path,
     mask = read_mask(mask_path, series.geometry, "brain mask") if mask_path else np.ones(series.geometry.shape, bool)
     arterial = read_mask(aif_mask_path, series.geometry, "AIF mask") if aif_mask_path else None
     array = series.array if signal is None else signal
-    conc_mod.check_finite_frames(array)
+    check_finite_values(array, mask if arterial is None else mask | arterial, str(dsc_path), "the DSC series")
     prepared = prepare_concentration_and_aif(array, times, te, mask, arterial, baseline_frames)
     return (series, te, times, mask, prepared.concentration, np.asarray(prepared.aif, dtype=np.float64),
             prepared.baseline_frames)

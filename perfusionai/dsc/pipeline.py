@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import PerfusionAIError, input_error
+from ..io import check_finite_values
 from ..progress import ProgressCallback, as_progress
 from . import concentration as conc_mod
 from . import deconvolution as dec
@@ -176,7 +177,6 @@ def compute_dsc_maps(signal: np.ndarray, times: np.ndarray, options: DSCOptions,
     if t.size != n_frames:
         raise input_error("frame times", f"{t.size} frame times for {n_frames} frames")
     dt = dec.frame_interval(t)
-    conc_mod.check_finite_frames(s)
     shape3 = s.shape[:3]
     brain = np.ones(shape3, bool) if mask is None else _check_volume_mask(mask, shape3, "mask")
     if aif_mask is not None and aif_auto:
@@ -186,6 +186,7 @@ def compute_dsc_maps(signal: np.ndarray, times: np.ndarray, options: DSCOptions,
         arterial = _check_volume_mask(aif_mask, shape3, "AIF mask")
     else:
         aif_auto = True
+    check_finite_values(s, brain if arterial is None else brain | arterial, "DSC series", "the DSC series")
 
     report(0.0, "concentration and AIF")
     prepared = prepare_concentration_and_aif(s, t, te, brain, arterial, options.baseline_frames)
