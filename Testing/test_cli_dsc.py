@@ -106,13 +106,14 @@ def bad_cases(folder, phantom, tmp):
         "empty_aif_mask": (base + ["--dsc", dsc, "--te", "0.03", "--aif-mask", str(empty)], ["empty.nii.gz", "empty"]),
         "fewer_than_10_frames": (base + ["--dsc", str(short_path), "--te", "0.03", "--aif-mask", aif],
                                  ["short.nii.gz", "8 frames", "10"]),
-        "wm_as_aif": (base + ["--dsc", dsc, "--te", "0.03", "--aif-mask", str(zero_aif)], None),
+        "wm_as_aif": (base + ["--dsc", dsc, "--te", "0.03", "--aif-mask", str(zero_aif)],
+                      ["AIF mask", "does not cover an artery"]),
     }
 
 
 @pytest.mark.parametrize("case", ["3d_instead_of_4d", "nan_frames", "te_missing", "te_zero", "te_in_ms",
                                   "all_zero_aif", "empty_mask", "mask_other_grid", "empty_aif_mask",
-                                  "fewer_than_10_frames"])
+                                  "fewer_than_10_frames", "wm_as_aif"])
 def test_bad_input_one_clear_error_nothing_written(phantom_dir, tmp_path, capsys, case):
     folder, phantom = phantom_dir
     argv, pieces = bad_cases(folder, phantom, tmp_path)[case]

@@ -353,6 +353,13 @@ def prepare_concentration_and_aif(s: np.ndarray, t: np.ndarray, te: float, brain
         aif_info = {"source": "automatic", "n_voxels": int(aif_voxels.shape[0]),
                     "voxels_kji": aif_voxels.tolist()}
     aif = _validate_aif(aif, source)
+    if arterial is not None:
+        # an artery's bolus is higher than that of the typical tissue voxel; a mask drawn on tissue
+        # (or on the wrong series) would give CBV and CBF many times too high without a word
+        tissue_peak = float(np.median(concentration[brain].max(axis=1)))
+        if tissue_peak > 0 and aif.max() <= tissue_peak:
+            raise input_error(source, f"the AIF peaks at {aif.max():.3g} 1/s, no higher than the median tissue "
+                                      f"voxel ({tissue_peak:.3g} 1/s): the AIF mask does not cover an artery")
     aif_info.update(peak=float(aif.max()), peak_time_s=float(t[int(np.argmax(aif))] - t[0]))
     return PreparedDSC(concentration, aif, int(baseline), arrival_s, aif_voxels, aif_info,
                        int(converted.invalid_voxels), int(converted.clipped_samples))
