@@ -59,12 +59,21 @@ def test_prm_ct_writes_the_documented_outputs(pair, tmp_path, capsys):
 
 def test_prm_evaluate_case_and_cohort(pair, tmp_path, capsys):
     ph, p = pair
-    code, stdout, _ = _run(["prm", "evaluate", "--pred", str(p["truth"]), "--ref", str(p["truth"]),
+    # one case: the prediction loses n of the N reference emphysema voxels to normal, so
+    # Dice(emph) = 2 (N - n) / (2N - n) and the predicted whole-lung %emph is lower
+    emph_voxels = np.argwhere(ph.truth_prm == 3)
+    n_lost = len(emph_voxels) // 4
+    pred = ph.truth_prm.copy()
+    pred[tuple(emph_voxels[:n_lost].T)] = 1
+    write_volume(pred, ph.geometry, tmp_path / "pred_case.nii.gz")
+    code, stdout, _ = _run(["prm", "evaluate", "--pred", str(tmp_path / "pred_case.nii.gz"), "--ref", str(p["truth"]),
                             "--lobes", str(p["lobes"])], capsys)
     assert code == 0
     result = json.loads(stdout)
-    assert all(v == 1.0 for v in result["dice"].values())
-    assert all(abs(v) < 1e-12 for region in result["difference"].values() for v in region.values())
+    total = len(emph_voxels)
+    assert result["dice"]["emph"] == pytest.approx(2 * (total - n_lost) / (2 * total - n_lost), rel=1e-9)
+    assert result["dice"]["fsad"] == pytest.approx(1.0)
+    assert result["difference"]["whole_lung"]["emph"] < 0 < result["difference"]["whole_lung"]["normal"]
     # A cohort of 4 "patients": references lose n/20 of the emphysema voxels to normal, predictions n/10
     # (nested subsets), so predicted %emph < reference %emph and both fall together with n.
     rows = []

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from ..cli_common import add_common_options, make_progress, positive_float
-from ..errors import PerfusionAIError, input_error
+from ..errors import input_error
 from ..io import atomic_output_dir, check_finite_values, read_mask, read_series, read_volume, write_json
 
 
@@ -227,7 +227,7 @@ def run_grade(args: argparse.Namespace) -> int:
     with atomic_output_dir(args.out) as stage:
         with open(stage / "ratios.csv", "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["method", "subject", "roi_ratio", "label", f"called_positive"])
+            w.writerow(["method", "subject", "roi_ratio", "label", "called_positive"])
             for m, v in per_method.items():
                 for subject, ratio, lab in v:
                     w.writerow([m, subject, f"{ratio:.6g}", lab, int(ratio >= results[m].cutoff)])

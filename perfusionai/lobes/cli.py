@@ -10,6 +10,13 @@ from pathlib import Path
 from ..cli_common import add_common_options, make_progress
 
 
+
+def _fold(text: str) -> str:
+    """argparse type of an nnU-Net fold: 0-4 or 'all'."""
+    if text == "all" or text in ("0", "1", "2", "3", "4"):
+        return text
+    raise argparse.ArgumentTypeError(f"a fold is 0-4 or 'all', got {text!r}")
+
 def register(subparsers) -> None:
     lobes = subparsers.add_parser("lobes", help="lung-lobe segmentation of VIBE MRI with nnU-Net v2")
     verbs = lobes.add_subparsers(dest="verb", metavar="<verb>")
@@ -32,7 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--dataset", required=True, help="nnU-Net raw dataset folder DatasetXXX_Name")
     p.add_argument("--out", required=True, help="model folder, or a path ending in .zip")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--fold", default="0", help="fold 0-4 or 'all' (fold 0 = the cohort's train/val split)")
+    p.add_argument("--fold", default="0", type=_fold,
+                   help="fold 0-4 or 'all' (fold 0 = the cohort's train/val split; 1-4 = nnU-Net's own 5-fold split)")
     p.add_argument("--epochs", type=int, default=1000, help="epochs (nnU-Net default 1000)")
     p.add_argument("--iterations-per-epoch", type=int, default=250, help="iterations per epoch (default 250)")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("K", "J", "I"), default=None,
@@ -48,7 +56,7 @@ def register(subparsers) -> None:
     p.add_argument("--image", required=True, help="VIBE volume (NIfTI/NRRD/DICOM folder)")
     p.add_argument("--model", required=True, help="nnU-Net lobe model folder or zip")
     p.add_argument("--out", required=True, help="output folder: lobes.nii.gz, lung_mask.nii.gz, summary.json")
-    p.add_argument("--folds", nargs="+", default=["0"], help="folds to ensemble (default 0)")
+    p.add_argument("--folds", nargs="+", default=["0"], type=_fold, help="folds to ensemble: 0-4 or 'all' (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--mirroring", action="store_true", help="nnU-Net mirroring test-time augmentation (slower)")
     add_common_options(p)
@@ -89,7 +97,10 @@ def _cohort_cases(csv_path: str, image_column: str, label_column: str) -> list[d
             raise input_error(path, f"row {n}: empty {image_column}")
         lab = (r.get(label_column) or "").strip()
         resolve = lambda s: (Path(s) if Path(s).is_absolute() else path.parent / s)  # noqa: E731
-        cases.append({"subject": r["subject"].strip(), "split": (r.get("split") or "train").strip().lower(),
+        split = (r.get("split") or "train").strip().lower()
+        if split not in ("train", "val", "test"):
+            raise input_error(path, f"row {n}: split {split!r} is not train, val or test")
+        cases.append({"subject": r["subject"].strip(), "split": split,
                       "image": resolve(image), "lobes": resolve(lab) if lab else None})
         for key in ("image", "lobes"):
             if cases[-1][key] is not None and not cases[-1][key].exists():

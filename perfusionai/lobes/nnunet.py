@@ -269,10 +269,11 @@ def train_nnunet(raw_dataset: str | Path, out_model: str | Path, config: Optiona
             preprocess([dataset_id], plans_id, configurations=(cfg.configuration,), num_processes=(1,),
                        verbose=False, show_progress_bar=False)
             split_path = raw / SPLIT_FILE
-            if split_path.is_file() and cfg.fold != "all":
+            if split_path.is_file() and cfg.fold != "all" and int(cfg.fold) == 0:
+                # fold 0 is the cohort's own train/val split; folds 1-4 are nnU-Net's 5-fold split
                 split = json.loads(split_path.read_text())
                 if split.get("train") and split.get("val"):
-                    folds = [{"train": split["train"], "val": split["val"]}] * (int(cfg.fold) + 1)
+                    folds = [{"train": split["train"], "val": split["val"]}]
                     (pre_root / dataset_name / "splits_final.json").write_text(json.dumps(folds))
             plans = json.loads(plans_file.read_text())
             plans["continue_training"] = False

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
-from scipy import ndimage
 
 from ..io import Geometry, Volume
 
@@ -221,7 +220,7 @@ def make_prm_phantom(
     geometry = Geometry(shape, spacing, origin)
 
     # Anatomy scaled to the field of view (the default FOV is 336 x 280 x 196 mm).
-    ax, ay, az = 0.44 * fov[0], 0.40 * fov[1], 0.5 * fov[2]
+    ax, ay = 0.44 * fov[0], 0.40 * fov[1]
     rx, ry, rz = 0.17 * fov[0], 0.30 * fov[1], 0.40 * fov[2]
     lung_cx = rx + 0.045 * fov[0]
     lung_cz = -0.05 * fov[2]

@@ -60,6 +60,7 @@ from scipy import ndimage
 
 from ..errors import PerfusionAIError
 from ..io import Geometry
+from ..metrics import dice
 from ..progress import ProgressCallback, as_progress
 
 DIRECTIONS = ("exp_to_insp", "insp_to_exp")
@@ -247,13 +248,6 @@ def _centroid_lps(mask_img) -> np.ndarray:
     return np.asarray(mask_img.origin) + direction @ (ijk * np.asarray(mask_img.spacing))
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    a = np.asarray(a) > 0
-    b = np.asarray(b) > 0
-    denom = int(a.sum()) + int(b.sum())
-    return float(2.0 * np.logical_and(a, b).sum() / denom) if denom else float("nan")
-
-
 def register_ct(
     fixed_hu: np.ndarray,
     fixed_geometry: Geometry,
@@ -340,8 +334,8 @@ def register_ct(
                                                     interpolator="genericLabel", defaultvalue=0)
             warped_lung = np.rint(from_ants(warped_lung_img)).astype(np.uint8)
             unmoved = ants.resample_image_to_target(moving_lung_img, fixed_full, interp_type="genericLabel")
-            dice_before = _dice(fixed_lung, from_ants(unmoved))
-            dice_after = _dice(fixed_lung, warped_lung)
+            dice_before = dice(np.asarray(fixed_lung) > 0, np.asarray(from_ants(unmoved)) > 0)
+            dice_after = dice(np.asarray(fixed_lung) > 0, warped_lung > 0)
         prog(1.0, "registration done")
         return RegistrationResult(
             warped=warped_arr, warped_lung=warped_lung,
