@@ -344,7 +344,8 @@ def read_series(
     Returns
     -------
     Series
-        ``array`` float32 ``[k, j, i, t]``; ``times`` in seconds when known.
+        ``array`` ``[k, j, i, t]`` in the file's own type (float32 after rescaling for DICOM);
+        ``times`` in seconds when known.
     """
     p = _check_exists(path, name)
     if tr is not None and (not np.isfinite(tr) or tr <= 0):

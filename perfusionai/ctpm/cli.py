@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from ..cli_common import add_common_options, make_progress, positive_float
+from ..cli_common import add_common_options, make_progress, positive_float, positive_int
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -35,16 +35,6 @@ def _channels(text: str) -> tuple[int, ...]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def register(subparsers) -> None:
     ctpm = subparsers.add_parser(
         "ctpm", help="CT-to-perfusion translation (DL-CTPM): predict SPECT-like lung perfusion from CT",
@@ -64,24 +54,24 @@ def register(subparsers) -> None:
     train.add_argument("--out", required=True, help="model folder or .zip to write")
     train.add_argument("--input-shape", type=_shape, default=(128, 64, 64),
                        help="lung crop size K,J,I (head-feet, back-front, left-right); paper 128,64,64")
-    train.add_argument("--median-size", type=_positive_int, default=10, help="median filter window (voxels; 10)")
-    train.add_argument("--uniform-size", type=_positive_int, default=5, help="uniform filter window (voxels; 5)")
+    train.add_argument("--median-size", type=positive_int, default=10, help="median filter window (voxels; 10)")
+    train.add_argument("--uniform-size", type=positive_int, default=5, help="uniform filter window (voxels; 5)")
     train.add_argument("--channels", type=_channels, default=(16, 32, 64, 128),
                        help="channels at the four scales (16,32,64,128)")
-    train.add_argument("--kernel-size", type=_positive_int, default=5, help="convolution kernel (5)")
+    train.add_argument("--kernel-size", type=positive_int, default=5, help="convolution kernel (5)")
     train.add_argument("--architecture", choices=("arnn", "attention-unet"), default="arnn",
                        help="arnn: the paper's attention residual network (default); attention-unet: MONAI's "
                             "attention U-Net as a baseline (needs the monai package)")
-    train.add_argument("--epochs", type=_positive_int, default=500, help="maximum epochs (500, as the paper)")
+    train.add_argument("--epochs", type=positive_int, default=500, help="maximum epochs (500, as the paper)")
     train.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (1e-3)")
-    train.add_argument("--batch-size", type=_positive_int, default=2, help="lungs per batch (2)")
+    train.add_argument("--batch-size", type=positive_int, default=2, help="lungs per batch (2)")
     split = train.add_mutually_exclusive_group()
     split.add_argument("--val-fraction", type=float, default=0.25,
                        help="fraction of patients held out for validation and early stopping (0.25)")
-    split.add_argument("--folds", type=_positive_int, default=1,
+    split.add_argument("--folds", type=positive_int, default=1,
                        help="k-fold cross-validation by patient (the paper: 4), then a final fit on all")
-    train.add_argument("--patience", type=_positive_int, default=30, help="early-stopping patience in epochs (30)")
-    train.add_argument("--max-minutes", type=positive_float, default=None, help="stop training after this time")
+    train.add_argument("--patience", type=positive_int, default=30, help="early-stopping patience in epochs (30)")
+    train.add_argument("--max-minutes", type=positive_float, default=None, help="stop each fit after this many minutes (with --folds k: each of the k + 1 fits)")
     train.add_argument("--seed", type=int, default=0, help="random seed (0)")
     train.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     train.add_argument("--trained-on-phantoms", action="store_true",
@@ -128,7 +118,7 @@ def register(subparsers) -> None:
         description="Chest CT phantoms with paired SPECT-like perfusion (gravity gradient, emphysema, dense "
                     "lung, vascular defects, 4.42 mm SPECT voxels, blur and Poisson noise).")
     phantoms.add_argument("--out", required=True, help="output folder")
-    phantoms.add_argument("--n", type=_positive_int, default=8, help="number of patients (8)")
+    phantoms.add_argument("--n", type=positive_int, default=8, help="number of patients (8)")
     phantoms.add_argument("--seed", type=int, default=0, help="random seed (0)")
     phantoms.add_argument("--spacing", type=positive_float, default=3.0, help="CT voxel size in mm (3)")
     add_common_options(phantoms)

@@ -256,13 +256,13 @@ def summary_of(result: PerfusionPrediction, geometry: Geometry, model: CTPMModel
 # ------------------------------------------------------------------------------ Slicer / background support
 
 def _function_labels():
-    from ..labels import LabelInfo
+    from ..labels import FUNCTIONAL_LUNG_LABELS
 
-    return {LOW_FUNCTION_LABEL: LabelInfo("Low function", "low_function", (0.23, 0.45, 0.85)),
-            HIGH_FUNCTION_LABEL: LabelInfo("High function", "high_function", (0.9, 0.2, 0.15))}
+    assert set(FUNCTIONAL_LUNG_LABELS) == {LOW_FUNCTION_LABEL, HIGH_FUNCTION_LABEL}
+    return FUNCTIONAL_LUNG_LABELS
 
 
-#: Segment names and colours of ``function_high_low`` (1 low, 2 high).
+#: Segment names and colours of ``function_high_low`` (1 low, 2 high): the package's one table.
 FUNCTION_LABELS = _function_labels()
 
 

@@ -232,7 +232,9 @@ def run_predict(args: argparse.Namespace) -> int:
     progress(0.1, "predicting")
     maps, signals, info = predict_series(series.array, protocol, model, mask, progress=progress.sub(0.1, 0.9),
                                          source=args.dwi)
-    region = next(iter(maps.values())) != 0 if maps else None
+    from .pipeline import fitted_region
+
+    region = fitted_region(maps)  # every predicted voxel (a map may be 0 there, e.g. f clipped at 0)
     summary = {"perfusionai": __version__, "command": "dr predict", "model": str(args.model), **info,
                "inputs": {"dwi": str(args.dwi), "bvals": str(args.bvals), "tes": args.tes, "mask": args.mask},
                "units": {k: M.MAP_UNITS[k] for k in maps},

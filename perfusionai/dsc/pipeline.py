@@ -51,7 +51,7 @@ class DSCOptions:
     "lcurve", or "fixed" meaning 0.1). discretisation: "rectangle" | "simpson". kh, rho: haematocrit
     and density factors. baseline_frames: pre-bolus frames for S0 (None: detected).
     leakage_correction: Boxerman-Schmainda-Weisskoff correction. model_path: model for the
-    learned methods (None: the packaged default). cbv_integration: "trapezoid" | "sum";
+    learned methods (None: PHAE trains on the series itself; tmax-net refuses, no model is packaged). cbv_integration: "trapezoid" | "sum";
     cbv_window: "full" | "first_pass"; refine_tmax: parabolic sub-sample Tmax.
     """
 

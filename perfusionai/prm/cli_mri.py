@@ -9,17 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli_common import add_common_options, make_progress, positive_float
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+from ..cli_common import add_common_options, make_progress, positive_float, positive_int
 
 
 def register_verbs(verbs) -> None:
@@ -29,13 +19,13 @@ def register_verbs(verbs) -> None:
                    help="CSV: subject, split (train/val/test), vibe, post_vibe, irmax, pbf (any subset), lung_mask, "
                         "lobes, prm (reference CT PRM on the VIBE grid)")
     p.add_argument("--out", required=True, help="model folder (or .zip): weights.safetensors + model.json")
-    p.add_argument("--epochs", type=_positive_int, default=200, help="maximum epochs (paper 200)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (paper 8)")
+    p.add_argument("--epochs", type=positive_int, default=200, help="maximum epochs (paper 200)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="batch size (paper 8)")
     p.add_argument("--learning-rate", type=positive_float, default=1e-4, help="Adam learning rate (paper 1e-4)")
-    p.add_argument("--patience", type=_positive_int, default=20, help="early-stopping patience in epochs")
-    p.add_argument("--shape", type=_positive_int, nargs=3, metavar=("K", "J", "I"), default=[60, 256, 256],
+    p.add_argument("--patience", type=positive_int, default=20, help="early-stopping patience in epochs")
+    p.add_argument("--shape", type=positive_int, nargs=3, metavar=("K", "J", "I"), default=[60, 256, 256],
                    help="network grid every case is cropped/padded to (paper 60 256 256)")
-    p.add_argument("--kernel-size", type=_positive_int, default=5, help="convolution kernel size (paper 5)")
+    p.add_argument("--kernel-size", type=positive_int, default=5, help="convolution kernel size (paper 5)")
     p.add_argument("--sequences", nargs="+", choices=("vibe", "post_vibe", "irmax", "pbf"), default=None,
                    help="train with these sequences only (default: all present)")
     p.add_argument("--input-dropout", type=float, default=0.3, help="random input dropout probability")

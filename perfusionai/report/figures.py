@@ -1,8 +1,10 @@
 """Report figures: map montages as colour overlays, curves, tables as images.
 
 All functions write a PNG and return its path. Arrays are ``[k, j, i]``; montages
-show axial slices (constant k) with the row index running down, as radiologists
-expect after the LPS-to-display flip done by :func:`display_slice`.
+show slices of constant k with row j running down and column i across, as stored: for
+an axial acquisition with the usual direction (i to the patient's left, j posterior)
+that is the radiological view. No reorientation is done (:func:`display_slice`), so
+report montages of other storage orders appear as stored; Slicer shows the true anatomy.
 """
 
 from __future__ import annotations
