@@ -162,7 +162,10 @@ def test_nnunet_export_train_segment_evaluate(nnunet_model, tmp_path, capsys):
     dice = json.loads(capsys.readouterr().out)
     print("nnU-Net (3 epochs x 6 iterations, phantoms) whole-lung Dice %.3f, lobes %s"
           % (dice["whole_lung"], {k: round(v, 3) for k, v in dice["lobes"].items()}))
-    assert 0.0 <= dice["whole_lung"] <= 1.0 and len(dice["lobes"]) == 6
+    # 3 epochs of 6 iterations reach whole-lung Dice 0.56 here (measured); 0.3 catches an empty or
+    # misplaced segmentation (the orientation path is checked exactly by the test below)
+    assert dice["whole_lung"] > 0.3 and len(dice["lobes"]) == 6
+    assert np.any(seg.array > 0)
     # the zip form of the model predicts the same labels
     _write_zip(model, tmp_path / "model.zip")
     out_zip = tmp_path / "seg_zip"
@@ -245,3 +248,40 @@ def test_zip_in_nnunet_export_layout_opens(tmp_path):
     finally:
         opened.close()
     assert not opened.path.exists()                               # the extracted copy is removed
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1),            # LPS (as trained)
+                                       (-1, 0, 0, 0, -1, 0, 0, 0, 1),          # RAS storage
+                                       (0, 0, 1, 1, 0, 0, 0, 1, 0),            # permuted axes
+                                       (1, 0, 0, 0, 0, -1, 0, 1, 0)])          # coronal-like
+def test_segment_lobes_reorients_to_the_model_and_back_exactly(monkeypatch, direction):
+    # nnU-Net is replaced by a "network" that returns its input values as labels, so the
+    # result must equal the input on its own grid for any direction matrix, and the network
+    # must have been given the image in the model's orientation
+    pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed")
+    import nnunetv2.inference.predict_from_raw_data as raw
+
+    from perfusionai.io import Geometry
+    from perfusionai.lobes.nnunet import LobeModel, orientation_code, segment_lobes
+
+    seen = {}
+
+    class EchoPredictor:
+        def __init__(self, **kwargs):
+            pass
+
+        def initialize_from_trained_model_folder(self, *args, **kwargs):
+            pass
+
+        def predict_single_npy_array(self, array, props, *args):
+            seen["orientation"] = orientation_code(props["sitk_stuff"]["direction"])
+            return np.rint(array[0]).astype(np.uint8)
+
+    monkeypatch.setattr(raw, "nnUNetPredictor", EchoPredictor)
+    labels = np.random.default_rng(0).integers(0, 7, size=(5, 6, 7)).astype(np.float32)
+    geometry = Geometry(labels.shape, (1.0, 1.5, 2.0), (10.0, -5.0, 3.0), direction)
+    model = LobeModel(path=Path("unused"), folds=(0,), meta={"orientation": "LPS"}, dataset_json={})
+    result = segment_lobes((labels, geometry), model, device="cpu")
+    assert seen["orientation"] == "LPS"
+    assert result.geometry is geometry or result.geometry.same_grid(geometry)
+    np.testing.assert_array_equal(result.lobes, labels.astype(np.uint8))
