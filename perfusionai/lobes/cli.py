@@ -112,7 +112,9 @@ def run_export(args: argparse.Namespace) -> int:
     from .nnunet import export_nnunet_dataset
 
     cases = _cohort_cases(args.cohort, args.image_column, args.label_column)
-    phantom = (Path(args.cohort).parent / "phantom_cohort.json").is_file()
+    from ..phantoms import is_phantom_cohort
+
+    phantom = is_phantom_cohort(args.cohort)
     folder = export_nnunet_dataset(cases, args.out, args.dataset_id, args.name, args.lobe_convention,
                                    phantom=phantom, progress=make_progress(args, "export"))
     print(folder)
@@ -123,7 +125,9 @@ def run_train(args: argparse.Namespace) -> int:
     from .nnunet import NNUNetTrainingConfig, train_nnunet
 
     fold = args.fold if args.fold == "all" else int(args.fold)
-    phantom = args.trained_on_phantoms or (Path(args.dataset) / "phantom_cohort.json").is_file()
+    from ..phantoms import is_phantom_cohort
+
+    phantom = args.trained_on_phantoms or is_phantom_cohort(args.dataset)
     cfg = NNUNetTrainingConfig(configuration=args.configuration, fold=fold, epochs=args.epochs,
                                iterations_per_epoch=args.iterations_per_epoch,
                                val_iterations_per_epoch=max(1, min(50, args.iterations_per_epoch // 5)),

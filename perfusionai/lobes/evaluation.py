@@ -18,7 +18,9 @@ from ..errors import input_error
 from ..io import from_sitk, read_volume, to_sitk
 from ..metrics import dice
 
-LOBE_KEYS = {1: "rul", 2: "rml", 3: "rll", 4: "lul", 5: "lingula", 6: "lll"}
+from ..labels import LOBE_LABELS
+
+LOBE_KEYS = {value: info.short for value, info in LOBE_LABELS.items()}  # 1 "rul" ... 6 "lll"
 
 
 def lobe_dice(pred: np.ndarray, ref: np.ndarray, merge_lingula: bool = False) -> dict:

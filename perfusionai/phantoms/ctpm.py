@@ -43,6 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..io import Geometry, atomic_output_dir, write_json, write_volume
+from . import PHANTOM_COHORT_MARKER
 
 SPECT_VOXEL_MM = 4.42
 
@@ -319,7 +320,7 @@ def write_ctpm_cohort(out_dir: str | Path, n: int, seed: int = 0,
                          "lung_mask": f"{stem}_lungs.nii.gz"})
             write_json(ph.params, stage / f"{stem}_params.json")
         # Marks the folder as synthetic so models trained on it are labelled "trained on phantoms".
-        write_json({"generator": "perfusionai.phantoms.ctpm", "n": n, "seed": seed}, stage / "phantom_cohort.json")
+        write_json({"generator": "perfusionai.phantoms.ctpm", "n": n, "seed": seed}, stage / PHANTOM_COHORT_MARKER)
         with open(stage / "cohort.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["ct", "spect", "lung_mask"])
             writer.writeheader()

@@ -35,7 +35,15 @@ EMPH = 3
 UNCATEGORIZED = 4
 
 #: label -> key used in prm_stats.json / csv
-CLASS_KEYS = {NORMAL: "normal", FSAD: "fsad", EMPH: "emph", UNCATEGORIZED: "uncategorized"}
+def _class_keys() -> dict:
+    from ..labels import PRM_LABELS
+
+    keys = {value: info.short for value, info in PRM_LABELS.items()}
+    assert keys == {NORMAL: "normal", FSAD: "fsad", EMPH: "emph", UNCATEGORIZED: "uncategorized"}
+    return keys
+
+
+CLASS_KEYS = _class_keys()
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,8 @@
 """``perfusionai prm <verb>``: CT parametric response mapping and its evaluation.
 
 Verbs: ``ct`` (insp/exp CT -> PRM map, stats, figures), ``evaluate`` (one case or a
-cohort CSV) and ``phantom`` (a CT pair with known PRM to try them on). The MRI verbs (``train``, ``predict``, ``ablation``) are added by other
-modules through :data:`VERB_REGISTRARS`: each entry is ``(name, register_fn)`` with
-``register_fn(verb_subparsers)`` adding one verb to ``perfusionai prm``.
+cohort CSV) and ``phantom`` (a CT pair with known PRM to try them on); the MRI verbs
+(``train``, ``predict``, ``ablation``) live in :mod:`perfusionai.prm.cli_mri`.
 """
 
 from __future__ import annotations
@@ -11,13 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Callable
 
 from ..cli_common import add_common_options, make_progress
 from ..errors import input_error
 
-#: Extra verbs of the ``prm`` domain registered by other modules: [(name, register(verb_subparsers))].
-VERB_REGISTRARS: list[tuple[str, Callable[[argparse._SubParsersAction], None]]] = []
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -145,11 +141,9 @@ def register(subparsers) -> None:
     _add_ct(verbs)
     _add_evaluate(verbs)
     _add_phantom(verbs)
-    for _name, registrar in VERB_REGISTRARS:
-        registrar(verbs)
-    from importlib.util import find_spec  # MRI verbs (train, predict, ablation): perfusionai/prm/cli_mri.py
-    if find_spec("perfusionai.prm.cli_mri") is not None:
-        from .cli_mri import register_verbs as register_mri_verbs; register_mri_verbs(verbs)  # noqa: E702
+    from .cli_mri import register_verbs as register_mri_verbs  # train, predict, ablation (PRM from MRI)
+
+    register_mri_verbs(verbs)
 
 
 def run_ct(args: argparse.Namespace) -> int:
