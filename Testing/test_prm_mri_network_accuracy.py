@@ -41,10 +41,10 @@ def test_unseen_phantoms_all_four_inputs(trained):
     s = ev.summary
     print("Dice abnormal %.3f +- %.3f, Dice emph %.3f, r %%emph patient %.3f (p %.2g), lobe %.3f"
           % (s["dice_abnormal"]["mean"], s["dice_abnormal"]["sd"], s["dice_emph"]["mean"],
-             s["patient"]["emph"]["r"], s["patient"]["emph"]["p"], s["lobe"]["emph"]["r"]))
+             s["patient"]["emph"]["pearson_r"], s["patient"]["emph"]["p"], s["lobe"]["emph"]["pearson_r"]))
     assert len(ev.subjects) == len(test) >= 6
     assert s["dice_abnormal"]["mean"] >= 0.8
-    assert s["patient"]["emph"]["r"] >= 0.9
+    assert s["patient"]["emph"]["pearson_r"] >= 0.9
     assert history["val_loss"][history["best_epoch"]] == pytest.approx(min(history["val_loss"]))
     ba = s["patient"]["emph"]["bland_altman"]
     assert ba["lower_limit"] <= ba["mean_difference"] <= ba["upper_limit"]
@@ -87,4 +87,4 @@ def test_ablation_cli_writes_table_csv_and_figures(trained, tmp_path, capsys):
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert "scatter_patient_emph.png" in figures and "bland_altman_emph.png" in figures
     assert "scatter_lobe_emph.png" in figures
-    assert np.isfinite(evaluation["summary"]["lobe"]["emph"]["r"])
+    assert np.isfinite(evaluation["summary"]["lobe"]["emph"]["pearson_r"])

@@ -222,6 +222,25 @@ def relative_error(pred, truth) -> np.ndarray:
         return np.where(truth != 0, (pred - truth) / truth, np.nan)
 
 
+def agreement(pred, ref, min_n: int = 3) -> dict:
+    """Agreement of paired measurements (e.g. %PRM per patient or lobe), NaN pairs left out.
+
+    ``{"pearson_r", "p", "n", "bland_altman"}``: Pearson r and p are NaN with fewer than
+    ``min_n`` pairs or a constant side; Bland-Altman (pred - ref) is given from 2 pairs on.
+    """
+    x = np.asarray(pred, float).ravel()
+    y = np.asarray(ref, float).ravel()
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    r = p = float("nan")
+    if x.size >= min_n and np.ptp(x) > 0 and np.ptp(y) > 0:
+        r, p = pearson(x, y)
+    out = {"pearson_r": float(r), "p": float(p), "n": int(x.size)}
+    if x.size >= 2:
+        out["bland_altman"] = bland_altman(x, y).to_dict()
+    return out
+
+
 def bias_dispersion_index(pred, truth) -> tuple[float, float]:
     """BI = median and DI = interquartile range of the relative error (Macarro et al.).
 

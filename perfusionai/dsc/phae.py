@@ -425,7 +425,8 @@ def train_phae(subjects: PHAESubject | Sequence[PHAESubject], *, residue: str = 
 
 
 def check_model_inputs(card: dict, n_frames: int, dt: float, model_name: str = "model") -> None:
-    """Refuse a series the model was not trained for (frame count, frame interval within 2 %)."""
+    """Refuse a series a DSC model (PHAE or Tmax net) was not trained for: frame count, and frame
+    interval (s) within 2 %, as recorded in the card's ``inputs``."""
     inputs = card.get("inputs", {})
     if int(inputs.get("n_frames", -1)) != int(n_frames):
         raise input_error(model_name, f"the model was trained on series of {inputs.get('n_frames')} frames; "

@@ -21,8 +21,10 @@ s, masks ``[k, j, i]``, Tmax ``[k, j, i]`` in s.
 
 Deviations from the paper (documented choices where it is silent or where we differ)
 -------------------------------------------------------------------------------------
-1. Input: the delta R2* concentration (not the raw signal), divided per subject by the AIF
-   peak (the paper normalises the skull-stripped signal to [0, 1]); the series is shifted by
+1. Input: the delta R2* concentration (not the raw signal), each curve divided by its own
+   peak (``normalisation="voxel"``, default; ``"aif"`` divides by the AIF peak; the paper
+   normalises the skull-stripped signal to [0, 1]; the mode is stored in the model card and
+   reused at inference); the series is shifted by
    whole frames so that the AIF peak falls on the frame recorded at training, so that Tmax,
    defined relative to the AIF, is learnable from the voxel curve alone (frames shifted in
    from the edge repeat the edge frame).
@@ -138,6 +140,7 @@ class TmaxSubject:
     dt: float
     n_frames: int
     aif_peak_frame: int
+    normalisation: str = "voxel"
 
 
 def aif_peak_frame(aif: np.ndarray) -> int:
@@ -193,7 +196,8 @@ def prepare_tmax_subject(concentration: np.ndarray, aif: np.ndarray, times: np.n
             raise input_error("reference Tmax", f"shape {ref.shape} differs from the series {m.shape}")
         ref = np.nan_to_num(ref, nan=0.0)
     return TmaxSubject(curves=curves, mask=m, reference=ref, dt=dt, n_frames=a.size,
-                       aif_peak_frame=own_peak if target_peak_frame is None else int(target_peak_frame))
+                       aif_peak_frame=own_peak if target_peak_frame is None else int(target_peak_frame),
+                       normalisation=normalisation)
 
 
 def osvd_teacher_tmax(concentration: np.ndarray, aif: np.ndarray, times: np.ndarray, mask: np.ndarray,
@@ -283,6 +287,8 @@ def train_tmax(subjects: Sequence[TmaxSubject], arch: str = "conv2", *, epochs: 
             raise input_error("--dsc", f"all training series must share the frame interval ({dt} and {s.dt} s)")
         if s.aif_peak_frame != peak:
             raise ValueError("subjects must be aligned to the same AIF peak frame")
+        if s.normalisation != subjects[0].normalisation:
+            raise ValueError("subjects must share one normalisation")
     device = choose_device(device)
     if device.type == "cpu":
         # the 1x1x1 networks are a few thousand multiply-adds per voxel: one thread avoids the
@@ -334,8 +340,10 @@ def train_tmax(subjects: Sequence[TmaxSubject], arch: str = "conv2", *, epochs: 
         "architecture": model.architecture,
         "inputs": {"n_frames": int(n_frames), "frame_interval_s": float(dt), "aif_peak_frame": int(peak),
                    "channels": "time frames as channels",
-                   "normalisation": "delta R2* divided by the AIF peak; series shifted so the AIF peak is on "
-                                    "aif_peak_frame",
+                   "normalisation_mode": subjects[0].normalisation,
+                   "normalisation": ("each curve divided by its own peak" if subjects[0].normalisation == "voxel"
+                                     else "delta R2* divided by the AIF peak")
+                                    + "; series shifted so the AIF peak is on aif_peak_frame",
                    "units": "delta R2* in 1/s before normalisation"},
         "outputs": {"tmax": "s", "target_scale_s": TARGET_SCALE_S},
         "training_data": training_description or f"{len(subjects)} series, {n_samples} voxels",
@@ -362,17 +370,13 @@ def tmax_maps(model: nn.Module, card: dict, concentration: np.ndarray, aif: np.n
 
     Refuses a series whose frame count or frame interval (2 %) differs from the training data.
     """
+    from .phae import check_model_inputs  # the one frame-count / frame-interval check of DSC models
+
     report = as_progress(progress)
     inputs = card.get("inputs", {})
-    n_frames = int(np.asarray(concentration).shape[-1])
-    if int(inputs.get("n_frames", -1)) != n_frames:
-        raise input_error(model_name, f"the model expects series of {inputs.get('n_frames')} frames; "
-                                      f"this series has {n_frames}")
-    subject = prepare_tmax_subject(concentration, aif, times, mask, None, inputs.get("aif_peak_frame"))
-    trained_dt = float(inputs.get("frame_interval_s", float("nan")))
-    if not abs(trained_dt - subject.dt) <= 0.02 * subject.dt:
-        raise input_error(model_name, f"the model was trained with a frame interval of {trained_dt:g} s; this "
-                                      f"series has {subject.dt:g} s")
+    check_model_inputs(card, int(np.asarray(concentration).shape[-1]), frame_interval(times), model_name)
+    subject = prepare_tmax_subject(concentration, aif, times, mask, None, inputs.get("aif_peak_frame"),
+                                   normalisation=inputs.get("normalisation_mode", "voxel"))
     device = choose_device(device)
     if device.type == "cpu":
         set_threads()

@@ -204,5 +204,5 @@ def run_ablation(args: argparse.Namespace) -> int:
         evaluation_figures(evaluation, stage / "figures")
     print(table, end="")
     print(json.dumps({"dice_abnormal": evaluation.summary["dice_abnormal"],
-                      "r_emph_patient": evaluation.summary["patient"]["emph"]["r"]}))
+                      "r_emph_patient": evaluation.summary["patient"]["emph"]["pearson_r"]}))
     return 0

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import input_error
 from ..io import read_labels, read_volume
-from ..metrics import bland_altman, dice, pearson
+from ..metrics import agreement, dice
 from .classification import CLASS_KEYS, EMPH, FSAD
 from .stats import prm_statistics
 
@@ -160,19 +160,8 @@ def evaluate_cohort(rows: list[dict], lobe_convention: str = "project", figure: 
                     lobe_pairs[c][1].append(rs["lobes"][lobe][c])
 
     def summarise(pairs):
-        out = {}
-        for c, (pred, ref) in pairs.items():
-            pred_a, ref_a = np.asarray(pred, float), np.asarray(ref, float)
-            ok = np.isfinite(pred_a) & np.isfinite(ref_a)
-            if ok.sum() < 3:
-                continue
-            if np.ptp(pred_a[ok]) == 0 or np.ptp(ref_a[ok]) == 0:
-                r, pval = float("nan"), float("nan")
-            else:
-                r, pval = pearson(pred_a[ok], ref_a[ok])
-            out[c] = {"pearson_r": r, "p": pval, "n": int(ok.sum()),
-                      "bland_altman": bland_altman(pred_a[ok], ref_a[ok]).to_dict()}
-        return out
+        levels = {c: agreement(pred, ref) for c, (pred, ref) in pairs.items()}
+        return {c: a for c, a in levels.items() if a["n"] >= 3}
 
     result = {"patients": patients, "patient_level": summarise(patient_pairs), "lobe_level": summarise(lobe_pairs)}
     if figure is not None:

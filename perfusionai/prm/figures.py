@@ -10,16 +10,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from ..labels import PRM_LABELS
+from ..report.figures import _plt
 from .classification import ClassificationOptions, median_prefilter
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def prm_scatter_png(insp_hu: np.ndarray, exp_hu: np.ndarray, lung: np.ndarray, path: str | Path,

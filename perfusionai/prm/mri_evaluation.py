@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..metrics import bland_altman, dice, pearson
+from ..metrics import agreement, dice
 from .mri_network import SEQUENCE_NAMES, SEQUENCES
 from .stats import prm_statistics
 
@@ -100,15 +100,6 @@ class CohortEvaluation:
         return rows
 
 
-def _safe_pearson(x, y) -> tuple[float, float]:
-    x = np.asarray(x, float)
-    y = np.asarray(y, float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
-        return float("nan"), float("nan")
-    return pearson(x[ok], y[ok])
-
-
 def summarise(subjects: Sequence[str], per_case: Sequence[dict]) -> CohortEvaluation:
     """Mean/SD Dice; per class: Pearson r, p and Bland-Altman (pred - ref) at patient and lobe level."""
     summary: dict = {}
@@ -124,11 +115,7 @@ def summarise(subjects: Sequence[str], per_case: Sequence[dict]) -> CohortEvalua
             else:
                 pred = [v["pred"][c] for m in per_case for v in m["lobes"].values()]
                 ref = [v["ref"][c] for m in per_case for v in m["lobes"].values()]
-            r, p = _safe_pearson(pred, ref)
-            entry = {"r": r, "p": p, "n": len(pred)}
-            if len(pred) >= 2:
-                entry["bland_altman"] = bland_altman(pred, ref).to_dict()
-            summary[level][c] = entry
+            summary[level][c] = agreement(pred, ref)
     return CohortEvaluation(list(subjects), list(per_case), summary)
 
 
@@ -145,13 +132,13 @@ def evaluation_figures(evaluation: CohortEvaluation, out_dir: str | Path) -> lis
         ref = [m["ref"][c] for m in evaluation.per_case]
         s = evaluation.summary["patient"][c]
         paths.append(scatter_identity_png(ref, pred, out / f"scatter_patient_{c}.png", f"CT {names[c]}",
-                                          f"MRI-predicted {names[c]}", title=f"patients r={s['r']:.2f}"))
+                                          f"MRI-predicted {names[c]}", title=f"patients r={s['pearson_r']:.2f}"))
         lp = [v["pred"][c] for m in evaluation.per_case for v in m["lobes"].values()]
         lr = [v["ref"][c] for m in evaluation.per_case for v in m["lobes"].values()]
         if len(lp) >= 2:
             sl = evaluation.summary["lobe"][c]
             paths.append(scatter_identity_png(lr, lp, out / f"scatter_lobe_{c}.png", f"CT {names[c]}",
-                                              f"MRI-predicted {names[c]}", title=f"lobes r={sl['r']:.2f}"))
+                                              f"MRI-predicted {names[c]}", title=f"lobes r={sl['pearson_r']:.2f}"))
         if len(pred) >= 2:
             paths.append(bland_altman_png(pred, ref, out / f"bland_altman_{c}.png", label=names[c],
                                           title="predicted - CT"))
@@ -198,7 +185,7 @@ def ablation(cases, model, card, combinations: Sequence[Sequence[str]] = TABLE1_
                "dice_emph_mean": s["dice_emph"]["mean"], "dice_emph_sd": s["dice_emph"]["sd"],
                "dice_abnormal_mean": s["dice_abnormal"]["mean"], "dice_abnormal_sd": s["dice_abnormal"]["sd"]}
         for c in CLASSES:
-            row[f"r_{c}"] = s["patient"][c]["r"]
+            row[f"r_{c}"] = s["patient"][c]["pearson_r"]
             row[f"p_{c}"] = s["patient"][c]["p"]
         rows.append(row)
     return rows
