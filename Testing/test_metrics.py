@@ -71,6 +71,15 @@ def test_ssim3d_mask_crops_to_bounding_box_and_zeroes_outside():
     assert metrics.ssim3d(a, b, mask) == pytest.approx(metrics.ssim3d(a, b_out, mask))
     inner = (slice(5, 25), slice(6, 26), slice(7, 27))
     assert metrics.ssim3d(a, b, mask) == pytest.approx(metrics.ssim3d(a[inner], b[inner]))
+    # a sphere (not its own bounding box) with values above 1 inside: zeroing outside the sphere and
+    # clipping to [0, 1] are part of the definition, checked against doing both by hand
+    k, j, i = np.indices(a.shape)
+    sphere = (k - 15) ** 2 + (j - 15) ** 2 + (i - 15) ** 2 <= 10 ** 2
+    b_hot = b * 1.5
+    by_hand = [np.where(sphere, np.clip(x, 0, 1), 0.0)[5:26, 5:26, 5:26] for x in (a, b_hot)]
+    assert metrics.ssim3d(a, b_hot, sphere) == pytest.approx(metrics.ssim3d(*by_hand), rel=1e-12)
+    assert metrics.ssim3d(a, b_hot, sphere) != pytest.approx(metrics.ssim3d(a[5:26, 5:26, 5:26],
+                                                                          b_hot[5:26, 5:26, 5:26]), rel=1e-3)
 
 
 def test_bias_dispersion_index():

@@ -100,7 +100,7 @@ def main() -> int:
     idx = protocol.clinical_indices()
     rows = []
     clin, w, c = _timed(lambda: fitting.fit_clinical(signals[:, idx], protocol.bvals[idx]))
-    rows.append(("clinical log-linear (4 fits)", len(signals), w, c))
+    rows.append(("clinical log-linear (3 fits)", len(signals), w, c))
     adv, w_adv, c_adv = _timed(lambda: fitting.fit_t2ivimkurtosis(signals, protocol.bvals, protocol.tes))
     rows.append(("T2-IVIM-Kurtosis grid + batched LM", len(signals), w_adv, c_adv))
     subset = signals[: args.loop_voxels]

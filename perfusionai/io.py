@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -227,7 +226,7 @@ def _restore_nifti_nans(p: Path, arr: np.ndarray) -> np.ndarray:
 
 def _bids_sidecar(p: Path) -> dict:
     name = p.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):  # ".nii.gz" before ".nii"
         if name.endswith(suffix):
             side = p.with_name(name[: -len(suffix)] + ".json")
             if side.exists():
@@ -570,10 +569,6 @@ def write_json(data: dict, path: str | os.PathLike) -> Path:
     p = Path(path)
     p.write_text(json.dumps(data, indent=2, default=convert, allow_nan=True) + "\n")
     return p
-
-
-def unique_suffix() -> str:
-    return uuid.uuid4().hex[:8]
 
 
 def check_finite_series(series: Series, mask: Optional[np.ndarray] = None, name: str = "series") -> None:

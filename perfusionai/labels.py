@@ -63,19 +63,3 @@ FUNCTIONAL_LUNG_LABELS: Mapping[int, LabelInfo] = {
     2: LabelInfo("High function", "high", _rgb255(250, 150, 30)),
 }
 
-#: All tables by name, for callers that receive the table name as an option.
-LABEL_TABLES: Mapping[str, Mapping[int, LabelInfo]] = {
-    "prm": PRM_LABELS,
-    "lobes": LOBE_LABELS,
-    "functional": FUNCTIONAL_LUNG_LABELS,
-}
-
-
-def names(table: Mapping[int, LabelInfo]) -> dict[int, str]:
-    """``{label: name}`` of a table."""
-    return {value: info.name for value, info in table.items()}
-
-
-def colors(table: Mapping[int, LabelInfo]) -> dict[int, tuple[float, float, float]]:
-    """``{label: (r, g, b)}`` of a table, 0..1 floats."""
-    return {value: info.rgb for value, info in table.items()}

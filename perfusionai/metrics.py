@@ -33,11 +33,6 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
-def dice_per_label(pred: np.ndarray, ref: np.ndarray, labels) -> dict[int, float]:
-    """Dice of each label value between two integer label maps."""
-    return {int(lab): dice(pred == lab, ref == lab) for lab in labels}
-
-
 # ------------------------------------------------------------------------------ agreement
 
 

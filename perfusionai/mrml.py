@@ -19,7 +19,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -434,13 +434,6 @@ def sequence_node_from_series(
     return sequence, browser_node
 
 
-def reference_volume_of_series(node):
-    """A volume node with the series' voxel grid (frame 0 of a sequence, or the MultiVolume itself)."""
-    if node is not None and node.IsA("vtkMRMLSequenceNode"):
-        return node.GetNthDataNode(0)
-    return node
-
-
 # --------------------------------------------------------------------------------------
 # masks and segmentations
 
@@ -740,14 +733,6 @@ def set_attributes(node, attributes: Mapping[str, object], prefix: str = "Perfus
     """Record small metadata (method, options, model) on a node; saved with the scene."""
     for key, value in attributes.items():
         node.SetAttribute(prefix + key, "" if value is None else str(value))
-
-
-def remove_nodes(nodes: Iterable) -> None:
-    """Remove nodes from the scene (None entries are skipped)."""
-    scene = _scene()
-    for node in nodes:
-        if node is not None and node.GetScene() is not None:
-            scene.RemoveNode(node)
 
 
 # --------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from .. import __version__
 from ..cli_common import add_common_options, make_progress, positive_float
 from ..errors import input_error
 from ..io import atomic_output_dir, check_finite_series, read_mask, read_series, write_json, write_volume
+from .deconvolution import DEFAULT_OI_THRESHOLD
+from .maps import DEFAULT_KH, DEFAULT_RHO
 
 METHODS = ("sSVD", "cSVD", "oSVD", "Tikhonov", "phae", "tmax-net")
 MAP_NAMES = ("cbv", "cbf", "mtt", "tmax", "ttp")
@@ -61,7 +63,8 @@ def register(subparsers) -> None:
     maps.add_argument("--threshold", type=positive_float, default=None,
                       help="SVD truncation threshold relative to the largest singular value "
                            "(default: sSVD 0.2, cSVD 0.1)")
-    maps.add_argument("--oi", type=positive_float, default=0.035, help="oSVD oscillation-index threshold (0.035)")
+    maps.add_argument("--oi", type=positive_float, default=DEFAULT_OI_THRESHOLD,
+                      help=f"oSVD oscillation-index threshold ({DEFAULT_OI_THRESHOLD})")
     maps.add_argument("--lambda", dest="tikhonov_lambda", type=positive_float, default=None,
                       help="Tikhonov regularisation relative to the largest singular value "
                            "(default: chosen per voxel by --lambda-criterion)")
@@ -71,8 +74,10 @@ def register(subparsers) -> None:
     maps.add_argument("--discretisation", choices=("rectangle", "simpson"), default="rectangle",
                       help="AIF convolution matrix: plain Ostergaard rectangle rule (default) or "
                            "dsc-mri-toolbox's Simpson-smoothed AIF")
-    maps.add_argument("--kh", type=positive_float, default=0.73, help="haematocrit factor kH (0.73; 1 = plain ratio)")
-    maps.add_argument("--rho", type=positive_float, default=1.04, help="brain density in g/mL (1.04; 1 = plain ratio)")
+    maps.add_argument("--kh", type=positive_float, default=DEFAULT_KH,
+                      help=f"haematocrit factor kH ({DEFAULT_KH}; 1 = plain ratio)")
+    maps.add_argument("--rho", type=positive_float, default=DEFAULT_RHO,
+                      help=f"brain density in g/mL ({DEFAULT_RHO}; 1 = plain ratio)")
     maps.add_argument("--baseline-frames", type=int, default=None,
                       help="number of pre-bolus frames for S0 (default: detected automatically)")
     maps.add_argument("--leakage-correction", action="store_true",

@@ -447,8 +447,10 @@ def register_verbs(verbs) -> None:
     p.add_argument("--tmax-model", default=None, help="Tmax network (needed when tmax-net is among --methods)")
     p.add_argument("--rois", default=None, help="label map: statistics per label too")
     p.add_argument("--truth-dir", default=None, help="folder with truth_cbf/mtt/tmax.nii.gz (a phantom)")
-    p.add_argument("--kh", type=positive_float, default=0.73)
-    p.add_argument("--rho", type=positive_float, default=1.04)
+    from .maps import DEFAULT_KH, DEFAULT_RHO
+
+    p.add_argument("--kh", type=positive_float, default=DEFAULT_KH, help=f"haematocrit factor kH ({DEFAULT_KH})")
+    p.add_argument("--rho", type=positive_float, default=DEFAULT_RHO, help=f"brain density in g/mL ({DEFAULT_RHO})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     add_common_options(p)

@@ -10,7 +10,7 @@ CT (HU, ``ct_hu[k, j, i]``)
     (right larger; a cardiac notch on the left); parenchyma -870 HU at the most
     anterior point rising to about -800 HU posteriorly (gravity-dependent
     density); a tree of vessels (+40 HU blood, tapering) branching from each
-    hilum; correlated tissue texture (about 15 HU) and scanner noise
+    hilum; correlated tissue texture (about 5 HU SD) and scanner noise
     (``ct_noise_hu``, default 20 HU).
 Lesions (they change CT *and* perfusion, so the CT carries what a network
 needs, as in real disease)

@@ -31,7 +31,8 @@ def _add_ct(verbs) -> None:
                          description="Register the expiratory CT to the inspiratory CT (ANTs SyN, lungs masked), "
                                      "classify every lung voxel (normal, fSAD, emphysema, uncategorized; Galban 2012) "
                                      "and report %PRM per lung and lobe. Outputs: prm.nii.gz (inspiratory grid), "
-                                     "exp_registered.nii.gz, transforms, prm_stats.json, prm_stats.csv, "
+                                     "exp_registered.nii.gz (insp_registered.nii.gz with --direction insp_to_exp), "
+                                     "transforms, prm_stats.json, prm_stats.csv, "
                                      "prm_scatter.png, prm_overlay.png.")
     p.add_argument("--insp", required=True, help="inspiratory CT in HU (NIfTI, NRRD or a DICOM folder)")
     p.add_argument("--exp", required=True, help="expiratory CT in HU")
