@@ -41,13 +41,7 @@ DEFAULT_MAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileViridis.txt", "vtkMRMLCo
                               "vtkMRMLColorTableNodeGrey")
 
 #: Units of each map (volume node attribute "PerfusionAI.Units" and table column units).
-MAP_UNITS: Mapping[str, str] = {
-    "cbf": "mL/100 g/min",
-    "cbv": "mL/100 g",
-    "mtt": "s",
-    "tmax": "s",
-    "ttp": "s",
-}
+from .dsc.maps import MAP_UNITS  # noqa: E402  (the package's one table)
 
 #: Index units of sequence nodes / MultiVolume frame labels, as seconds per unit.
 _TIME_UNIT_SECONDS = {

@@ -184,7 +184,7 @@ def median_inside(array: np.ndarray, mask: np.ndarray) -> float:
     return float(np.median(values)) if values.size else float("nan")
 
 
-_UNITS = {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "tmax": "s", "ttp": "s", "k2": "1/s"}
+from .dsc.maps import MAP_UNITS as _UNITS  # noqa: E402
 
 
 def output_from_result(result, geometry: Geometry) -> DSCOutput:

@@ -21,12 +21,10 @@ from ..cli_common import add_common_options, make_progress, positive_float
 from ..errors import input_error
 from ..io import atomic_output_dir, check_finite_series, read_mask, read_series, write_json, write_volume
 from .deconvolution import DEFAULT_OI_THRESHOLD
-from .maps import DEFAULT_KH, DEFAULT_RHO
+from .maps import DEFAULT_KH, DEFAULT_RHO, MAP_UNITS
 
 METHODS = ("sSVD", "cSVD", "oSVD", "Tikhonov", "phae", "tmax-net")
 MAP_NAMES = ("cbv", "cbf", "mtt", "tmax", "ttp")
-MAP_UNITS = {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "tmax": "s", "ttp": "s",
-             "k2": "1/s", "k1": "1"}
 MIN_FRAMES = 10
 
 

@@ -22,9 +22,10 @@ from ..errors import PerfusionAIError
 from ..io import read_volume
 from ..report import figures
 from ..report.html import ReportSection, paragraph, table_html
+from .maps import MAP_UNITS
 
 MAPS = ("cbv", "cbf", "mtt", "tmax", "ttp")
-UNITS = {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "tmax": "s", "ttp": "s"}
+UNITS = {name: MAP_UNITS[name] for name in MAPS}
 REGIONS = {"grey matter": 1, "white matter": 2, "lesion (delayed, low flow)": 3, "tumour": 5}
 
 

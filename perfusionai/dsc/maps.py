@@ -32,6 +32,10 @@ from ..errors import input_error
 
 DEFAULT_KH = 0.73
 DEFAULT_RHO = 1.04
+
+#: Unit of every DSC map the package writes (file attributes, tables, reports, Slicer nodes).
+MAP_UNITS = {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "tmax": "s", "ttp": "s",
+             "k2": "1/s", "k1": "1"}
 INTEGRATIONS = ("trapezoid", "sum")
 
 

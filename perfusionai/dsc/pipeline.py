@@ -274,8 +274,7 @@ def compute_dsc_maps(signal: np.ndarray, times: np.ndarray, options: DSCOptions,
         "aif": aif_info,
         "regularisation": regularisation,
         "medians_in_mask": medians,
-        "units": {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "tmax": "s", "ttp": "s",
-                  "k2": "1/s", "aif": "1/s (delta R2*)"},
+        "units": {**maps_mod.MAP_UNITS, "aif": "1/s (delta R2*)"},
     }
     if key in LEARNED_METHODS:
         card = learned_maps.get("model_card") or {}
