@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .cli_common import add_common_options
-from .errors import Cancelled, PerfusionAIError
+from .errors import Cancelled, ParameterError, PerfusionAIError
 
 #: Domains in the order ``--help`` lists them; a domain whose package is absent is skipped.
 DOMAINS = ("dsc", "prm", "lobes", "ctpm", "dr")
@@ -65,6 +65,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Cancelled as exc:
         print(f"perfusionai: {exc}", file=sys.stderr)
         return 130
+    except ParameterError as exc:
+        # the core names parameters; only here do they become the verb's flags
+        job_cls = getattr(args, "job_class", None)
+        name = job_cls.flag_of(exc.parameter) if job_cls is not None else "--" + exc.parameter.replace("_", "-")
+        print(f"perfusionai: error: {exc.with_name(name)}", file=sys.stderr)
+        return 2
     except PerfusionAIError as exc:
         print(f"perfusionai: error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,28 @@ class PerfusionAIError(Exception):
     """A user-facing error: the message names the input and what is wrong with it."""
 
 
+class ParameterError(PerfusionAIError):
+    """A bad parameter value, named in library terms (``tikhonov_lambda``, not ``--lambda``).
+
+    The core raises it with the parameter's field name; the command line
+    rewrites the name to the verb's flag once (:meth:`perfusionai.jobs.Job.flag_of`),
+    so a library caller reads ``tikhonov_lambda: ...`` and a shell user ``--lambda: ...``.
+    """
+
+    def __init__(self, parameter: str, problem: str) -> None:
+        super().__init__(f"{parameter}: {problem}")
+        self.parameter = parameter
+        self.problem = problem
+
+    def with_name(self, name: str) -> "PerfusionAIError":
+        """The same error with the parameter shown as ``name`` (e.g. a flag)."""
+        return PerfusionAIError(f"{name}: {self.problem}")
+
+
+class MissingDependency(PerfusionAIError):
+    """An optional capability whose packages are not installed (see :func:`perfusionai.deps.require`)."""
+
+
 class Cancelled(PerfusionAIError):
     """Raised from a progress callback when the user cancelled the run."""
 
