@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import input_error
-from .io import Geometry, Series
+from .geometry import Geometry, Series
 
 
 def _pydicom():

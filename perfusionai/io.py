@@ -22,139 +22,21 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
-from .errors import PerfusionAIError, input_error
+from . import dicom
+from .errors import ParameterError, PerfusionAIError, input_error
+from .geometry import Geometry, Series, Volume
+
+__all__ = ["Geometry", "Volume", "Series", "IMAGE_SUFFIXES", "read_volume", "read_series", "read_mask",
+           "read_labels", "check_same_grid", "to_sitk", "from_sitk", "write_volume", "write_series",
+           "atomic_output_dir", "write_json", "check_finite_series", "check_finite_values"]
 
 #: File endings read as single image files.
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".seq.nrrd")
-
-# Tolerances for "same grid": geometry read back from files is float32 in NIfTI.
-_SPACING_RTOL = 1e-4
-_ORIGIN_ATOL_MM = 1e-3
-_DIRECTION_ATOL = 1e-4
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """The voxel grid of a 3D image (LPS, as ITK and DICOM).
-
-    Attributes
-    ----------
-    shape
-        Array shape ``(k, j, i)`` (slices, rows, columns).
-    spacing
-        Voxel size in mm along ``(i, j, k)``.
-    origin
-        Position of voxel ``(0, 0, 0)`` in LPS mm.
-    direction
-        3x3 direction cosines as a flat row-major tuple; column ``c`` is the LPS
-        direction of index axis ``c`` (``i``, ``j``, ``k``).
-    """
-
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-
-    @property
-    def direction_matrix(self) -> np.ndarray:
-        return np.asarray(self.direction, dtype=float).reshape(3, 3)
-
-    def ijk_to_lps(self) -> np.ndarray:
-        """4x4 matrix mapping homogeneous ``(i, j, k, 1)`` to LPS mm."""
-        m = np.eye(4)
-        m[:3, :3] = self.direction_matrix * np.asarray(self.spacing, dtype=float)[None, :]
-        m[:3, 3] = self.origin
-        return m
-
-    def ijk_to_ras(self) -> np.ndarray:
-        """4x4 matrix mapping homogeneous ``(i, j, k, 1)`` to RAS mm (Slicer's convention)."""
-        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.ijk_to_lps()
-
-    @classmethod
-    def from_ijk_to_ras(cls, matrix: np.ndarray, shape: tuple[int, int, int]) -> "Geometry":
-        """Build a geometry from Slicer's 4x4 IJK-to-RAS matrix and a ``(k, j, i)`` shape."""
-        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(matrix, dtype=float)
-        columns = lps[:3, :3]
-        spacing = np.linalg.norm(columns, axis=0)
-        if np.any(spacing <= 0):
-            raise PerfusionAIError("the IJK-to-RAS matrix has a zero-length axis")
-        direction = columns / spacing[None, :]
-        return cls(tuple(int(s) for s in shape), tuple(float(s) for s in spacing),
-                   tuple(float(o) for o in lps[:3, 3]), tuple(float(d) for d in direction.ravel()))
-
-    def with_shape(self, shape: tuple[int, int, int]) -> "Geometry":
-        return Geometry(tuple(int(s) for s in shape), self.spacing, self.origin, self.direction)
-
-    def same_grid(self, other: "Geometry") -> bool:
-        """True when both describe the same voxel grid (within file-precision tolerances)."""
-        return (
-            tuple(self.shape) == tuple(other.shape)
-            and np.allclose(self.spacing, other.spacing, rtol=_SPACING_RTOL, atol=0)
-            and np.allclose(self.origin, other.origin, rtol=0,
-                            atol=max(_ORIGIN_ATOL_MM, 1e-4 * max(self.spacing)))
-            and np.allclose(self.direction, other.direction, rtol=0, atol=_DIRECTION_ATOL)
-        )
-
-    def describe(self) -> str:
-        return (f"shape (k,j,i) {tuple(self.shape)}, spacing {tuple(round(s, 4) for s in self.spacing)} mm, "
-                f"origin {tuple(round(o, 3) for o in self.origin)} mm")
-
-    def to_dict(self) -> dict:
-        return {"shape_kji": list(self.shape), "spacing_mm": list(self.spacing),
-                "origin_lps_mm": list(self.origin), "direction": list(self.direction)}
-
-
-@dataclass
-class Volume:
-    """A 3D image: ``array[k, j, i]`` on ``geometry``."""
-
-    array: np.ndarray
-    geometry: Geometry
-    path: Optional[str] = None
-    metadata: dict = field(default_factory=dict)
-
-
-@dataclass
-class Series:
-    """A 4D series: ``array[k, j, i, t]`` (time last) on a 3D ``geometry``.
-
-    Attributes
-    ----------
-    times
-        Acquisition time of each frame in seconds from the first frame, shape ``(t,)``,
-        or None when the file carries no timing (then ``tr`` must be given).
-    tr
-        Frame interval in seconds (the repetition time of a DSC series), or None.
-    te
-        Echo time in seconds, when the header or a BIDS sidecar gives it, else None.
-    """
-
-    array: np.ndarray
-    geometry: Geometry
-    times: Optional[np.ndarray] = None
-    tr: Optional[float] = None
-    te: Optional[float] = None
-    path: Optional[str] = None
-    metadata: dict = field(default_factory=dict)
-
-    @property
-    def n_frames(self) -> int:
-        return int(self.array.shape[-1])
-
-    def frame_times(self) -> np.ndarray:
-        """Frame times in seconds, shape ``(t,)``; from ``times`` or ``tr``."""
-        if self.times is not None:
-            return np.asarray(self.times, dtype=float)
-        if self.tr is None:
-            raise input_error(self.path, "the frame interval (TR) is not in the header; give it with --tr SECONDS")
-        return np.arange(self.n_frames, dtype=float) * float(self.tr)
-
 
 # --------------------------------------------------------------------------------------
 # low level: SimpleITK
@@ -294,12 +176,10 @@ def read_volume(path: str | os.PathLike, name: str = "image") -> Volume:
     """
     p = _check_exists(path, name)
     if _is_dicom_dir(p):
-        from . import dicom
-
         series = dicom.read_dicom_folder(p)
         if series.array.ndim == 4 and series.array.shape[-1] > 1:
             raise input_error(p, f"is a 4D DICOM series with {series.array.shape[-1]} frames; "
-                                 f"a 3D {name} was expected")
+                                 f"{_with_dims(name, '3D')} was expected")
         arr = series.array[..., 0] if series.array.ndim == 4 else series.array
         return Volume(arr, series.geometry, str(p), series.metadata)
     sitk = _sitk()
@@ -325,7 +205,7 @@ def read_volume(path: str | os.PathLike, name: str = "image") -> Volume:
 def read_series(
     path: str | os.PathLike,
     tr: Optional[float] = None,
-    name: str = "4D series",
+    name: str = "series",
     min_frames: int = 2,
 ) -> Series:
     """Read a 4D series (time last) from a 4D NIfTI/NRRD/MetaImage file or a DICOM folder.
@@ -348,16 +228,14 @@ def read_series(
     """
     p = _check_exists(path, name)
     if tr is not None and (not np.isfinite(tr) or tr <= 0):
-        raise input_error("--tr", f"must be a positive number of seconds, got {tr}")
+        raise ParameterError("tr", f"must be a positive number of seconds, got {tr}")
     if _is_dicom_dir(p):
-        from . import dicom
-
         series = dicom.read_dicom_folder(p)
     else:
         series = _read_series_file(p)
     if series.array.ndim != 4 or series.array.shape[-1] < 2:
         raise input_error(p, f"is a 3D image (shape {tuple(series.array.shape[:3])}); "
-                             f"a 4D {name} with time as the 4th dimension was expected")
+                             f"{_with_dims(name, '4D')} with time as the 4th dimension was expected")
     if series.n_frames < min_frames:
         raise input_error(p, f"has only {series.n_frames} frames; at least {min_frames} are needed")
     if tr is not None:
@@ -368,8 +246,14 @@ def read_series(
     if series.times is not None:
         dt = np.diff(series.times)
         if np.any(dt <= 0):
-            raise input_error(p, "frame times are not strictly increasing; give the frame interval with --tr")
+            raise ParameterError("tr", f"{p}: frame times are not strictly increasing; give the frame interval "
+                                       "in seconds")
     return series
+
+
+def _with_dims(name: str, dims: str) -> str:
+    """``"a 4D series"`` from ``"series"`` or ``"4D series"`` (never "a 4D 4D series")."""
+    return f"a {name}" if name.lower().startswith(dims.lower()) else f"a {dims} {name}"
 
 
 def _read_series_file(p: Path) -> Series:
@@ -451,8 +335,7 @@ def check_same_grid(geometry: Geometry, reference: Geometry, path, name: str = "
     """Raise a clear error when ``geometry`` is not the voxel grid of ``reference``."""
     if not geometry.same_grid(reference):
         raise input_error(path, f"{name} is not on the grid of the reference image "
-                                f"({geometry.describe()} vs {reference.describe()}); "
-                                f"resample it onto the reference first")
+                                f"({geometry.differences(reference)}); resample it onto the reference first")
 
 
 # --------------------------------------------------------------------------------------
