@@ -57,6 +57,17 @@ LOBE_LABELS: Mapping[int, LabelInfo] = {
     6: LabelInfo("Left lower lobe", "lll", _rgb255(241, 214, 145)),
 }
 
+#: Lung sides of the lung label maps (``lungs.nii.gz``, ``lung_mask.nii.gz``): 1 right, 2 left.
+RIGHT_LUNG = 1
+LEFT_LUNG = 2
+
+#: The lobe-to-lung grouping (ARCHITECTURE.md "Lobe labels"): lobes 1-3 form the right lung,
+#: 4-6 the left. :func:`perfusionai.lung.lungs_from_lobes` applies it; nothing else spells it out.
+RIGHT_LOBES: tuple[int, ...] = (1, 2, 3)
+LEFT_LOBES: tuple[int, ...] = (4, 5, 6)
+LUNG_OF_LOBE: Mapping[int, int] = {**{lobe: RIGHT_LUNG for lobe in RIGHT_LOBES},
+                                   **{lobe: LEFT_LUNG for lobe in LEFT_LOBES}}
+
 #: Functional lung classes of the CT-to-perfusion translation (low / high perfusion).
 FUNCTIONAL_LUNG_LABELS: Mapping[int, LabelInfo] = {
     1: LabelInfo("Low function", "low", _rgb255(60, 90, 220)),

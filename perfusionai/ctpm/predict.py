@@ -153,7 +153,7 @@ def lung_labels_for(ct_hu: np.ndarray, geometry: Geometry, lung_mask: Optional[n
                     mask_name: str = "lung mask") -> np.ndarray:
     """Right/left labels (1/2) from a given mask, or from the CT lung mask when none is given."""
     if lung_mask is None:
-        from ..prm.lungmask import segment_lungs
+        from ..lung import segment_lungs
 
         labels = segment_lungs(ct_hu, geometry)
         mask_name = "CT (automatic lung mask)"

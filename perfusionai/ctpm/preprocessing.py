@@ -120,7 +120,7 @@ def split_lungs(labels: np.ndarray, geometry: Geometry, name: str = "lung mask")
     if values.size == 1 and (values[0] == 1 or values[0] > 6):
         # binary (any single value: 1, 255, ...); the shared right/left split (prm.pipeline.lung_sides)
         # ignores stray blobs smaller than 8 % of the larger lung
-        from ..prm.pipeline import lung_sides
+        from ..lung import lung_sides
 
         sides = lung_sides(arr != 0, geometry)
         right, left = sides == RIGHT_LUNG, sides == LEFT_LUNG

@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import input_error
+from ..errors import ParameterError, input_error
 
 CONVENTIONS: dict[str, dict[int, int]] = {
     "project": {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6},
@@ -41,6 +41,20 @@ CONVENTIONS: dict[str, dict[int, int]] = {
     "tustison": {1: 6, 2: 4, 3: 3, 4: 2, 5: 1},
 }
 CIP_AIRWAY_TYPE = 2
+_ALIASES = {"total": "totalsegmentator", "totalseg": "totalsegmentator", "ts": "totalsegmentator",
+            "totalsegmentatorv2": "totalsegmentator", "totalsegmentatorv1": "totalsegmentator1",
+            "ltrc": "lungmask", "lungmaskltrc": "lungmask", "ltrclobes": "lungmask", "native": "project"}
+
+
+def normalise_convention(convention: str) -> str:
+    """The canonical name of a lobe convention (case-insensitive; ``-``/``_`` ignored; aliases such as
+    ``total``, ``ltrc``); raises :class:`ParameterError` (``lobe_convention``) for an unknown one."""
+    key = str(convention).lower().replace("-", "").replace("_", "")
+    key = _ALIASES.get(key, key)
+    if key not in CONVENTIONS:
+        raise ParameterError("lobe_convention", f"unknown lobe convention {convention!r}; "
+                                                f"choose one of {', '.join(sorted(CONVENTIONS))}")
+    return key
 
 
 def import_lobes(labels: np.ndarray, convention: str = "project", source: Optional[str] = None) -> np.ndarray:
@@ -53,21 +67,14 @@ def import_lobes(labels: np.ndarray, convention: str = "project", source: Option
     convention
         One of :data:`CONVENTIONS` (case-insensitive; ``-``/``_`` ignored).
     source
-        File name or option used in error messages.
+        File name used in error messages.
 
     Returns
     -------
     numpy.ndarray
         ``[k, j, i]`` uint8 with values 0-6.
     """
-    key = str(convention).lower().replace("-", "").replace("_", "")
-    aliases = {"total": "totalsegmentator", "totalseg": "totalsegmentator", "ts": "totalsegmentator",
-               "totalsegmentatorv2": "totalsegmentator", "totalsegmentatorv1": "totalsegmentator1",
-               "ltrc": "lungmask", "lungmaskltrc": "lungmask", "ltrclobes": "lungmask", "native": "project"}
-    key = aliases.get(key, key)
-    if key not in CONVENTIONS:
-        raise input_error("--lobe-convention", f"unknown lobe convention {convention!r}; "
-                                               f"choose one of {', '.join(sorted(CONVENTIONS))}")
+    key = normalise_convention(convention)
     values = np.asarray(labels).astype(np.int64)
     if key == "cip":
         region = values & 255
@@ -83,5 +90,5 @@ def import_lobes(labels: np.ndarray, convention: str = "project", source: Option
     if not out.any():
         present = np.unique(values)[:12]
         raise input_error(source, f"no lobe of the {key!r} convention found (labels present: "
-                                  f"{', '.join(str(int(v)) for v in present)}); check --lobe-convention")
+                                  f"{', '.join(str(int(v)) for v in present)}); check the lobe convention")
     return out

@@ -2,8 +2,8 @@
 
 :func:`segment_lungs` returns a label map ``[k, j, i]`` uint8 with **1 = right
 lung, 2 = left lung**, 0 elsewhere (trachea and main bronchi excluded, vessels
-and other holes inside each lung filled). It is used when the user gives no
-lung or lobe mask (a user mask always wins) and by the CT-perfusion helper.
+and other holes inside each lung filled). It is used by every lung domain
+(CT PRM, CT-to-perfusion) when the user gives no lung or lobe mask (a user mask always wins).
 
 Method (classic threshold pipeline, robust rather than exact):
 
@@ -38,9 +38,8 @@ from scipy import ndimage
 
 from ..errors import PerfusionAIError
 from ..io import Geometry
-
-RIGHT_LUNG = 1
-LEFT_LUNG = 2
+from ..labels import LEFT_LUNG, RIGHT_LUNG
+from .sides import lps_x
 
 # A trachea cross-section is about 1.5-3 cm wide: 0.8-6 cm^2; main bronchi are smaller.
 _TRACHEA_AREA_MM2 = (60.0, 700.0)
@@ -278,17 +277,17 @@ def segment_lungs(
 
     # Right lung has the smaller LPS x (x grows towards the patient's left).
     back = _from_axial(two, axis, flip)
-    lps_x = _lps_x_of_voxels(geometry)
+    lps_x_mm = lps_x(geometry)
     out = np.zeros(ct.shape, dtype=np.uint8)
     present = [v for v in (1, 2) if (back == v).any()]
     if len(present) == 2:
-        x1 = float(lps_x[back == 1].mean())
-        x2 = float(lps_x[back == 2].mean())
+        x1 = float(lps_x_mm[back == 1].mean())
+        x2 = float(lps_x_mm[back == 2].mean())
         right, left = (1, 2) if x1 < x2 else (2, 1)
     else:
         only = present[0]
-        cx = float(lps_x[back == only].mean())
-        body_cx = float(lps_x[(ct > -500)].mean()) if (ct > -500).any() else cx
+        cx = float(lps_x_mm[back == only].mean())
+        body_cx = float(lps_x_mm[(ct > -500)].mean()) if (ct > -500).any() else cx
         right, left = (only, -1) if cx < body_cx else (-1, only)
 
     radius = int(round(closing_mm / max(min(spacing_kji), 1e-6))) if closing_mm > 0 else 0
@@ -302,16 +301,3 @@ def segment_lungs(
     # Hole filling and closing put the removed airway lumen back inside; take it out again.
     out[_from_axial(airway, axis, flip)] = 0
     return out
-
-
-def _lps_x_of_voxels(geometry: Geometry) -> np.ndarray:
-    """LPS x (mm) of every voxel centre, ``[k, j, i]`` float32 (broadcast, not materialised per axis)."""
-    m = geometry.ijk_to_lps()
-    k, j, i = (np.arange(n, dtype=np.float32) for n in geometry.shape)
-    return (m[0, 0] * i[None, None, :] + m[0, 1] * j[None, :, None] + m[0, 2] * k[:, None, None]
-            + m[0, 3]).astype(np.float32)
-
-
-def lung_mask_from_labels(labels: np.ndarray) -> np.ndarray:
-    """Boolean lung mask (any nonzero label), ``[k, j, i]``."""
-    return np.asarray(labels) > 0

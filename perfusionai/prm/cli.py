@@ -152,7 +152,7 @@ def run_ct(args: argparse.Namespace) -> int:
 
     from ..io import atomic_output_dir, read_labels, read_volume
     from .classification import ClassificationOptions
-    from .lobes_import import import_lobes
+    from ..lung import import_lobes
     from .pipeline import PRMOptions, compute_prm, write_prm_outputs
     from .registration import registration_recipe
 
@@ -200,7 +200,7 @@ def run_ct(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from ..io import atomic_output_dir, read_labels, read_volume, write_json
     from .evaluation import evaluate_case, evaluate_cohort, read_cohort_csv
-    from .lobes_import import import_lobes
+    from ..lung import import_lobes
 
     if args.cohort:
         if args.pred or args.ref:

@@ -108,7 +108,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from .mri_evaluation import case_metrics
     from .mri_predict import predict_prm_mri
     from .mri_training import load_prm_model
-    from .pipeline import lung_sides
+    from ..lung import lung_labels_of
     from .stats import prm_statistics, write_stats_csv
 
     from ..errors import input_error
@@ -152,10 +152,7 @@ def run_predict(args: argparse.Namespace) -> int:
     result = predict_prm_mri(volumes, lung, model, card, device=args.device, progress=progress)
     voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
     # right (1) / left (2): from the lobes when there are any, else the mask's own labels or its two lungs
-    if lobes is not None and np.any(lobes):
-        sides = np.where(lung, np.where(np.isin(lobes, (1, 2, 3)), 1, np.where(np.isin(lobes, (4, 5, 6)), 2, 0)), 0)
-    else:
-        sides = lung_sides(lung_map, geometry)
+    sides = lung_labels_of(lung_map, geometry, lobes)
     stats = prm_statistics(result.labels, sides.astype(np.uint8), lobes, voxel_ml)
     summary = {"model": result.model, "sequences_used": result.sequences_used,
                "trained_with": card["inputs"].get("trained_with"), "voxels_outside_window": result.voxels_outside_window,

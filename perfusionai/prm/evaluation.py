@@ -104,7 +104,7 @@ def _load_stats(path: Path, lobes_path: Optional[Path], lobe_convention: str) ->
     prm = _check_labels(vol.array, str(path))
     lobes = None
     if lobes_path is not None:
-        from .lobes_import import import_lobes
+        from ..lung import import_lobes
 
         lobes = import_lobes(read_labels(lobes_path, vol.geometry, "lobe map"), lobe_convention, str(lobes_path))
     sides = (prm > 0).astype(np.uint8) if lobes is None else np.zeros(prm.shape, np.uint8)

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from scipy import ndimage
 
 from ..errors import PerfusionAIError, input_error
 from ..io import Geometry, Volume, write_json, write_volume
 from ..progress import ProgressCallback, as_progress
+from ..lung import body_midline_x, lung_sides, lungs_from_lobes, segment_lungs
 from .classification import ClassificationOptions, classify_prm
-from .lungmask import segment_lungs
 from .registration import RegistrationOptions
 from .stats import prm_statistics, write_stats_csv
 
@@ -141,53 +140,6 @@ def check_overlap(a: Volume, b: Volume, min_fraction: float = 0.1) -> float:
     return fraction
 
 
-def _lps_x(geometry: Geometry) -> np.ndarray:
-    m = geometry.ijk_to_lps()
-    k, j, i = (np.arange(n, dtype=np.float32) for n in geometry.shape)
-    x = (m[0, 0] * i[None, None, :] + m[0, 1] * j[None, :, None] + m[0, 2] * k[:, None, None] + m[0, 3])
-    return np.broadcast_to(x, tuple(geometry.shape))
-
-
-def body_midline_x(ct_hu: np.ndarray, geometry: Geometry) -> float:
-    """LPS x (mm) of the body's centre: mean x of the voxels denser than -500 HU."""
-    body = np.asarray(ct_hu) > -500
-    x = _lps_x(geometry)
-    return float(x[body].mean()) if body.any() else float(x.mean())
-
-
-def lung_sides(mask: np.ndarray, geometry: Geometry, midline_x: Optional[float] = None) -> np.ndarray:
-    """Right (1) / left (2) labels of a user lung mask.
-
-    A mask with both labels 1 and 2 is kept. Any other mask (binary, one lung only) is split at
-    ``midline_x`` (LPS mm, the body's centre; right = smaller x) when given, else between its two
-    largest components, or at the lung's median x when the lungs touch.
-    """
-    arr = np.asarray(mask)
-    values = set(np.unique(arr[arr != 0]).tolist())
-    if values == {1, 2}:
-        return arr.astype(np.uint8)
-    lung = arr != 0
-    x = _lps_x(geometry)
-    if midline_x is not None:
-        return np.where(lung, np.where(x < midline_x, 1, 2), 0).astype(np.uint8)
-    labels, n = ndimage.label(lung)
-    out = np.zeros(lung.shape, dtype=np.uint8)
-    if n >= 2:
-        sizes = ndimage.sum_labels(lung, labels, np.arange(1, n + 1))
-        order = np.argsort(sizes)[::-1]
-        if sizes[order[1]] > 0.08 * sizes[order[0]]:
-            xa = float(x[labels == order[0] + 1].mean())
-            xb = float(x[labels == order[1] + 1].mean())
-            split = 0.5 * (xa + xb)
-            out[lung & (x < split)] = 1
-            out[lung & (x >= split)] = 2
-            return out
-    split = float(np.median(x[lung]))
-    out[lung & (x < split)] = 1
-    out[lung & (x >= split)] = 2
-    return out
-
-
 # ------------------------------------------------------------------------------ pipeline
 
 
@@ -209,7 +161,7 @@ def compute_prm(
         Optional lung mask or lung labels (1 right, 2 left) on the reference grid; wins over the
         automatic lung mask.
     lobes
-        Optional lobe labels 1-6 (project convention, see :mod:`perfusionai.prm.lobes_import`) on the
+        Optional lobe labels 1-6 (project convention, see :mod:`perfusionai.lung.lobes`) on the
         reference grid; without ``lung_mask`` the union of the lobes is the lung.
     options
         :class:`PRMOptions`.
@@ -258,8 +210,7 @@ def compute_prm(
         if not np.any(lobes):
             raise input_error("--lobes", "the lobe map contains no lobe")
         lobes_arr = np.asarray(lobes)
-        lung_labels = np.where(np.isin(lobes_arr, (1, 2, 3)), 1, np.where(np.isin(lobes_arr, (4, 5, 6)), 2, 0)
-                               ).astype(np.uint8)
+        lung_labels = lungs_from_lobes(lobes_arr)
         lung_source = "user lobe map"
     else:
         lung_labels = segment_lungs(fixed.array, ref_geo)

@@ -19,12 +19,11 @@ from typing import Optional
 
 import numpy as np
 
+from ..labels import LEFT_LOBES, RIGHT_LOBES
 from .classification import CLASS_KEYS, OUTSIDE
 
 LOBE_NAMES = {1: "right upper", 2: "right middle", 3: "right lower",
               4: "left upper", 5: "lingula", 6: "left lower"}
-RIGHT_LOBES = (1, 2, 3)
-LEFT_LOBES = (4, 5, 6)
 STAT_KEYS = ("normal", "fsad", "emph", "uncategorized", "excluded", "voxels", "lung_voxels", "volume_ml")
 
 
