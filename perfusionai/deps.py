@@ -1,8 +1,14 @@
 """Optional dependencies by capability.
 
-The core installs numpy, scipy, SimpleITK and pydicom. Each further capability
-is an extra of the package; :func:`require` imports what a capability needs or
-raises one line saying which extra to install.
+The core installs numpy, scipy, SimpleITK, pydicom, nibabel, tqdm and
+threadpoolctl: enough for image I/O, DICOM and the classical DSC maps.
+nibabel is in the core, not an extra, because the NIfTI reader needs it for
+correctness (NaN and Inf voxels that ITK reads as 0, qform/sform conflicts,
+NIfTI-2, truncated files, Siemens MOSAIC DICOM); it is small and pure Python.
+Each further capability is an extra of the package (``pyproject.toml``);
+:func:`require` imports what a capability needs or raises one line saying
+which extra to install. ``all`` is every extra; ``dev`` is ``all`` plus the
+test tools.
 
 ========== ============================== ===================================================
 extra      packages                       used by
@@ -12,7 +18,6 @@ prm        antspyx                        CT PRM registration
 report     matplotlib                     figures, the HTML report, the demo
 lobes      nnunetv2 (with learned)        nnU-Net lobe segmentation
 ml         scikit-learn, scikit-image     DR classical learners, lung masks, SSIM checks
-nifti      nibabel                        NIfTI header details (qform/sform, NaN/Inf, NIfTI-2)
 batch      dask[distributed]              ``perfusionai batch``
 all        every extra above
 ========== ============================== ===================================================
@@ -34,10 +39,12 @@ PACKAGES = {
     "nnunetv2": ("nnunetv2", "lobes"),
     "sklearn": ("scikit-learn", "ml"),
     "skimage": ("scikit-image", "ml"),
-    "nibabel": ("nibabel", "nifti"),
+    "nibabel": ("nibabel", "core"),
     "dask": ("dask[distributed]", "batch"),
     "distributed": ("dask[distributed]", "batch"),
     "tqdm": ("tqdm", "core"),
+    "pydicom": ("pydicom", "core"),
+    "SimpleITK": ("SimpleITK", "core"),
 }
 
 #: what to type for an extra; torch pinned to the CPU build the README uses
@@ -48,7 +55,9 @@ INSTALL_HINT = {
 
 
 def install_hint(extra: str) -> str:
-    """The pip command that installs ``extra``."""
+    """The pip command that installs ``extra`` (``"core"``: reinstall the package itself)."""
+    if extra == "core":
+        return 'pip install "perfusionai"'
     return INSTALL_HINT.get(extra, f'pip install "perfusionai[{extra}]"')
 
 

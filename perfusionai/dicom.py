@@ -6,7 +6,11 @@ Handles the layouts DSC and other dynamic series arrive in:
   (ordered by TemporalPositionIdentifier, then AcquisitionTime, then InstanceNumber);
 * several single-time-point series of the same geometry (one series per frame,
   ordered by acquisition time, then series number);
-* one enhanced multi-frame object (per-frame plane positions and temporal indices).
+* one enhanced multi-frame object (per-frame plane positions and temporal indices);
+* Siemens MOSAIC files (the usual Siemens DSC/DWI export: the slices of one volume tiled
+  into one image), one file per time point, unpacked with nibabel's Siemens CSA-header
+  reader (:mod:`nibabel.nicom`); the geometry is the dcm2niix/SPM convention (the origin
+  is the centre of the first slice's first voxel, not the mosaic's corner).
 
 Geometry follows DICOM (LPS): column ``i`` runs along ImageOrientationPatient's
 row direction, ``j`` along its column direction, ``k`` along the slice normal in
@@ -111,7 +115,75 @@ def read_dicom_folder(folder: str | os.PathLike) -> Series:
             raise input_error(folder, "mixes an enhanced multi-frame DICOM file with other files; "
                                       "put one series per folder")
         return _read_enhanced(*multi[0], folder)
+    mosaic = [(f, ds) for f, ds in headers if _is_mosaic(ds)]
+    if mosaic:
+        if len(mosaic) != len(headers):
+            raise input_error(folder, "mixes Siemens MOSAIC files with other DICOM images; "
+                                      "put one series per folder")
+        return _read_mosaic(mosaic, folder)
     return _read_classic(headers, folder)
+
+
+def _is_mosaic(ds) -> bool:
+    """True for a Siemens MOSAIC image (ImageType holds MOSAIC)."""
+    image_type = getattr(ds, "ImageType", None) or []
+    return any(str(v).upper() == "MOSAIC" for v in image_type)
+
+
+def _read_mosaic(headers, folder: Path) -> Series:
+    """Siemens MOSAIC files (one volume each) as a series ``[k, j, i, t]``, time by acquisition order."""
+    import warnings
+
+    pydicom = _pydicom()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nibabel.nicom says "highly experimental" on import
+        from nibabel.nicom import dicomwrappers
+
+    def acq(ds) -> tuple:
+        t = _seconds_of_day(getattr(ds, "AcquisitionTime", None))
+        return (t if t is not None else 0.0, int(getattr(ds, "AcquisitionNumber", 0) or 0),
+                int(getattr(ds, "InstanceNumber", 0) or 0))
+
+    ordered = sorted(headers, key=lambda item: acq(item[1]))
+    volumes, times, geometry = [], [], None
+    for f, _ds in ordered:
+        ds = pydicom.dcmread(str(f))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                wrapper = dicomwrappers.wrapper_from_data(ds)
+                if not isinstance(wrapper, dicomwrappers.MosaicWrapper):
+                    raise ValueError("no Siemens CSA header with the number of images in the mosaic")
+                data = np.asarray(wrapper.get_data(), dtype=np.float32)  # (rows, columns, slices), rescaled
+                affine = np.asarray(wrapper.affine, dtype=float)        # (row, column, slice) -> LPS mm
+        except Exception as exc:  # a MOSAIC without the CSA fields nibabel needs
+            raise input_error(f, f"is a Siemens MOSAIC image that cannot be unpacked ({exc}); convert the series "
+                                 f"with dcm2niix and give the NIfTI file instead") from None
+        columns = affine[:3, [1, 0, 2]]                                # our i (column), j (row), k (slice)
+        spacing = np.linalg.norm(columns, axis=0)
+        geom = Geometry((data.shape[2], data.shape[0], data.shape[1]), tuple(float(x) for x in spacing),
+                        tuple(float(o) for o in affine[:3, 3]),
+                        tuple(float(x) for x in (columns / spacing[None, :]).ravel()))
+        if geometry is None:
+            geometry = geom
+        elif not geom.same_grid(geometry):
+            raise input_error(f, f"MOSAIC volume is not on the grid of the first one ({geom.differences(geometry)})")
+        volumes.append(np.transpose(data, (2, 0, 1)))
+        times.append(acq(ds)[0])
+    array = np.stack(volumes, axis=-1)
+    first = ordered[0][1]
+    t = np.asarray(times, dtype=float) - times[0]
+    frame_times = t if len(t) > 1 and np.all(np.diff(t) > 0) else None
+    rep = getattr(first, "RepetitionTime", None)
+    tr = (float(np.median(np.diff(frame_times))) if frame_times is not None else
+          (float(rep) / 1000.0 if rep not in (None, "") and float(rep) > 0 and len(t) > 1 else None))
+    if frame_times is None and tr is not None:
+        frame_times = np.arange(len(t)) * tr
+    te = getattr(first, "EchoTime", None)
+    te_s = float(te) / 1000.0 if te not in (None, "") and float(te) > 0 else None
+    meta = {"Modality": str(getattr(first, "Modality", "")), "SeriesDescription":
+            str(getattr(first, "SeriesDescription", "")), "Mosaic": "yes"}
+    return Series(array, geometry, frame_times, tr, te_s, str(folder), meta)
 
 
 def _read_classic(headers, folder: Path) -> Series:

@@ -10,6 +10,7 @@ keep their ordinary exception types so they stay visible as bugs.
 from __future__ import annotations
 
 import os
+import warnings
 
 
 class PerfusionAIError(Exception):
@@ -43,6 +44,19 @@ class Cancelled(PerfusionAIError):
 
     def __init__(self, message: str = "cancelled by the user") -> None:
         super().__init__(message)
+
+
+class PerfusionAIWarning(UserWarning):
+    """Something the user should know about an input that was still used (e.g. a qform/sform conflict).
+
+    The command line prints it as one ``perfusionai: warning: ...`` line; library callers get an
+    ordinary :mod:`warnings` warning they can filter by this category.
+    """
+
+
+def warn(message: str) -> None:
+    """Issue a :class:`PerfusionAIWarning` (the message names the file and what was decided)."""
+    warnings.warn(message, PerfusionAIWarning, stacklevel=3)
 
 
 def input_error(name: str | os.PathLike | None, problem: str) -> PerfusionAIError:

@@ -20,15 +20,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
 from . import dicom
-from .errors import ParameterError, PerfusionAIError, input_error
+from .errors import ParameterError, PerfusionAIError, input_error, warn
 from .geometry import Geometry, Series, Volume
 
 __all__ = ["Geometry", "Volume", "Series", "IMAGE_SUFFIXES", "read_volume", "read_series", "read_mask",
@@ -67,43 +70,319 @@ def _geometry_from_sitk(img, shape_kji) -> Geometry:
     return Geometry(tuple(int(s) for s in shape_kji), spacing, origin, tuple(float(x) for x in d.ravel()))
 
 
-def _read_sitk_file(p: Path):
+#: ITK image IOs for pictures, not medical images: refused by name (a PNG is not "4 frames").
+_PICTURE_IOS = {"PNGImageIO": "PNG", "JPEGImageIO": "JPEG", "BMPImageIO": "BMP", "TIFFImageIO": "TIFF",
+                "JPEG2000ImageIO": "JPEG 2000", "GIFImageIO": "GIF"}
+
+# Largest disagreement between qform and sform still taken as "the same" (mm, direction cosines).
+_FORM_ATOL = 1e-3
+
+
+def _is_nifti(p: Path) -> bool:
+    return p.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _is_nrrd(p: Path) -> bool:
+    return p.name.lower().endswith((".nrrd", ".nhdr"))
+
+
+@dataclass
+class _NiftiInfo:
+    """What nibabel knows about a NIfTI file that ITK's reader loses or gets wrong."""
+
+    version: int
+    raw: Optional[np.ndarray]          # unscaled float data in file order (None for integer files)
+    scale: tuple[float, float]         # scl_slope, scl_inter (1, 0 when unset)
+    sform_lps: Optional[np.ndarray]    # 4x4 voxel->LPS of the sform when it must replace ITK's choice
+    image: object = None               # the nibabel image (NIfTI-2 only)
+
+
+def _lps_of_ras(affine: np.ndarray) -> np.ndarray:
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=float)
+
+
+def _spacing_direction(p: Path, lps: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Spacing (i, j, k) and orthonormal direction columns of a 4x4 voxel->LPS matrix."""
+    columns = lps[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    if np.any(spacing <= 0) or not np.all(np.isfinite(columns)):
+        raise input_error(p, f"the {what} has a zero-length or non-finite axis; the file's geometry is broken")
+    direction = columns / spacing[None, :]
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise input_error(p, f"the {what} has shear (its axes are not perpendicular), which an image grid "
+                             f"cannot represent; resample the image onto a regular grid first")
+    return spacing, direction
+
+
+def _nifti_info(p: Path) -> _NiftiInfo:
+    """Check a NIfTI file with nibabel before ITK reads it.
+
+    * a file holding fewer bytes than its header declares is refused (ITK zero-fills
+      the missing part of an integer file silently);
+    * NaN and +-Inf of a float file are kept (ITK reads them as 0) for :func:`_restore_nonfinite`;
+    * when qform and sform disagree, the sform wins (sform_code > 0), as nibabel and FSL
+      decide, with a warning;
+    * NIfTI-2, which ITK cannot read, is handed over whole.
+    """
+    import nibabel
+
+    try:
+        img = nibabel.load(str(p))
+    except Exception as exc:  # nibabel's errors for a broken header vary by version
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise input_error(p, f"cannot be read as a NIfTI image ({first[:200]})") from None
+    if not isinstance(img, (nibabel.Nifti1Image, nibabel.Nifti2Image)):
+        raise input_error(p, f"is a {type(img).__name__}, not a NIfTI image; convert it to NIfTI or NRRD")
+    header = img.header
+    version = 2 if isinstance(img, nibabel.Nifti2Image) else 1
+    dtype = header.get_data_dtype()
+    n_bytes = int(np.prod(header.get_data_shape(), dtype=np.int64)) * dtype.itemsize
+    if not p.name.lower().endswith(".gz") and n_bytes:
+        available = p.stat().st_size - int(header["vox_offset"])
+        if available < n_bytes:
+            raise input_error(p, f"is truncated: its header declares {n_bytes} bytes of voxel data but the file "
+                                 f"holds {max(available, 0)}; the file was cut short (an interrupted copy "
+                                 f"or download)")
+    raw = None
+    try:
+        if version == 2 or np.issubdtype(dtype, np.floating) or p.name.lower().endswith(".gz"):
+            data = np.asanyarray(img.dataobj.get_unscaled())
+            raw = data if np.issubdtype(data.dtype, np.floating) else None
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise input_error(p, f"is truncated or corrupt: its voxel data end before the size its header "
+                             f"declares ({type(exc).__name__}); the file was cut short") from None
+    slope, inter = header.get_slope_inter()
+    scale = (1.0 if slope is None else float(slope), 0.0 if inter is None else float(inter))
+    sform, s_code = header.get_sform(coded=True)
+    qform, q_code = header.get_qform(coded=True)
+    sform_lps = None
+    if s_code and s_code > 0 and q_code and q_code > 0 and not np.allclose(sform, qform, atol=_FORM_ATOL):
+        sform_lps = _lps_of_ras(sform)
+        _spacing_direction(p, sform_lps, "sform")
+        warn(f"{p}: the qform and the sform of the header disagree; using the sform (sform_code {int(s_code)}), "
+             f"as nibabel and FSL do; the maps are written on that geometry")
+    return _NiftiInfo(version, raw, scale, sform_lps, img if version == 2 else None)
+
+
+def _place(img, lps: np.ndarray, p: Path, what: str) -> None:
+    """Set the origin, spacing and direction of a 3D or 4D ITK image from a 4x4 voxel->LPS matrix."""
+    spacing, direction = _spacing_direction(p, lps, what)
+    dim = img.GetDimension()
+    if dim == 4:
+        d4 = np.eye(4)
+        d4[:3, :3] = direction
+        img.SetDirection(tuple(d4.ravel()))
+        img.SetSpacing(tuple(float(s) for s in spacing) + (img.GetSpacing()[3],))
+        img.SetOrigin(tuple(float(o) for o in lps[:3, 3]) + (img.GetOrigin()[3],))
+    else:
+        img.SetDirection(tuple(direction[:dim, :dim].ravel()))
+        img.SetSpacing(tuple(float(s) for s in spacing[:dim]))
+        img.SetOrigin(tuple(float(o) for o in lps[:dim, 3]))
+
+
+def _nifti2_to_sitk(p: Path, info: _NiftiInfo):
+    """A NIfTI-2 file (which ITK cannot read) as an ITK image with ITK-style metadata."""
     sitk = _sitk()
+    img = info.image
+    header = img.header
+    data = np.asanyarray(img.dataobj)
+    if data.ndim > 4:
+        raise input_error(p, f"has {data.ndim} dimensions; a 3D image or a 4D series was expected")
+    if data.dtype == np.float64:
+        data = data.astype(np.float32)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(data.T), isVector=False)
+    lps = _lps_of_ras(img.affine)
+    if data.ndim == 4:
+        zooms = header.get_zooms()
+        out.SetSpacing((1.0, 1.0, 1.0, float(zooms[3]) if len(zooms) > 3 and zooms[3] > 0 else 1.0))
+    _place(out, lps, p, "NIfTI-2 affine")
+    pixdim = header["pixdim"]
+    meta = {f"pixdim[{n}]": str(float(pixdim[n])) for n in range(8)}
+    meta["xyzt_units"] = str(int(header["xyzt_units"]))
+    meta["nifti_version"] = "2"
+    return out, meta
+
+
+def _read_sitk_file(p: Path):
+    """An ITK image and its metadata, with what the file format needs fixed (see :func:`_nifti_info`).
+
+    Returns ``(img, meta, nifti_info)``; ``nifti_info`` is None for files other than NIfTI.
+    """
+    sitk = _sitk()
+    info = _nifti_info(p) if _is_nifti(p) else None
+    if info is not None and info.version == 2:
+        img, meta = _nifti2_to_sitk(p, info)
+        return img, meta, info
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
-        reader.ReadImageInformation()
+        picture = _PICTURE_IOS.get(sitk.ImageFileReader.GetImageIOFromFileName(str(p)))
+    except RuntimeError:
+        picture = None
+    if picture is None:
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            if _is_nrrd(p):
+                return (*_read_nrrd_fallback(p, exc), None)
+            raise input_error(p, f"cannot be read as an image ({_itk_message(exc)})") from None
+    if picture is not None:
+        raise input_error(p, f"is a {picture} picture, not a medical image; give a NIfTI, NRRD or MetaImage "
+                             f"file or a DICOM folder")
+    try:
         meta = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
         img = reader.Execute()
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
-        raise input_error(p, f"cannot be read as an image ({first[:200]})") from None
-    return img, meta
+        raise input_error(p, f"cannot be read as an image ({_itk_message(exc)})") from None
+    if info is not None and info.sform_lps is not None:
+        _place(img, info.sform_lps, p, "sform")
+    return img, meta, info
 
 
-def _restore_nifti_nans(p: Path, arr: np.ndarray) -> np.ndarray:
-    """Put back the NaNs that ITK's NIfTI reader turns into zeros.
+def _itk_message(exc: Exception) -> str:
+    text = str(exc).strip()
+    last = text.splitlines()[-1] if text else "unknown reader error"
+    return last.replace("ITK ERROR: ", "")[:200]
 
-    ITK reads NaN voxels of a float NIfTI file as 0, which would silently hide
-    broken frames; nibabel reads the raw values. ``arr`` is in SimpleITK order
-    (the reverse of the file's axis order).
+
+def _restore_nonfinite(info: Optional[_NiftiInfo], arr: np.ndarray) -> np.ndarray:
+    """Put back the NaN and +-Inf voxels that ITK's NIfTI reader turns into zeros.
+
+    ITK reads NaN and infinite voxels of a float NIfTI file as 0, which would silently
+    hide broken frames (and turn them into plausible-looking tissue); nibabel reads the raw
+    values. ``arr`` is in SimpleITK order (the reverse of the file's axis order).
     """
-    if not (p.name.endswith(".nii") or p.name.endswith(".nii.gz")) or not np.issubdtype(arr.dtype, np.floating):
+    if info is None or info.raw is None or not np.issubdtype(arr.dtype, np.floating):
         return arr
-    import nibabel
-
-    raw = np.asanyarray(nibabel.load(str(p)).dataobj)
-    nan = np.isnan(raw)
-    if not nan.any():
+    bad = ~np.isfinite(info.raw)
+    if not bad.any():
         return arr
-    nan = nan.T
-    if nan.shape != arr.shape:  # vector/4D layouts: compare element counts in file order
-        nan = nan.reshape(arr.shape) if nan.size == arr.size else None
-    if nan is None:
-        return arr
+    values = info.raw[bad] * info.scale[0] + info.scale[1]
+    bad = bad.T
+    if bad.shape != arr.shape:  # vector layouts: compare element counts in file order
+        if bad.size != arr.size:
+            return arr
+        bad = bad.reshape(arr.shape)
+        values = info.raw.T.reshape(arr.shape)[bad] * info.scale[0] + info.scale[1]
+    else:
+        values = info.raw.T[bad] * info.scale[0] + info.scale[1]
     arr = np.array(arr, copy=True)
-    arr[nan] = np.nan
+    arr[bad] = values
     return arr
+
+
+# --------------------------------------------------------------------------------------
+# NRRD that ITK refuses: a 4D file whose time axis is a domain axis beside a 3D space
+
+_NRRD_TYPES = {
+    "signed char": "i1", "int8": "i1", "int8_t": "i1", "uchar": "u1", "unsigned char": "u1", "uint8": "u1",
+    "uint8_t": "u1", "short": "i2", "short int": "i2", "signed short": "i2", "signed short int": "i2",
+    "int16": "i2", "int16_t": "i2", "ushort": "u2", "unsigned short": "u2", "unsigned short int": "u2",
+    "uint16": "u2", "uint16_t": "u2", "int": "i4", "signed int": "i4", "int32": "i4", "int32_t": "i4",
+    "uint": "u4", "unsigned int": "u4", "uint32": "u4", "uint32_t": "u4", "longlong": "i8",
+    "long long": "i8", "int64": "i8", "int64_t": "i8", "ulonglong": "u8", "unsigned long long": "u8",
+    "uint64": "u8", "uint64_t": "u8", "float": "f4", "double": "f8",
+}
+
+
+def _nrrd_header(p: Path) -> tuple[dict, int]:
+    """The fields of a NRRD header (lower-case keys) and the byte offset of the data."""
+    with open(p, "rb") as f:
+        magic = f.readline()
+        if not magic.startswith(b"NRRD"):
+            raise input_error(p, "is not a NRRD file (no NRRD magic line)")
+        fields: dict = {}
+        while True:
+            line = f.readline()
+            if not line or line in (b"\n", b"\r\n"):
+                break
+            text = line.decode("latin-1").rstrip("\r\n")
+            if text.startswith("#") or ":=" in text:
+                continue
+            key, sep, value = text.partition(":")
+            if sep:
+                fields[key.strip().lower()] = value.strip()
+        return fields, f.tell()
+
+
+def _read_nrrd_fallback(p: Path, itk_error: Exception):
+    """Read a 4D NRRD whose non-space axis is time (what pynrrd and teem write) as a 4D ITK image.
+
+    ITK's NRRD reader refuses four domain axes in a 3D space; this reads the header and the
+    raw or gzip data itself. Any other layout gets ITK's refusal, in one line.
+    """
+    import gzip
+
+    sitk = _sitk()
+    fields, offset = _nrrd_header(p)
+    refuse = input_error(p, f"cannot be read as an image ({_itk_message(itk_error)})")
+    try:
+        dim = int(fields["dimension"])
+        sizes = [int(s) for s in fields["sizes"].split()]
+        dirs_text = fields.get("space directions", "")
+    except (KeyError, ValueError):
+        raise refuse from None
+    vectors = []
+    for token in re.findall(r"\([^)]*\)|none", dirs_text):
+        vectors.append(None if token == "none" else [float(v) for v in token.strip("()").split(",")])
+    if dim != 4 or len(sizes) != 4 or len(vectors) != 4 or sum(v is None for v in vectors) != 1:
+        raise refuse
+    t_axis = next(n for n, v in enumerate(vectors) if v is None)
+    space_vectors = [np.asarray(v, float) for v in vectors if v is not None]
+    if any(v.size != 3 for v in space_vectors):
+        raise refuse
+    dtype_code = _NRRD_TYPES.get(fields.get("type", "").lower())
+    encoding = fields.get("encoding", "raw").lower()
+    if dtype_code is None or encoding not in ("raw", "gzip", "gz"):
+        raise input_error(p, f"NRRD type '{fields.get('type')}' or encoding '{encoding}' is not supported "
+                             f"for a 4D time-last file; write it raw or gzip-compressed")
+    endian = "<" if fields.get("endian", "little").lower() == "little" else ">"
+    dtype = np.dtype(endian + dtype_code)
+    if "data file" in fields or "datafile" in fields:
+        data_path = p.parent / (fields.get("data file") or fields.get("datafile"))
+        start = 0
+    else:
+        data_path, start = p, offset
+    try:
+        with open(data_path, "rb") as f:
+            f.seek(start)
+            blob = f.read()
+        if encoding in ("gzip", "gz"):
+            blob = gzip.decompress(blob)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise input_error(p, f"NRRD data cannot be read ({exc}); the file is truncated or corrupt") from None
+    count = int(np.prod(sizes))
+    if len(blob) < count * dtype.itemsize:
+        raise input_error(p, f"is truncated: its header declares {count * dtype.itemsize} bytes of voxel data "
+                             f"but the file holds {len(blob)}")
+    data = np.frombuffer(blob[:count * dtype.itemsize], dtype=dtype)
+    data = data.reshape(sizes[::-1])              # numpy order: slowest axis first
+    file_axes = [3 - n for n in range(4)]          # numpy axis of file axis n is 3 - n
+    space_axes = [n for n in range(4) if n != t_axis]
+    # ITK order wanted: (t, k, j, i) in numpy terms = file axes (t, s2, s1, s0)
+    data = np.transpose(data, [file_axes[t_axis]] + [file_axes[n] for n in space_axes[::-1]])
+    data = np.ascontiguousarray(data.astype(dtype.newbyteorder("=")))
+    img = sitk.GetImageFromArray(data, isVector=False)
+    space = fields.get("space", "left-posterior-superior").lower()
+    flip = {"left-posterior-superior": (1, 1, 1), "lps": (1, 1, 1), "right-anterior-superior": (-1, -1, 1),
+            "ras": (-1, -1, 1), "left-anterior-superior": (1, -1, 1), "las": (1, -1, 1)}.get(space)
+    if flip is None:
+        raise input_error(p, f"NRRD space '{space}' is not supported; use left-posterior-superior or "
+                             f"right-anterior-superior")
+    lps = np.eye(4)
+    lps[:3, :3] = np.stack(space_vectors, axis=1) * np.asarray(flip, float)[:, None]
+    origin_text = fields.get("space origin", "(0,0,0)")
+    try:
+        lps[:3, 3] = np.asarray([float(v) for v in origin_text.strip("()").split(",")]) * np.asarray(flip, float)
+    except ValueError:
+        raise refuse from None
+    spacings = fields.get("spacings", "").split()
+    step = float(spacings[t_axis]) if len(spacings) == 4 and spacings[t_axis].lower() != "nan" else 1.0
+    img.SetSpacing((1.0, 1.0, 1.0, step if np.isfinite(step) and step > 0 else 1.0))
+    _place(img, lps, p, "NRRD space directions")
+    meta = {k: v for k, v in fields.items()}
+    meta["nrrd_time_axis"] = str(t_axis)
+    return img, meta
 
 
 def _bids_sidecar(p: Path) -> dict:
@@ -183,7 +462,7 @@ def read_volume(path: str | os.PathLike, name: str = "image") -> Volume:
         arr = series.array[..., 0] if series.array.ndim == 4 else series.array
         return Volume(arr, series.geometry, str(p), series.metadata)
     sitk = _sitk()
-    img, meta = _read_sitk_file(p)
+    img, meta, info = _read_sitk_file(p)
     if img.GetNumberOfComponentsPerPixel() > 1:
         raise input_error(p, f"has {img.GetNumberOfComponentsPerPixel()} values per voxel "
                              f"(a 4D or vector image); a 3D {name} was expected")
@@ -196,7 +475,7 @@ def read_volume(path: str | os.PathLike, name: str = "image") -> Volume:
         img = sitk.JoinSeries(img)
     if img.GetDimension() != 3:
         raise input_error(p, f"has {img.GetDimension()} dimensions; a 3D {name} was expected")
-    arr = _restore_nifti_nans(p, sitk.GetArrayFromImage(img))
+    arr = _restore_nonfinite(info, sitk.GetArrayFromImage(img))
     if arr.size == 0:
         raise input_error(p, "contains no voxels")
     return Volume(arr, _geometry_from_sitk(img, arr.shape), str(p), meta)
@@ -258,7 +537,7 @@ def _with_dims(name: str, dims: str) -> str:
 
 def _read_series_file(p: Path) -> Series:
     sitk = _sitk()
-    img, meta = _read_sitk_file(p)
+    img, meta, info = _read_sitk_file(p)
     side = _bids_sidecar(p)
     times = None
     step = None
@@ -270,7 +549,7 @@ def _read_series_file(p: Path) -> Series:
         geometry = _geometry_from_sitk(img, arr.shape[:3])
         times = _nrrd_frame_times(meta, arr.shape[-1])
     elif img.GetDimension() == 4:
-        arr4 = _restore_nifti_nans(p, sitk.GetArrayFromImage(img))  # (t, k, j, i)
+        arr4 = _restore_nonfinite(info, sitk.GetArrayFromImage(img))  # (t, k, j, i)
         arr = np.moveaxis(arr4, 0, -1)
         geometry = _geometry_from_sitk(img, arr.shape[:3])
         step = _nifti_time_step_seconds(meta)
