@@ -170,3 +170,46 @@ def plot_training_size(rows: Sequence[dict], path: str | Path, title: str = "") 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def evaluate_cohort(cohort_csv: str | Path, out_dir: str | Path, algorithms: Sequence[str] = ("lr", "etr", "mlnn"),
+                    strategies: Sequence[str] = L.STRATEGIES, sizes: Optional[Sequence[int]] = None, seed: int = 0,
+                    progress=None) -> dict:
+    """``perfusionai dr evaluate``: leave-one-patient-out BI/DI of learners on a cohort CSV.
+
+    Writes ``lopo.csv``, ``summary.csv``, ``summary.json``, ``bi_di.png`` and, with ``sizes``
+    (numbers of training patients, signal-to-signal), ``training_size.csv`` and
+    ``training_size.png`` into ``out_dir`` atomically; returns the summary.json content.
+    """
+    from .. import __version__
+    from ..errors import ParameterError, input_error
+    from ..io import atomic_output_dir, write_json
+    from .pipeline import read_cohort
+
+    progress = as_progress(progress)
+    patients = read_cohort(cohort_csv, progress.sub(0.0, 0.3))
+    if len(patients) < 2:
+        raise input_error(cohort_csv, "leave-one-patient-out needs at least 2 patients")
+    if sizes and max(sizes) > len(patients) - 1:
+        raise ParameterError("sizes", f"at most {len(patients) - 1} training patients exist in a leave-one-out split")
+    stop = 0.75 if sizes else 1.0
+    rows = leave_one_patient_out(patients, algorithms, strategies, seed=seed, progress=progress.sub(0.3, stop))
+    summary = summarise(rows + population_baseline(patients))
+    size_rows = None
+    if sizes:
+        size_rows = training_size_study(patients, sizes, algorithms, seed=seed, progress=progress.sub(stop, 1.0))
+    result = {"perfusionai": __version__, "command": "dr evaluate", "cohort": str(cohort_csv),
+              "patients": [p.name for p in patients], "metrics": list(EVAL_METRICS),
+              "definition": "BI = median, DI = IQR of (prediction - reference)/reference over ROI voxels; "
+                            "reference = T2-IVIM-Kurtosis fit of the advanced protocol",
+              "summary": summary}
+    with atomic_output_dir(out_dir) as stage:
+        write_rows_csv(rows, stage / "lopo.csv")
+        write_rows_csv(summary, stage / "summary.csv")
+        plot_bi_di(summary, stage / "bi_di.png")
+        if size_rows:
+            write_rows_csv(size_rows, stage / "training_size.csv")
+            plot_training_size(size_rows, stage / "training_size.png")
+            result["training_size"] = summarise(size_rows, by=("algorithm", "n_train"))
+        write_json(result, stage / "summary.json")
+    return result

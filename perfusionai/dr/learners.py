@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 
 from .. import __version__
-from ..errors import input_error
+from ..errors import ParameterError, input_error
 from . import fitting
 from . import models as M
 
@@ -244,9 +244,9 @@ class Learner:
 
     def __init__(self, algorithm: str, strategy: str, seed: int = 0, hyper: Optional[dict] = None) -> None:
         if algorithm not in ALGORITHMS:
-            raise input_error("--algorithm", f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
+            raise ParameterError("algorithm", f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
         if strategy not in STRATEGIES:
-            raise input_error("--strategy", f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+            raise ParameterError("strategy", f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
         self.algorithm = algorithm
         self.strategy = strategy
         self.seed = int(seed)
@@ -333,7 +333,7 @@ def train(patients: list[PatientFeatures], algorithm: str, strategy: str, seed: 
           hyper: Optional[dict] = None, trained_on_phantoms: bool = False) -> TrainedModel:
     """Train one learner on the pooled ROI voxels of ``patients``."""
     if not patients:
-        raise input_error("--cohort", "no training patient")
+        raise ParameterError("cohort", "no training patient")
     x = np.concatenate([_inputs(p, strategy, algorithm) for p in patients])
     y = np.concatenate([_targets(p, strategy) for p in patients])
     learner = Learner(algorithm, strategy, seed, hyper).fit(x, y)
@@ -362,6 +362,32 @@ def predict(model: TrainedModel, features: PatientFeatures, progress=None) -> di
     lower = dict(zip(M.ADVANCED_MAPS, M.ADVANCED_LOWER))
     upper = dict(zip(M.ADVANCED_MAPS, M.ADVANCED_UPPER))
     return {name: np.clip(y[:, i], lower[name], upper[name]) for i, name in enumerate(M2M_OUTPUTS)}
+
+
+def train_from_cohort(cohort_csv: str | Path, out: str | Path, algorithm: str = "mlnn",
+                      strategy: str = "signal-to-signal", seed: int = 0, trained_on_phantoms: Optional[bool] = None,
+                      progress=None) -> TrainedModel:
+    """``perfusionai dr train``: read a cohort CSV, train one learner, write the model folder ``out``.
+
+    ``trained_on_phantoms`` None: True when the cohort was written by ``perfusionai dr phantom``
+    (its marker file lies beside the CSV). The folder is written atomically.
+    """
+    from ..io import atomic_output_dir
+    from ..phantoms import is_phantom_cohort
+    from ..progress import as_progress
+    from .pipeline import read_cohort
+
+    progress = as_progress(progress)
+    Learner(algorithm, strategy)  # refuse an unknown algorithm or strategy before reading the cohort
+    patients = read_cohort(cohort_csv, progress.sub(0.0, 0.6))
+    progress(0.6, f"training {algorithm} ({strategy})")
+    trained_on_phantoms = bool(trained_on_phantoms) or is_phantom_cohort(cohort_csv)
+    model = train(patients, algorithm, strategy, seed=seed, trained_on_phantoms=trained_on_phantoms)
+    model.description["cohort"] = str(cohort_csv)
+    with atomic_output_dir(out) as stage:
+        save_model(model, stage)
+    progress(1.0, "model written")
+    return model
 
 
 # --------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
   whitespace-separated numbers on one row (one column is accepted too).
 * :func:`check_protocol` refuses every inconsistent input with a message naming it.
 * :func:`fit_series` fits one model over a ``[k, j, i, n]`` array (vectorised over voxels).
-* :func:`run_fit` is ``perfusionai dr fit``: read, check, fit, write maps + summary.json atomically.
+* :func:`read_dwi_and_protocol` reads a series and its scheme files; :func:`read_cohort` a cohort CSV
+  (``perfusionai dr fit`` itself is :class:`perfusionai.dr.DRFitJob`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from typing import Optional
 
 import numpy as np
 
-from .. import __version__
-from ..errors import input_error
-from ..io import atomic_output_dir, read_mask, read_series, write_json, write_volume
+from ..errors import ParameterError, PerfusionAIError, input_error
+from ..io import check_finite_values, read_mask, read_series
 from ..progress import as_progress
 from . import fitting
 from . import models as M
@@ -58,48 +58,86 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _problem(file, parameter: str, problem: str) -> PerfusionAIError:
+    """The error for a bad b-value/TE list: named by its file when it came from one, else by parameter."""
+    return input_error(file, problem) if file is not None else ParameterError(parameter, problem)
+
+
 def check_protocol(n_volumes: int, bvals: np.ndarray, tes: Optional[np.ndarray], model: str,
-                   bvals_name="--bvals", tes_name="--tes") -> M.Protocol:
+                   bvals_name=None, tes_name=None) -> M.Protocol:
     """Validate b-values (s/mm^2) and echo times (ms) against the series and the model.
 
     Raises :class:`PerfusionAIError` naming the offending input: counts differing from the number of
     volumes, negative b, non-positive or second-looking TEs, missing TEs or a single TE for the
-    advanced model, too few distinct b-values for the model.
+    advanced model, too few distinct b-values for the model. ``bvals_name``/``tes_name`` are the
+    files the values came from (the message names them); when None, the error is a
+    :class:`ParameterError` on ``bvals``/``tes`` (the command line shows the flag).
     """
     if model not in M.MODELS:
-        raise input_error("--model", f"unknown model {model!r}; choose from {', '.join(M.MODELS)}")
+        raise ParameterError("model", f"unknown model {model!r}; choose from {', '.join(M.MODELS)}")
     bvals = np.asarray(bvals, float).reshape(-1)
     if bvals.size != n_volumes:
-        raise input_error(bvals_name, f"has {bvals.size} b-values but the diffusion series has {n_volumes} volumes")
+        raise _problem(bvals_name, "bvals",
+                       f"has {bvals.size} b-values but the diffusion series has {n_volumes} volumes")
     if np.any(bvals < 0):
-        raise input_error(bvals_name, f"contains negative b-values ({', '.join(f'{b:g}' for b in bvals[bvals < 0])}); "
-                                      f"b must be >= 0 s/mm^2")
+        raise _problem(bvals_name, "bvals",
+                       f"contains negative b-values ({', '.join(f'{b:g}' for b in bvals[bvals < 0])}); "
+                       f"b must be >= 0 s/mm^2")
     if tes is not None:
         tes = np.asarray(tes, float).reshape(-1)
         if tes.size == 1 and n_volumes > 1:
             tes = np.full(n_volumes, tes[0])
         if tes.size != n_volumes:
-            raise input_error(tes_name, f"has {tes.size} echo times but the diffusion series has {n_volumes} volumes")
+            raise _problem(tes_name, "tes",
+                           f"has {tes.size} echo times but the diffusion series has {n_volumes} volumes")
         if np.any(tes <= 0):
-            raise input_error(tes_name, "echo times must be positive (in ms)")
+            raise _problem(tes_name, "tes", "echo times must be positive (in ms)")
         if np.all(tes < 1.0):
-            raise input_error(tes_name, f"echo times are in ms; {tes.max():g} looks like seconds "
-                                        f"({tes.max() * 1000:g} ms?)")
+            raise _problem(tes_name, "tes", f"echo times are in ms; {tes.max():g} looks like seconds "
+                                            f"({tes.max() * 1000:g} ms?)")
     if model == "t2ivimkurtosis":
         if tes is None:
-            raise input_error(tes_name, "the t2ivimkurtosis model needs the echo time (ms) of every volume; "
-                                        "give a TE file with --tes")
+            raise ParameterError("tes", "the t2ivimkurtosis model needs the echo time (ms) of every volume")
         if np.unique(tes).size < 2:
-            raise input_error(tes_name, "the t2ivimkurtosis model needs at least 2 different echo times; "
-                                        "for single-TE data use --model ivim or clinical")
+            raise _problem(tes_name, "tes", "the t2ivimkurtosis model needs at least 2 different echo times; "
+                                            "for single-TE data use the ivim or clinical model")
         if np.unique(bvals).size < 4 or n_volumes < 7:
-            raise input_error(bvals_name, "the t2ivimkurtosis model needs at least 7 volumes and 4 different "
-                                          "b-values")
+            raise _problem(bvals_name, "bvals", "the t2ivimkurtosis model needs at least 7 volumes and 4 "
+                                                "different b-values")
     if model == "ivim":
         te_sel = np.ones(n_volumes, bool) if tes is None else np.isclose(tes, tes.min())
         if np.unique(bvals[te_sel]).size < 4:
-            raise input_error(bvals_name, "the ivim model needs at least 4 different b-values at one echo time")
+            raise _problem(bvals_name, "bvals", "the ivim model needs at least 4 different b-values at one "
+                                                "echo time")
     return M.Protocol(bvals, tes)
+
+
+#: Repeated b = 0 volumes whose median signals differ by more than this factor were acquired at
+#: different echo times (or are broken): a single-TE model must not mix them.
+B0_REPEAT_TOLERANCE = 1.10
+
+
+def check_single_echo(dwi: np.ndarray, protocol: M.Protocol, region: np.ndarray, model: str) -> None:
+    """Refuse a series without echo times whose repeated b = 0 volumes differ like different TEs.
+
+    The clinical and IVIM models assume one echo time; without ``tes`` every volume enters the fit.
+    b = 0 has no diffusion weighting (and no direction), so repeated b = 0 volumes at one TE agree
+    within noise; medians over ``region`` that differ by more than 10 % mean the series holds
+    several echo times (e.g. the advanced protocol), whose mixing would bias S0 and the ADCs. With
+    ``tes`` given, the models use the volumes at the shortest TE, as the clinical protocol does.
+    """
+    if protocol.tes is not None:
+        return
+    b0 = np.flatnonzero(np.isclose(protocol.bvals, 0.0, atol=0.5))
+    if b0.size < 2:
+        return
+    medians = np.array([float(np.median(dwi[..., n][region])) for n in b0])
+    low, high = float(medians.min()), float(medians.max())
+    if low <= 0 or high / low > B0_REPEAT_TOLERANCE:
+        raise ParameterError("tes", f"the {b0.size} volumes at b = 0 have median signals from {low:.4g} to "
+                                    f"{high:.4g} ({100 * (high / max(low, 1e-30) - 1):.0f} % apart): the series "
+                                    f"looks like several echo times; give the echo times (the {model} model "
+                                    f"then uses the volumes at the shortest TE)")
 
 
 def _fit_region(dwi: np.ndarray, mask: Optional[np.ndarray], source) -> np.ndarray:
@@ -152,14 +190,17 @@ def fit_series(
     """
     dwi = np.asarray(dwi)
     protocol = check_protocol(dwi.shape[-1], protocol.bvals, protocol.tes, model)
+    check_finite_values(dwi, None if mask is None else np.asarray(mask, bool), source, "diffusion series")
     region = _fit_region(dwi, mask, source)
+    if model in ("clinical", "ivim"):
+        check_single_echo(dwi, protocol, region, model)
     signals = dwi[region].astype(np.float64)
     progress = as_progress(progress)
     if model == "clinical":
         try:
             result = fitting.fit_clinical(signals, protocol.bvals, protocol.tes, **options)
         except ValueError as exc:
-            raise input_error("--bvals", str(exc)) from None
+            raise ParameterError("bvals", str(exc)) from None
     elif model == "ivim":
         sel = np.ones(protocol.n, bool) if protocol.tes is None else np.isclose(protocol.tes, protocol.tes.min())
         result = fitting.fit_ivim(signals[:, sel], protocol.bvals[sel], noise_sigma=noise_sigma,
@@ -183,61 +224,50 @@ def fit_series(
     return maps, status, info
 
 
-def run_fit(
-    dwi_path: str | os.PathLike,
-    bvals_path: str | os.PathLike,
-    tes_path: Optional[str | os.PathLike],
-    model: str,
-    out_dir: str | os.PathLike,
-    mask_path: Optional[str | os.PathLike] = None,
-    noise_sigma: Optional[float] = None,
-    progress=None,
-    **options,
-) -> dict:
-    """``perfusionai dr fit``: maps as NIfTI on the input grid plus ``summary.json`` in ``out_dir``.
-
-    Everything is read and checked before anything is written; outputs appear atomically.
-    Returns the summary dictionary.
-    """
-    progress = as_progress(progress)
-    started = time.perf_counter()
-    series, protocol = read_dwi_and_protocol(dwi_path, bvals_path, tes_path, model)
-    mask = read_mask(mask_path, series.geometry) if mask_path is not None else None
-    progress(0.05, "data read")
-    maps, status, info = fit_series(series.array, protocol, model, mask, noise_sigma,
-                                    progress=progress.sub(0.05, 0.9), source=dwi_path, **options)
-    region = status != 0
-    summary = {
-        "perfusionai": __version__,
-        "command": "dr fit",
-        "model": model,
-        "inputs": {"dwi": str(dwi_path), "bvals": str(bvals_path), "tes": None if tes_path is None else str(tes_path),
-                   "mask": None if mask_path is None else str(mask_path)},
-        "protocol": protocol.to_dict(),
-        "units": {name: M.MAP_UNITS[name] for name in maps} | {"bvals": "s/mm2", "tes": "ms"},
-        "options": {"noise_sigma": noise_sigma, **{k: v for k, v in options.items()}},
-        "fit": info,
-        "median_in_fitted_voxels": {name: float(np.median(m[region])) for name, m in maps.items()},
-        "geometry": series.geometry.to_dict(),
-    }
-    with atomic_output_dir(out_dir) as stage:
-        for name, values in maps.items():
-            write_volume(values, series.geometry, stage / f"{name}.nii.gz")
-        write_volume(status, series.geometry, stage / "status.nii.gz")
-        summary["seconds"] = round(time.perf_counter() - started, 3)
-        write_json(summary, stage / "summary.json")
-    progress(1.0, "maps written")
-    return summary
-
-
 def read_dwi_and_protocol(dwi_path, bvals_path, tes_path, model: str):
     """Read a series and its scheme files and check them together; returns ``(series, protocol)``."""
     series = read_series(dwi_path, name="diffusion series", min_frames=2)
     bvals = read_scheme_file(bvals_path, "b-value file")
     tes = read_scheme_file(tes_path, "echo-time file") if tes_path is not None else None
-    protocol = check_protocol(series.n_frames, bvals, tes, model, bvals_name=bvals_path,
-                              tes_name=tes_path if tes_path is not None else "--tes")
+    protocol = check_protocol(series.n_frames, bvals, tes, model, bvals_name=bvals_path, tes_name=tes_path)
     return series, protocol
+
+
+def read_cohort(path: str | os.PathLike, progress=None) -> list:
+    """Read a cohort CSV (columns patient, dwi, bvals, tes, mask; paths relative to the CSV) and build
+    every patient's learning data (:class:`perfusionai.dr.learners.PatientFeatures`: clinical inputs,
+    advanced references). Each dwi must hold the advanced protocol."""
+    import csv
+
+    from .learners import patient_features
+
+    progress = as_progress(progress)
+    path = Path(path)
+    if not path.is_file():
+        raise input_error(path, "cohort CSV not found")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    needed = {"patient", "dwi", "bvals", "tes", "mask"}
+    if not rows:
+        raise input_error(path, "the cohort CSV lists no patient")
+    if not needed <= set(rows[0]):
+        raise input_error(path, f"the cohort CSV lacks the columns {', '.join(sorted(needed - set(rows[0])))} "
+                                f"(expected: patient, dwi, bvals, tes, mask)")
+    base = path.parent
+    patients = []
+    for i, row in enumerate(rows):
+        progress(i / len(rows), f"reading {row['patient']}")
+        series, protocol = read_dwi_and_protocol(base / row["dwi"], base / row["bvals"], base / row["tes"],
+                                                 "t2ivimkurtosis")
+        mask = read_mask(base / row["mask"], series.geometry)
+        check_finite_values(series.array, mask, base / row["dwi"], "diffusion series")
+        try:
+            protocol.clinical_indices()
+        except ValueError as exc:
+            raise input_error(base / row["bvals"], f"{exc}; the cohort must hold the advanced protocol") from None
+        patients.append(patient_features(series.array, protocol, mask, row["patient"]))
+    progress(1.0, "cohort read")
+    return patients
 
 
 
@@ -322,9 +352,10 @@ def predict_series(dwi: np.ndarray, protocol: M.Protocol, model, mask: Optional[
     try:
         idx = protocol.clinical_indices(model.clinical_bvals)
     except ValueError as exc:
-        raise input_error("--bvals", f"{exc}; the model needs b = "
-                                     f"{', '.join(f'{b:g}' for b in model.clinical_bvals)} s/mm2") from None
+        raise ParameterError("bvals", f"{exc}; the model needs b = "
+                                      f"{', '.join(f'{b:g}' for b in model.clinical_bvals)} s/mm2") from None
     clinical = np.asarray(dwi)[..., idx]
+    check_finite_values(clinical, None if mask is None else np.asarray(mask, bool), source, "diffusion series")
     region = _fit_region(clinical, mask, source)
     clinical_protocol = M.Protocol(protocol.bvals[idx], None if protocol.tes is None else protocol.tes[idx])
     feats = clinical_features(clinical, clinical_protocol, region, "input")

@@ -222,11 +222,15 @@ def make_dr_cohort(
     return cohort
 
 
-def write_dr_cohort(cohort: Sequence[DRPhantom], folder: str | Path) -> Path:
+def write_dr_cohort(cohort: Sequence[DRPhantom], folder: str | Path, truth: bool = False,
+                    clinical: bool = False) -> Path:
     """Write each patient's 4D series, bvals, TEs and tumour mask, and ``cohort.csv`` listing them.
 
     ``cohort.csv`` columns: ``patient, dwi, bvals, tes, mask`` (paths relative to the CSV), the
-    input of ``perfusionai dr train`` and ``perfusionai dr evaluate``. Returns the CSV path.
+    input of ``perfusionai dr train`` and ``perfusionai dr evaluate``. ``truth``: also
+    ``truth_<map>.nii.gz`` per patient; ``clinical``: also the clinical-protocol series
+    (``clinical.nii.gz``, b 0, 50, 100, 400, 900 s/mm2 at the minimum TE) with ``clinical_bvals``
+    and ``clinical_tes``, the input of ``perfusionai dr predict``. Returns the CSV path.
     """
     from ..io import write_series, write_volume
 
@@ -240,6 +244,14 @@ def write_dr_cohort(cohort: Sequence[DRPhantom], folder: str | Path) -> Path:
         (d / "bvals").write_text(" ".join(f"{b:g}" for b in ph.protocol.bvals) + "\n")
         (d / "tes").write_text(" ".join(f"{t:g}" for t in ph.protocol.tes) + "\n")
         write_volume(ph.tumour.astype(np.uint8), ph.geometry, d / "tumour.nii.gz")
+        if truth:
+            for name, values in ph.truth.items():
+                write_volume(np.asarray(values, np.float32), ph.geometry, d / f"truth_{name}.nii.gz")
+        if clinical:
+            series, protocol = ph.clinical()
+            write_series(series, ph.geometry, d / "clinical.nii.gz")
+            (d / "clinical_bvals").write_text(" ".join(f"{b:g}" for b in protocol.bvals) + "\n")
+            (d / "clinical_tes").write_text(" ".join(f"{t:g}" for t in protocol.tes) + "\n")
         rows.append([ph.name, f"{ph.name}/dwi.nii.gz", f"{ph.name}/bvals", f"{ph.name}/tes", f"{ph.name}/tumour.nii.gz"])
     csv_path = folder / "cohort.csv"
     with open(csv_path, "w", newline="") as fh:
