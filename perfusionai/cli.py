@@ -26,7 +26,7 @@ import threading
 import warnings
 from typing import Iterator, Optional, Sequence
 
-from . import __version__
+from . import __version__, batch
 from .cli_common import add_common_options
 from .ctpm import cli as ctpm_cli
 from .dr import cli as dr_cli
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in DOMAINS.values():
         register(sub)
+    batch.register(sub)  # after the domains: it drives their verbs
     _finish_help(parser)
     return parser
 
