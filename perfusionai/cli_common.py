@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Optional
 
-from .progress import line_progress, tqdm_progress
+from .progress import line_progress, terminal_progress
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -14,8 +14,10 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         "--progress",
         choices=("bar", "lines", "none"),
         default="bar",
-        help="progress display: a bar on stderr (default), 'PROGRESS <fraction> <message>' "
-             "lines on stdout (for Slicer's background process), or none",
+        help="progress display: 'bar' (default) draws a bar on stderr when it is a terminal and prints "
+             "timestamped step lines (HH:MM:SS 42%% message, every few seconds) when it is not (a log "
+             "file or a pipe); 'lines' prints 'PROGRESS <fraction> <message>' on stdout (for Slicer's "
+             "background process); 'none' is silent",
     )
 
 
@@ -26,7 +28,7 @@ def make_progress(args: argparse.Namespace, description: str = "") -> Optional[C
         return None
     if mode == "lines":
         return line_progress()
-    return tqdm_progress(description)
+    return terminal_progress(description)
 
 
 def positive_int(text: str) -> int:

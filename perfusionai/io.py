@@ -18,6 +18,8 @@ with a message naming the file and the problem.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
 import json
 import os
 import re
@@ -26,7 +28,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -36,7 +38,7 @@ from .geometry import Geometry, Series, Volume
 
 __all__ = ["Geometry", "Volume", "Series", "IMAGE_SUFFIXES", "read_volume", "read_series", "read_mask",
            "read_labels", "check_same_grid", "to_sitk", "from_sitk", "write_volume", "write_series",
-           "atomic_output_dir", "write_json", "check_finite_series", "check_finite_values"]
+           "atomic_output_dir", "run_label", "MANIFEST_NAME", "write_json", "check_finite_series", "check_finite_values"]
 
 #: File endings read as single image files.
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".seq.nrrd")
@@ -677,43 +679,181 @@ def write_series(array: np.ndarray, geometry: Geometry, path: str | os.PathLike,
     return p
 
 
+#: The file in an output folder listing what earlier perfusionai runs wrote there (see atomic_output_dir).
+MANIFEST_NAME = ".perfusionai-outputs.json"
+
+#: errno values that mean "the disk cannot take the outputs": reported in one line, never a traceback.
+_NO_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG, errno.EROFS}
+
+_RUN_LABEL: contextvars.ContextVar[str] = contextvars.ContextVar("perfusionai_run_label", default="python")
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+def run_label(label: str) -> Iterator[None]:
+    """Name the outputs written inside this block as those of one verb (``"dsc maps"``).
+
+    The command line and :meth:`perfusionai.jobs.Job.run` set it; :func:`atomic_output_dir`
+    records outputs per label, so a re-run of ``dsc maps`` removes the stale outputs of the
+    previous ``dsc maps`` run in that folder without touching what ``prm ct`` wrote beside them.
+    """
+    token = _RUN_LABEL.set(label)
+    try:
+        yield
+    finally:
+        _RUN_LABEL.reset(token)
+
+
+def _read_manifest(out: Path) -> dict:
+    try:
+        data = json.loads((out / MANIFEST_NAME).read_text())
+        runs = {str(k): [str(n) for n in v] for k, v in dict(data.get("runs", {})).items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        runs = {}
+    return {"format": 1, "runs": runs}
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _remove_dead_stages(parent: Path, name: str) -> None:
+    """Remove ``.NAME.partial-*`` folders left by runs that were killed (SIGKILL, power loss).
+
+    A stage is named ``.NAME.partial-<pid>-<random>``; one whose process still runs is kept
+    (two runs may write into the same folder at once).
+    """
+    prefix = f".{name}.partial-"
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(prefix) or not entry.is_dir() or entry.is_symlink():
+            continue
+        match = re.match(r"(\d+)-", entry.name[len(prefix):])
+        if match and _pid_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def no_space_reason(exc: BaseException) -> Optional[str]:
+    """The reason when ``exc`` means the disk is full or read-only, else None."""
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE_ERRNOS:
+        return exc.strerror or os.strerror(exc.errno)
+    if isinstance(exc, RuntimeError) and "No space left on device" in str(exc):  # ITK's writers
+        return "No space left on device"
+    return None
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (),
+                      owner: Optional[str] = None) -> Iterator[Path]:
     """Stage outputs in a hidden temporary folder; move them into ``out_dir`` on success.
 
-    On any exception the staging folder is removed and ``out_dir`` is left as it
-    was (a folder created for this run is removed again), so a failed run leaves
-    no half-written output. Existing files of the same name are replaced only
-    when the run succeeds.
+    The rules (the promise of the README's reliability section):
+
+    * On any exception (SIGINT and, through the command line's handler, SIGTERM included)
+      the stage is removed and ``out_dir`` is left as it was: a failed run leaves no
+      half-written output. A stage left by a killed run (SIGKILL) is removed by the next run
+      into the same folder. A full disk ends in one line naming the folder.
+    * ``out_dir`` keeps a manifest (:data:`MANIFEST_NAME`) of the outputs each verb
+      (``owner``; default the running verb, see :func:`run_label`) wrote there. A re-run
+      replaces that verb's outputs as a whole: files the previous run wrote and this one
+      does not (``k1.nii.gz`` of an earlier leakage run) are removed, so no stale file sits
+      beside a summary that contradicts it. Nothing else is ever deleted: an existing
+      *folder* named like an output that no perfusionai run wrote is refused (one line), and
+      files of other names are never touched. An existing file of an output's name is replaced.
+    * ``inputs``: the run's input files. A run whose outputs would overwrite or delete one of
+      them is refused before anything in ``out_dir`` changes (``--out`` set to the inputs'
+      folder with an input named like an output).
+
+    Yields the stage folder (write the outputs there).
     """
-    out = Path(out_dir)
+    out = Path(os.path.abspath(os.fspath(out_dir)))
     if out.exists() and not out.is_dir():
         raise input_error(out, "output path exists and is not a folder")
-    parent = out.parent if str(out.parent) else Path(".")
+    label = owner or _RUN_LABEL.get()
+    protected = [Path(os.path.realpath(os.fspath(p))) for p in inputs if p is not None and str(p) != ""]
+    parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name or 'out'}.partial-", dir=parent))
+        _remove_dead_stages(parent, out.name)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=parent))
     except OSError as exc:
         raise input_error(out, f"cannot create the output folder ({exc.strerror})") from None
     try:
         yield stage
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(stage, ignore_errors=True)
+        reason = no_space_reason(exc)
+        if reason is not None:
+            raise input_error(out, f"cannot write the outputs ({reason}); nothing was written") from None
         raise
+    try:
+        _commit(stage, out, protected, label)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _commit(stage: Path, out: Path, protected: list, label: str) -> None:
+    """Move the staged outputs into ``out`` under the rules of :func:`atomic_output_dir`."""
+    staged_manifest = stage / MANIFEST_NAME
+    if staged_manifest.exists():  # a copied output folder brought its own manifest along
+        staged_manifest.unlink()
+    names = sorted(item.name for item in stage.iterdir())
+    manifest = _read_manifest(out)
+    known = {n for listed in manifest["runs"].values() for n in listed}
+    real_out = Path(os.path.realpath(out))
+    for name in names:
+        target = real_out / name
+        for p in protected:
+            if _is_within(p, target):
+                raise input_error(out, f"writing the output '{name}' here would overwrite the input {p}; "
+                                       f"choose another output folder")
+        if target.is_dir() and not target.is_symlink() and name not in known:
+            raise input_error(target, "a folder of this name exists and was not written by perfusionai; "
+                                      "move it away or choose another output folder")
+    stale = [n for n in manifest["runs"].get(label, []) if n not in names and n != MANIFEST_NAME]
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for item in sorted(stage.iterdir()):
-            target = out / item.name
+        for name in stale:
+            target = out / name
+            if any(_is_within(p, Path(os.path.realpath(target))) for p in protected):
+                continue  # an input of this run: never deleted
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+        for name in names:
+            item, target = stage / name, out / name
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             os.replace(item, target)
+        runs = {k: [n for n in v if n not in names] for k, v in manifest["runs"].items() if k != label}
+        runs[label] = names
+        runs = {k: v for k, v in runs.items() if v}
+        tmp = out / (MANIFEST_NAME + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"format": 1, "written_by": "perfusionai", "runs": runs}, indent=1) + "\n")
+        os.replace(tmp, out / MANIFEST_NAME)
     except OSError as exc:
-        shutil.rmtree(stage, ignore_errors=True)
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise input_error(out, f"cannot write the outputs ({exc.strerror})") from None
-    shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_json(data: dict, path: str | os.PathLike) -> Path:

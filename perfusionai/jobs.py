@@ -20,6 +20,7 @@ line maps them to flags through :meth:`Job.flag_of`, here and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
 
@@ -139,10 +140,29 @@ class Job:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "run" in cls.__dict__ and not getattr(cls.__dict__["run"], "_labelled", False):
+            cls.run = _labelled(cls.__dict__["run"])
+
     # -- running -------------------------------------------------------------
     def run(self, progress=None):  # pragma: no cover - every subclass overrides it
         """Run the job and return the domain's typed result."""
         raise NotImplementedError
+
+
+def _labelled(run):
+    """Wrap a job's ``run`` so the outputs it writes are recorded as this verb's (``io.run_label``)."""
+
+    @functools.wraps(run)
+    def wrapper(self, *args, **kwargs):
+        from .io import run_label  # io sits above the jobs' plain dataclasses; imported when a job runs
+
+        with run_label(f"{self.DOMAIN} {self.VERB}"):
+            return run(self, *args, **kwargs)
+
+    wrapper._labelled = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 def _text(value: Any) -> str:

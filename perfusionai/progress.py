@@ -8,7 +8,10 @@ state. :class:`Progress` adapts any such callable and maps sub-steps onto a
 sub-range, so nested functions can report 0..1 of their own work.
 
 Front ends:
-* :func:`tqdm_progress` draws a progress bar on stderr (the command line);
+* :func:`terminal_progress` (the command line's default): a tqdm bar when stderr is a
+  terminal, otherwise :func:`step_progress`'s timestamped lines ``HH:MM:SS  42% message``,
+  rate-limited, so ``perfusionai demo > log 2>&1`` shows what it is doing;
+* :func:`tqdm_progress` draws a progress bar on stderr;
 * :func:`line_progress` prints ``PROGRESS <fraction> <message>`` lines on
   stdout, for a Slicer background process to parse;
 * Slicer's module widgets pass a callback that updates a progress dialog and
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
+from datetime import datetime
 from typing import Callable, Optional
 
 from .errors import Cancelled
@@ -110,3 +115,47 @@ def line_progress(stream=None) -> Callable[[float, str], None]:
         out.flush()
 
     return update
+
+
+def step_progress(stream=None, min_interval: float = 5.0, min_step: float = 0.05,
+                  clock: Callable[[], float] = time.monotonic,
+                  stamp: Callable[[], str] = lambda: datetime.now().strftime("%H:%M:%S"),
+                  description: str = "") -> Callable[[float, str], None]:
+    """A callback printing timestamped step lines ``HH:MM:SS  42% message`` (for logs and pipes).
+
+    Rate-limited: a line is printed for the first update, for the end (100 %), and otherwise
+    only when at least ``min_interval`` seconds passed since the last line and either the
+    fraction grew by ``min_step`` or the message changed; a long loop's many updates give one
+    line every few seconds, not thousands. ``stream`` defaults to stderr (looked up at each
+    call); ``clock``/``stamp`` are injectable for tests.
+    """
+    state = {"last_time": None, "last_fraction": -1.0, "last_message": None, "done": False}
+    prefix = f"{description}: " if description else ""
+
+    def update(fraction: float, message: str) -> None:
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        now = clock()
+        finished = fraction >= 1.0
+        if state["done"] and finished:
+            return
+        if state["last_time"] is not None and not finished:
+            if now - state["last_time"] < min_interval:
+                return
+            if fraction - state["last_fraction"] < min_step and message == state["last_message"]:
+                return
+        out = stream or sys.stderr
+        out.write(f"{stamp()} {100 * fraction:3.0f}% {prefix}{message}".rstrip() + "\n")
+        out.flush()
+        state.update(last_time=now, last_fraction=fraction, last_message=message, done=finished)
+
+    update.close = lambda: None  # type: ignore[attr-defined]
+    return update
+
+
+def terminal_progress(description: str = "", stream=None) -> Callable[[float, str], None]:
+    """The command line's progress: a tqdm bar on a terminal, :func:`step_progress` lines otherwise."""
+    out = stream or sys.stderr
+    isatty = getattr(out, "isatty", None)
+    if isatty is not None and isatty():
+        return tqdm_progress(description)
+    return step_progress(out, description=description)
