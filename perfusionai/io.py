@@ -857,7 +857,7 @@ def _commit(stage: Path, out: Path, protected: list, label: str) -> None:
 
 
 def write_json(data: dict, path: str | os.PathLike) -> Path:
-    """Write ``data`` as indented JSON (numpy scalars and arrays converted)."""
+    """Write ``data`` as indented, strict JSON (numpy scalars and arrays converted; NaN and Inf as null)."""
 
     def convert(o):
         if isinstance(o, np.generic):
@@ -868,8 +868,22 @@ def write_json(data: dict, path: str | os.PathLike) -> Path:
             return str(o)
         raise TypeError(f"not JSON serialisable: {type(o)}")
 
+    def strict(o):
+        # NaN and Inf are not JSON (strict parsers refuse them): written as null
+        if isinstance(o, float) and not np.isfinite(o):
+            return None
+        if isinstance(o, np.generic):
+            return strict(o.item())
+        if isinstance(o, np.ndarray):
+            return strict(o.tolist())
+        if isinstance(o, dict):
+            return {k: strict(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [strict(v) for v in o]
+        return o
+
     p = Path(path)
-    p.write_text(json.dumps(data, indent=2, default=convert, allow_nan=True) + "\n")
+    p.write_text(json.dumps(strict(data), indent=2, default=convert, allow_nan=False) + "\n")
     return p
 
 
