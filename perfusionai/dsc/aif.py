@@ -37,7 +37,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import PerfusionAIError, input_error
+from ..errors import ParameterError, PerfusionAIError, input_error
 
 
 @dataclass
@@ -273,7 +273,7 @@ def select_aif_auto(
     if times.shape != (concentration.shape[-1],):
         raise ValueError(f"times has shape {times.shape}, expected ({concentration.shape[-1]},)")
     if n_voxels < 1:
-        raise input_error("--aif-voxels", f"must be at least 1, got {n_voxels}")
+        raise ParameterError("n_voxels", f"must be at least 1, got {n_voxels}")
     search = np.ones(concentration.shape[:3], bool) if mask is None else np.asarray(mask, bool)
     coords = np.argwhere(search)
     if coords.shape[0] == 0:
@@ -303,8 +303,8 @@ def select_aif_auto(
     keep(feats["min_after"] >= -max_negative * feats["peak"], "negative or oscillating")
     keep(feats["tail_ratio"] <= max_tail_ratio, "partial volume (high tail)")
     if curves.shape[0] == 0:
-        raise PerfusionAIError("automatic AIF selection found no voxel with a clear, low-noise bolus; "
-                               "check the brain mask or give an AIF mask (--aif-mask)")
+        raise PerfusionAIError("automatic AIF selection found no voxel with a clear, low-noise bolus; the search "
+                               "region (the brain mask) must contain arteries; check it or give an AIF mask")
 
     # Candidates: largest areas, then drop the roughest (Mouridsen 2006).
     n_keep = max(min(curves.shape[0], 4 * n_voxels), int(np.ceil(candidate_fraction * curves.shape[0])))
@@ -357,3 +357,48 @@ def select_aif_auto(
         candidates=candidates,
         cluster_sizes=cluster_sizes,
     )
+
+
+#: An automatic AIF is reported as not arterial when its peak is lower than this multiple of the
+#: 95th percentile of the tissue peaks (arteries peak several times above any tissue voxel).
+MIN_PEAK_RATIO = 1.5
+
+
+def arterial_warnings(aif: np.ndarray, tissue_curves: np.ndarray, times: np.ndarray) -> list[str]:
+    """Why an (automatically chosen) AIF ``(t,)`` does not look arterial, compared with the tissue
+    curves ``(V, t)`` (1/s) on ``times`` (s): an empty list when it does.
+
+    An arterial curve peaks earlier than the typical tissue voxel, is narrower, and its peak is
+    well above the brightest tissue (``MIN_PEAK_RATIO`` times the 95th percentile of the tissue
+    peaks). A search region without arteries (a brain mask that excludes the vessels) gives a
+    tissue "AIF" that fails these checks and CBV/CBF many times off.
+    """
+    a = np.asarray(aif, dtype=np.float64)[None, :]
+    tissue = np.asarray(tissue_curves, dtype=np.float64)
+    tissue = tissue[np.isfinite(tissue).all(axis=1)]
+    if tissue.shape[0] < 10:
+        return []
+    nb = max(2, global_arrival_index(tissue))
+    mine = curve_features(a, times, nb)
+    peaks = tissue.max(axis=1)
+    tissue = tissue[peaks > 0]
+    if tissue.shape[0] < 10:
+        return []
+    theirs = curve_features(tissue, times, nb)
+    warnings = []
+    ttp, tissue_ttp = float(mine["ttp_s"][0]), float(np.median(theirs["ttp_s"]))
+    if ttp >= tissue_ttp:
+        warnings.append(f"the automatic AIF peaks at {ttp - times[0]:.3g} s, no earlier than the median tissue "
+                        f"voxel ({tissue_ttp - times[0]:.3g} s): a late peak")
+    fwhm, tissue_fwhm = float(mine["fwhm_s"][0]), float(np.median(theirs["fwhm_s"]))
+    if fwhm >= tissue_fwhm:
+        warnings.append(f"the automatic AIF is {fwhm:.3g} s wide (FWHM), no narrower than the median tissue "
+                        f"voxel ({tissue_fwhm:.3g} s)")
+    peak, bright = float(mine["peak"][0]), float(np.percentile(theirs["peak"], 95))
+    if peak < MIN_PEAK_RATIO * bright:
+        warnings.append(f"the automatic AIF peaks at {peak:.3g} 1/s, less than {MIN_PEAK_RATIO:g} times the "
+                        f"brightest tissue (95th percentile {bright:.3g} 1/s)")
+    if warnings:
+        warnings.append("it does not look arterial: the search region (the brain mask) must contain arteries; "
+                        "check the AIF or give an AIF mask")
+    return warnings

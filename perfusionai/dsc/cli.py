@@ -1,38 +1,43 @@
 """``perfusionai dsc ...``: DSC-MRI perfusion maps from the command line.
 
-Verbs: ``maps`` (classical and learned deconvolution), ``phantom`` (write a
-digital phantom to try the tool on), and the learned-method verbs registered by
-:mod:`perfusionai.dsc.cli_learned` when present (``train-phae``, ``train-tmax``,
-``grade``, ``noise-study``).
+Verbs: ``maps`` (:class:`perfusionai.dsc.DSCMapsJob`), ``phantom`` (write a digital phantom
+to try the tool on), and the learned-method verbs of :mod:`perfusionai.dsc.cli_learned`
+(``train-phae``, ``train-tmax``, ``grade``, ``noise-study``). Handlers are thin: build the job
+from the arguments, run it, print.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib
-import time
-from pathlib import Path
+import dataclasses
+import re
+import sys
 
 import numpy as np
 
-from .. import __version__
-from ..cli_common import add_common_options, make_progress, positive_float
-from ..errors import input_error
-from ..io import atomic_output_dir, check_finite_series, read_mask, read_series, write_json, write_volume
-from .deconvolution import DEFAULT_OI_THRESHOLD
-from .maps import DEFAULT_KH, DEFAULT_RHO, MAP_UNITS
-
-METHODS = ("sSVD", "cSVD", "oSVD", "Tikhonov", "phae", "tmax-net")
-MAP_NAMES = ("cbv", "cbf", "mtt", "tmax", "ttp")
-MIN_FRAMES = 10
+from ..cli_common import add_common_options, make_progress, positive_float, positive_int
+from ..errors import ParameterError
+from . import cli_learned
+from .acquisition import TR_RANGE_S
+from .deconvolution import DISCRETISATIONS, TIKHONOV_CRITERIA
+from .job import DSCMapsJob
+from .maps import CBV_WINDOWS, DEFAULT_KH, DEFAULT_RHO, INTEGRATIONS
+from .methods import DEFAULT_METHOD, METHODS, resolve_method
 
 
 def _method(text: str) -> str:
-    for m in METHODS:
-        if text.lower() == m.lower():
-            return m
-    raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose from {', '.join(METHODS)}")
+    try:
+        return resolve_method(text).name
+    except ParameterError as exc:
+        raise argparse.ArgumentTypeError(exc.problem) from None
+
+
+def _fraction(text: str) -> float:
+    value = positive_float(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 1 (a fraction of the largest singular value), "
+                                         f"got {text}")
+    return value
 
 
 def register(subparsers) -> None:
@@ -41,182 +46,124 @@ def register(subparsers) -> None:
     verbs = dsc.add_subparsers(dest="verb", metavar="<verb>")
     verbs.required = True
 
+    methods = "; ".join(f"{m.name}: {m.description}" for m in METHODS.values())
     maps = verbs.add_parser(
         "maps", help="compute CBV, CBF, MTT, Tmax and TTP maps from a 4D DSC series",
         description="Compute CBV [mL/100 g], CBF [mL/100 g/min], MTT [s], Tmax [s] and TTP [s] maps from a 4D "
                     "DSC-MRI series. Writes OUT/{cbv,cbf,mtt,tmax,ttp}.nii.gz on the input grid, OUT/aif.csv "
-                    "and OUT/summary.json.")
+                    "and OUT/summary.json (inputs, options, the AIF, medians inside the mask, warnings, and the "
+                    "job that reproduces the run). Methods: " + methods + ".")
     maps.add_argument("--dsc", required=True, help="4D DSC series: NIfTI/NRRD file or DICOM folder (time last)")
     maps.add_argument("--te", type=float, default=None,
                       help="echo time in SECONDS (e.g. 0.03); default: from the DICOM header or BIDS sidecar")
     maps.add_argument("--tr", type=positive_float, default=None,
                       help="frame interval in seconds; default: from the header")
+    maps.add_argument("--allow-unusual-tr", action="store_true",
+                      help=f"accept a frame interval outside {TR_RANGE_S[0]:g}-{TR_RANGE_S[1]:g} s (refused "
+                           "otherwise: a header in milliseconds read as seconds is the usual cause)")
     aif = maps.add_mutually_exclusive_group()
     aif.add_argument("--aif-mask", default=None, help="mask of arterial voxels; the AIF is their mean curve")
     aif.add_argument("--aif-auto", action="store_true",
-                     help="select arterial voxels automatically (default when no --aif-mask is given)")
+                     help="select arterial voxels automatically inside --mask (the whole image without one); "
+                          "the search region must contain arteries: a brain mask that excludes the vessels gives "
+                          "a tissue 'AIF', which is reported as a warning (default when no --aif-mask is given)")
     maps.add_argument("--mask", default=None, help="brain mask (maps are computed inside it; default: whole image)")
-    maps.add_argument("--method", type=_method, default="oSVD",
-                      help="sSVD | cSVD | oSVD (default) | Tikhonov | phae | tmax-net (case-insensitive)")
-    maps.add_argument("--threshold", type=positive_float, default=None,
-                      help="SVD truncation threshold relative to the largest singular value "
+    maps.add_argument("--method", type=_method, default=DEFAULT_METHOD,
+                      help=" | ".join(METHODS) + " (case-insensitive; see the description)")
+    maps.add_argument("--threshold", type=_fraction, default=None,
+                      help="SVD truncation threshold relative to the largest singular value, in (0, 1) "
                            "(default: sSVD 0.2, cSVD 0.1)")
-    maps.add_argument("--oi", type=positive_float, default=DEFAULT_OI_THRESHOLD,
-                      help=f"oSVD oscillation-index threshold ({DEFAULT_OI_THRESHOLD})")
+    maps.add_argument("--oi", dest="oi_threshold", type=positive_float,
+                      default=METHODS["oSVD"].defaults["oi_threshold"], help="oSVD oscillation-index threshold")
     maps.add_argument("--lambda", dest="tikhonov_lambda", type=positive_float, default=None,
-                      help="Tikhonov regularisation relative to the largest singular value "
+                      help="fixed Tikhonov regularisation relative to the largest singular value "
                            "(default: chosen per voxel by --lambda-criterion)")
-    maps.add_argument("--lambda-criterion", choices=("gcv", "lcurve"), default="gcv",
-                      help="automatic Tikhonov lambda per voxel: generalised cross-validation (default) or the "
-                           "L-curve corner (can pick a false corner on noisy low-flow voxels)")
-    maps.add_argument("--discretisation", choices=("rectangle", "simpson"), default="rectangle",
-                      help="AIF convolution matrix: plain Ostergaard rectangle rule (default) or "
-                           "dsc-mri-toolbox's Simpson-smoothed AIF")
-    maps.add_argument("--kh", type=positive_float, default=DEFAULT_KH,
-                      help=f"haematocrit factor kH ({DEFAULT_KH}; 1 = plain ratio)")
+    maps.add_argument("--lambda-criterion", dest="tikhonov_criterion",
+                      choices=tuple(c for c in TIKHONOV_CRITERIA if c != "fixed"),
+                      default=METHODS["Tikhonov"].defaults["tikhonov_criterion"],
+                      help="automatic Tikhonov lambda per voxel: generalised cross-validation or the L-curve "
+                           "corner")
+    maps.add_argument("--discretisation", choices=DISCRETISATIONS, default="rectangle",
+                      help="AIF convolution matrix: plain Ostergaard rectangle rule or dsc-mri-toolbox's "
+                           "Simpson-smoothed AIF")
+    maps.add_argument("--kh", type=positive_float, default=DEFAULT_KH, help="haematocrit factor kH (1 = plain ratio)")
     maps.add_argument("--rho", type=positive_float, default=DEFAULT_RHO,
-                      help=f"brain density in g/mL ({DEFAULT_RHO}; 1 = plain ratio)")
-    maps.add_argument("--baseline-frames", type=int, default=None,
+                      help="brain density in g/mL (1 = plain ratio)")
+    maps.add_argument("--baseline-frames", type=positive_int, default=None,
                       help="number of pre-bolus frames for S0 (default: detected automatically)")
     maps.add_argument("--leakage-correction", action="store_true",
                       help="Boxerman-Schmainda-Weisskoff leakage correction (contrast-enhancing tumours); "
                            "adds k2.nii.gz (leakage, 1/s) and k1.nii.gz (scaling of the reference curve)")
-    maps.add_argument("--model", default=None,
+    maps.add_argument("--cbv-integration", choices=INTEGRATIONS, default="trapezoid",
+                      help="rule for the CBV integrals of tissue and AIF")
+    maps.add_argument("--cbv-window", choices=CBV_WINDOWS, default="full",
+                      help="frames of the CBV integrals: the whole series, or the AIF's first pass")
+    maps.add_argument("--refine-tmax", action="store_true",
+                      help="parabolic sub-sample Tmax (default: the residue maximum on the frame grid)")
+    maps.add_argument("--model", dest="model_path", default=None,
                       help="model folder or zip for --method phae / tmax-net (phae without --model trains on "
-                           "this series first)")
+                           "this series first, about 4 min on 2 CPU cores)")
+    maps.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                      help="device of the learned methods (auto: CUDA when present)")
     maps.add_argument("--out", required=True, help="output folder")
     add_common_options(maps)
-    maps.set_defaults(handler=run_maps)
+    maps.set_defaults(handler=run_maps, job_class=DSCMapsJob)
 
     phantom = verbs.add_parser(
         "phantom", help="write a DSC digital phantom with known truth (4D series, masks, truth maps)",
-        description="Write a DSC-MRI digital phantom: OUT/dsc.nii.gz (4D, TR in the header), OUT/brain_mask.nii.gz, "
-                    "OUT/aif_mask.nii.gz (arterial voxels), OUT/rois.nii.gz, OUT/truth_<map>.nii.gz and "
-                    "OUT/truth.json (TE, TR and the region table).")
+        description="Write a DSC-MRI digital phantom: OUT/dsc.nii.gz (4D, TR in the header) with OUT/dsc.json "
+                    "marking it as a phantom (models trained on it say 'trained on phantoms'), "
+                    "OUT/brain_mask.nii.gz, OUT/aif_mask.nii.gz (arterial voxels), OUT/rois.nii.gz, "
+                    "OUT/truth_<map>.nii.gz and OUT/truth.json (TE, TR and the region table).")
     phantom.add_argument("--out", required=True, help="output folder")
-    phantom.add_argument("--snr", type=positive_float, default=None, help="signal-to-noise ratio (default: no noise)")
-    phantom.add_argument("--residue", choices=("exponential", "gamma", "lorentzian"), default="exponential")
+    phantom.add_argument("--snr", type=positive_float, default=None,
+                         help="baseline signal-to-noise ratio (Rician noise); default: no noise")
+    phantom.add_argument("--residue", choices=("exponential", "gamma", "lorentzian"), default="exponential",
+                         help="shape of the tissue residue function R(t) the curves are simulated with")
     phantom.add_argument("--leakage", action="store_true", help="add an enhancing tumour with contrast leakage")
     phantom.add_argument("--discretisation", choices=("fine", "inverse-crime"), default="fine",
-                         help="fine (default): tissue curves simulated on a 0.01 s grid, as a scanner samples a "
-                              "continuous bolus; inverse-crime: the solvers' own rectangle model, which SVD methods "
-                              "invert exactly (CBV then reads CBV + CBF*TR/120)")
+                         help="fine: tissue curves simulated on a 0.01 s grid, as a scanner samples a continuous "
+                              "bolus; inverse-crime: the solvers' own rectangle model, which SVD methods invert "
+                              "exactly (CBV then reads CBV + CBF*TR/120)")
     phantom.add_argument("--tissue-kappa", type=positive_float, default=1.0,
-                         help="tissue-to-blood delta-R2* relaxivity ratio (default 1: tissue signal drops 4-14 %%; "
+                         help="tissue-to-blood delta-R2* relaxivity ratio (1: tissue signal drops 4-14 %%; "
                               "10 with --aif-peak 35 gives clinical drops, grey matter ~30 %%). Maps recover the "
                               "truth with --kh = 0.73 / tissue-kappa (written to truth.json as analysis_kh)")
     phantom.add_argument("--aif-peak", type=positive_float, default=80.0,
-                         help="peak arterial delta-R2* in 1/s (default 80: 91 %% arterial signal drop at TE 30 ms)")
-    phantom.add_argument("--seed", type=int, default=0)
+                         help="peak arterial delta-R2* in 1/s (80: 91 %% arterial signal drop at TE 30 ms)")
+    phantom.add_argument("--seed", type=int, default=0, help="seed of the noise (the same seed gives the same series)")
     add_common_options(phantom)
     phantom.set_defaults(handler=run_phantom)
 
-    try:
-        learned = importlib.import_module("perfusionai.dsc.cli_learned")
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("perfusionai.dsc.cli_learned"):
-            raise
-    else:
-        learned.register_verbs(verbs)
+    cli_learned.register_verbs(verbs)
 
 
-def resolve_te(te_option, series) -> float:
-    """Echo time in seconds from ``--te`` or the series header; refuses missing, zero or ms-looking values."""
-    from .concentration import validate_te
-
-    if te_option is None and series.te is None:
-        raise input_error(series.path, "the echo time (TE) is not in the header; give it with --te SECONDS")
-    return validate_te(te_option if te_option is not None else series.te, "--te")
+def flags_in_message(exc: ParameterError, job_class) -> ParameterError:
+    """``exc`` with the other parameters its message names (``allow_unusual_tr``) written as flags."""
+    names = {f.name for f in dataclasses.fields(job_class) if "_" in f.name}
+    problem = re.sub(r"\b[a-z]+(?:_[a-z0-9]+)+\b",
+                     lambda m: job_class.flag_of(m.group(0)) if m.group(0) in names else m.group(0), exc.problem)
+    return ParameterError(exc.parameter, problem)
 
 
 def run_maps(args: argparse.Namespace) -> int:
-    from .pipeline import DSCOptions, compute_dsc_maps
-
-    started = time.perf_counter()
-    series = read_series(args.dsc, tr=args.tr, name="DSC series", min_frames=MIN_FRAMES)
-    times = series.frame_times()
-    te = resolve_te(args.te, series)
-    mask = read_mask(args.mask, series.geometry, "brain mask") if args.mask else None
-    aif_mask = read_mask(args.aif_mask, series.geometry, "AIF mask") if args.aif_mask else None
-    # values outside the brain (and AIF) mask are never used, so NaN there is harmless
-    used = None if mask is None else (mask | aif_mask if aif_mask is not None else mask)
-    check_finite_series(series, used, "the DSC series")
-    options = DSCOptions(
-        te=te, method=args.method, threshold=args.threshold, oi_threshold=args.oi,
-        tikhonov_lambda=args.tikhonov_lambda,
-        tikhonov_criterion="fixed" if args.tikhonov_lambda is not None else args.lambda_criterion,
-        discretisation=args.discretisation, kh=args.kh, rho=args.rho, baseline_frames=args.baseline_frames,
-        leakage_correction=args.leakage_correction, model_path=args.model,
-    )
-    progress = make_progress(args, f"dsc maps ({args.method})")
-    result = compute_dsc_maps(series.array, times, options, mask=mask, aif_mask=aif_mask,
-                              aif_auto=aif_mask is None, progress=progress)
-    with atomic_output_dir(args.out) as stage:
-        for name, arr in result.maps.items():
-            write_volume(np.asarray(arr, dtype=np.float32), series.geometry, stage / f"{name}.nii.gz")
-        write_aif_csv(stage / "aif.csv", result)
-        summary = build_summary(args, series, te, times, mask, result, time.perf_counter() - started)
-        write_json(summary, stage / "summary.json")
-    print(f"maps written to {args.out}: " + ", ".join(f"{n}.nii.gz" for n in result.maps))
+    job = DSCMapsJob.from_namespace(args)
+    try:
+        result = job.run(make_progress(args, f"dsc maps ({job.method})"))
+    except ParameterError as exc:
+        raise flags_in_message(exc, DSCMapsJob) from None
+    for warning in result.fit.warnings:
+        print(f"perfusionai: warning: {warning}", file=sys.stderr)
+    print(f"maps written to {job.out}: " + ", ".join(f"{n}.nii.gz" for n in result.maps))
     return 0
 
 
-def write_aif_csv(path: Path, result) -> None:
-    """``time_s, aif_per_s, tissue_mean_per_s``: the AIF and mean tissue delta-R2* curves."""
-    tissue = getattr(result, "tissue_curve", None)
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["time_s", "aif_delta_r2star_per_s", "tissue_mean_delta_r2star_per_s"])
-        for i, t in enumerate(result.times):
-            w.writerow([f"{t:.6g}", f"{result.aif[i]:.8g}",
-                        f"{tissue[i]:.8g}" if tissue is not None else ""])
-
-
-def build_summary(args, series, te, times, mask, result, seconds) -> dict:
-    """summary.json: inputs, options, the AIF used and the median of every map inside the mask."""
-    inside = mask if mask is not None else np.ones(series.geometry.shape, bool)
-    medians = {}
-    for name, arr in result.maps.items():
-        vals = np.asarray(arr)[inside]
-        vals = vals[np.isfinite(vals)]
-        medians[name] = {"median": float(np.median(vals)) if vals.size else None,
-                         "unit": MAP_UNITS.get(name, "")}
-    aif_info = {"mode": "mask" if args.aif_mask else "automatic", "mask": args.aif_mask}
-    voxels = getattr(result, "aif_voxels", None)
-    if voxels is not None:
-        kji = np.asarray(voxels, dtype=int).reshape(-1, 3)
-        lps = (series.geometry.ijk_to_lps() @ np.c_[kji[:, ::-1], np.ones(len(kji))].T).T[:, :3]
-        aif_info["voxels_kji"] = kji.tolist()
-        aif_info["voxels_lps_mm"] = np.round(lps, 3).tolist()
-    aif_info["peak_per_s"] = float(np.max(result.aif))
-    aif_info["time_to_peak_s"] = float(times[int(np.argmax(result.aif))])
-    summary = {
-        "perfusionai_version": __version__,
-        "inputs": {"dsc": str(args.dsc), "mask": args.mask, "aif_mask": args.aif_mask,
-                   "frames": int(series.n_frames), "shape_kji": list(series.geometry.shape),
-                   "spacing_mm": list(series.geometry.spacing), "te_s": te,
-                   "tr_s": float(np.median(np.diff(times))), "voxels_in_mask": int(inside.sum())},
-        "options": {"method": args.method, "threshold": args.threshold, "oi_threshold": args.oi,
-                    "tikhonov_lambda": args.tikhonov_lambda, "lambda_criterion": args.lambda_criterion,
-                    "discretisation": args.discretisation, "kh": args.kh, "rho": args.rho,
-                    "baseline_frames": args.baseline_frames, "leakage_correction": args.leakage_correction,
-                    "model": args.model},
-        "aif": aif_info,
-        "medians_in_mask": medians,
-        "runtime_s": round(seconds, 3),
-    }
-    extra = getattr(result, "summary", None)
-    if isinstance(extra, dict):
-        summary["details"] = extra
-    return summary
-
-
 def run_phantom(args: argparse.Namespace) -> int:
-    from ..phantoms.dsc import make_dsc_phantom
+    from ..phantoms.dsc import make_dsc_phantom  # phantoms import the domains, never the reverse at module level
 
-    phantom = make_dsc_phantom(snr=np.inf if args.snr is None else args.snr, residue=args.residue, leakage=args.leakage, seed=args.seed,
-                               tissue_kappa=args.tissue_kappa, aif_peak=args.aif_peak,
-                               discretisation=args.discretisation)
+    phantom = make_dsc_phantom(snr=np.inf if args.snr is None else args.snr, residue=args.residue,
+                               leakage=args.leakage, seed=args.seed, tissue_kappa=args.tissue_kappa,
+                               aif_peak=args.aif_peak, discretisation=args.discretisation)
     phantom.save(args.out)
     kh_note = "" if args.tissue_kappa == 1.0 else f"; compute maps with --kh {phantom.analysis_kh:.6g}"
     print(f"phantom written to {args.out} (TR {phantom.tr} s, TE {phantom.te} s{kh_note})")

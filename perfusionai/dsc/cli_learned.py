@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import argparse
 import csv
-import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from ..cli_common import add_common_options, make_progress, positive_float
-from ..errors import input_error
+from ..cli_common import add_common_options, make_progress, positive_float, positive_int
+from ..deps import require
+from ..errors import ParameterError, input_error
 from ..io import atomic_output_dir, check_finite_values, read_mask, read_series, read_volume, write_json
+from . import acquisition
+from .evaluation import grade, roc_png, roi_ratio
+from .maps import DEFAULT_KH, DEFAULT_RHO
+from .methods import method_names, resolve_method
+from .model import prepare_concentration_and_aif
+from .noise_study import DEFAULT_METHODS, DEFAULT_SNR_LEVELS, noise_study, write_noise_study
 
 
 # ------------------------------------------------------------------------------ shared input handling
@@ -55,21 +61,20 @@ def load_concentration(dsc_path, te_option, tr_option, mask_path, aif_mask_path,
                        baseline_frames: Optional[int] = None, signal: Optional[np.ndarray] = None):
     """Read a series and return ``(series, te, times, mask, concentration [k,j,i,t], aif (t,))``.
 
-    The same steps as :func:`perfusionai.dsc.pipeline.compute_dsc_maps`, through the same
-    function (:func:`perfusionai.dsc.pipeline.prepare_concentration_and_aif`). ``signal``
-    replaces the series' array.
+    The same steps as :meth:`perfusionai.dsc.DSCModel.fit`, through the same function
+    (:func:`perfusionai.dsc.model.prepare_concentration_and_aif`). ``signal`` replaces the
+    series' array.
     """
-    from .cli import MIN_FRAMES, resolve_te
-    from .pipeline import prepare_concentration_and_aif
-
-    series = read_series(dsc_path, tr=tr_option, name="DSC series", min_frames=MIN_FRAMES)
+    series = read_series(dsc_path, tr=tr_option, name="DSC series", min_frames=acquisition.MIN_FRAMES)
     times = series.frame_times()
-    te = resolve_te(te_option, series)
+    acquisition.validate_tr(acquisition.frame_interval(times, source=str(dsc_path)), source=str(dsc_path))
+    te = acquisition.series_te(te_option, series)
     mask = read_mask(mask_path, series.geometry, "brain mask") if mask_path else np.ones(series.geometry.shape, bool)
     arterial = read_mask(aif_mask_path, series.geometry, "AIF mask") if aif_mask_path else None
     array = series.array if signal is None else signal
     check_finite_values(array, mask if arterial is None else mask | arterial, str(dsc_path), "the DSC series")
-    prepared = prepare_concentration_and_aif(array, times, te, mask, arterial, baseline_frames)
+    prepared = prepare_concentration_and_aif(array, times, te, mask, arterial, baseline_frames, source=str(dsc_path),
+                                             aif_source=str(aif_mask_path or "AIF mask"))
     return (series, te, times, mask, prepared.concentration, np.asarray(prepared.aif, dtype=np.float64),
             prepared.baseline_frames)
 
@@ -78,8 +83,10 @@ def load_concentration(dsc_path, te_option, tr_option, mask_path, aif_mask_path,
 
 
 def run_train_phae(args: argparse.Namespace) -> int:
-    from .phae import prepare_subject, train_phae
+    require("torch", "dsc train-phae")
+    # torch is there: the modules built on it are imported on this verb's path only (extra 'learned')
     from ..nn import save_model
+    from .phae import prepare_subject, train_phae
 
     progress = make_progress(args, "train PHAE")
     subjects = []
@@ -95,7 +102,8 @@ def run_train_phae(args: argparse.Namespace) -> int:
                           base_features=args.width, epochs=args.epochs, learning_rate=args.lr,
                           batch_size=args.batch_size, max_seconds=args.max_seconds if args.max_seconds > 0 else -1.0,
                           seed=args.seed,
-                          device=args.device, progress=progress, trained_on_phantoms=args.trained_on_phantoms,
+                          device=args.device, progress=progress,
+                          trained_on_phantoms=args.trained_on_phantoms or all(map(acquisition.is_marked_phantom, paths)),
                           training_description=description)
     save_model(args.out, training.model, training.card)
     h = training.history
@@ -130,8 +138,10 @@ def _read_cohort(path: str) -> list[dict]:
 
 
 def run_train_tmax(args: argparse.Namespace) -> int:
-    from .tmaxnet import osvd_teacher_tmax, prepare_tmax_subject, train_tmax
+    require("torch", "dsc train-tmax")
+    # torch is there: the modules built on it are imported on this verb's path only (extra 'learned')
     from ..nn import save_model
+    from .tmaxnet import osvd_teacher_tmax, prepare_tmax_subject, train_tmax
 
     progress = make_progress(args, "train Tmax network")
     if args.cohort:
@@ -165,9 +175,10 @@ def run_train_tmax(args: argparse.Namespace) -> int:
         peak = s.aif_peak_frame
         subjects.append(s)
     description = args.description or f"{len(subjects)} series ({', '.join(Path(e['dsc']).name for e in entries)})"
+    phantoms = args.trained_on_phantoms or all(acquisition.is_marked_phantom(e["dsc"]) for e in entries)
     training = train_tmax(subjects, args.arch, epochs=args.epochs, learning_rate=args.lr, seed=args.seed,
                           device=args.device, progress=(lambda f, m: report(0.3 + 0.7 * f, m)),
-                          trained_on_phantoms=args.trained_on_phantoms, training_description=description,
+                          trained_on_phantoms=phantoms, training_description=description,
                           reference_source=source)
     save_model(args.out, training.model, training.card)
     print(f"Tmax network ({args.arch}) written to {args.out}: {training.history.epochs_run} epochs, validation RMSE "
@@ -194,8 +205,6 @@ def _label(value: str, positive: Optional[str], path: Path, row: int) -> int:
 
 
 def run_grade(args: argparse.Namespace) -> int:
-    from .evaluation import grade, roc_png, roi_ratio
-
     table = Path(args.table)
     if not table.is_file():
         raise input_error(table, "grading table not found")
@@ -246,113 +255,31 @@ def run_grade(args: argparse.Namespace) -> int:
 
 
 def run_noise_study(args: argparse.Namespace) -> int:
-    from . import pipeline
-    from .evaluation import degrade_to_snr
-
-    from .cli import MIN_FRAMES, resolve_te
-
-    series = read_series(args.dsc, tr=args.tr, name="DSC series", min_frames=MIN_FRAMES)
-    te = resolve_te(args.te, series)
+    series = read_series(args.dsc, tr=args.tr, name="DSC series", min_frames=acquisition.MIN_FRAMES)
+    te = acquisition.series_te(args.te, series)
     times = series.frame_times()
     mask = read_mask(args.mask, series.geometry, "brain mask") if args.mask else None
     aif_mask = read_mask(args.aif_mask, series.geometry, "AIF mask") if args.aif_mask else None
     rois = None
     if args.rois:
-        rois = read_volume(args.rois, "ROI labels")
-        if not rois.geometry.same_grid(series.geometry):
+        volume = read_volume(args.rois, "ROI labels")
+        if not volume.geometry.same_grid(series.geometry):
             raise input_error(args.rois, "the ROI label map is not on the grid of the DSC series")
-        rois = np.rint(rois.array).astype(int)
+        rois = np.rint(volume.array).astype(int)
     truth = {}
     if args.truth_dir:
         for name in ("cbf", "mtt", "tmax"):
             p = Path(args.truth_dir) / f"truth_{name}.nii.gz"
             if p.is_file():
                 truth[name] = read_volume(p, f"truth {name}").array
-    from . import concentration as conc_mod
-
-    # the baseline compute_dsc_maps would choose (earliest arrival in the brain or the arteries), fixed
-    # once so that every SNR level and method shares it
-    baseline = args.baseline_frames or conc_mod.earliest_bolus_arrival(series.array, mask, aif_mask).baseline_frames
-    methods = args.methods
-    progress = make_progress(args, "noise study")
-    report = progress or (lambda f, m: None)
-    rows = []
-    levels = sorted(args.snr, reverse=True)
-    phae_model = args.phae_model
-    total = len(levels) * len(methods)
-    done = 0
-    for level in levels:
-        noisy = degrade_to_snr(series.array, level, baseline, seed=args.seed)
-        for method in methods:
-            report(done / total, f"SNR {level:g}: {method}")
-            model = phae_model if method.lower() == "phae" else (args.tmax_model if method.lower() == "tmax-net" else None)
-            if method.lower() == "tmax-net" and model is None:
-                raise input_error("--tmax-model", "the noise study of tmax-net needs --tmax-model")
-            options = pipeline.DSCOptions(te=te, method=method, kh=args.kh, rho=args.rho, model_path=model,
-                                          baseline_frames=baseline)
-            started = time.perf_counter()
-            result = pipeline.compute_dsc_maps(noisy, times, options, mask=mask, aif_mask=aif_mask,
-                                               aif_auto=aif_mask is None)
-            seconds = time.perf_counter() - started
-            regions = {"mask": mask if mask is not None else np.ones(series.geometry.shape, bool)}
-            if rois is not None:
-                for lab in np.unique(rois[rois > 0]):
-                    regions[f"label_{lab}"] = rois == lab
-            for region, sel in regions.items():
-                for name in ("cbf", "mtt", "tmax"):
-                    values = result.maps[name][sel]
-                    values = values[np.isfinite(values)]
-                    row = {"snr": level, "method": method, "region": region, "map": name,
-                           "median": float(np.median(values)) if values.size else float("nan"),
-                           "seconds": round(seconds, 3)}
-                    if name in truth:
-                        t = truth[name][sel]
-                        ok = np.isfinite(t) & (t != 0)
-                        if ok.any():
-                            pred = result.maps[name][sel][ok]
-                            row["truth_median"] = float(np.median(t[ok]))
-                            row["median_abs_rel_error"] = float(np.median(np.abs(pred - t[ok]) / np.abs(t[ok])))
-                    rows.append(row)
-            done += 1
-    with atomic_output_dir(args.out) as stage:
-        keys = ["snr", "method", "region", "map", "median", "truth_median", "median_abs_rel_error", "seconds"]
-        with open(stage / "noise_study.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            w.writeheader()
-            for row in rows:
-                w.writerow({k: row.get(k, "") for k in keys})
-        write_json({"snr_levels": levels, "methods": methods, "baseline_frames": int(baseline),
-                    "snr_definition": "mean / SD of the baseline frames per voxel (Gaussian noise added)",
-                    "rows": rows}, stage / "noise_study.json")
-        _noise_plot(rows, stage / "noise_study.png", "median_abs_rel_error" if truth else "median")
-    report(1.0, "done")
-    print(f"noise study written to {args.out} ({len(levels)} SNR levels x {len(methods)} methods)")
+    result = noise_study(series.array, times, te, mask, aif_mask, snr_levels=args.snr, methods=args.methods,
+                         baseline_frames=args.baseline_frames, rois=rois, truth=truth, kh=args.kh, rho=args.rho,
+                         seed=args.seed, phae_model=args.phae_model, tmax_model=args.tmax_model,
+                         series_is_phantom=acquisition.is_marked_phantom(args.dsc), source=series.path or args.dsc,
+                         progress=make_progress(args, "noise study"))
+    write_noise_study(result, args.out)
+    print(f"noise study written to {args.out} ({len(result.snr_levels)} SNR levels x {len(result.methods)} methods)")
     return 0
-
-
-def _noise_plot(rows: list[dict], path: Path, key: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    maps = ("cbf", "mtt", "tmax")
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), dpi=100)
-    for ax, name in zip(axes, maps):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            pts = [(r["snr"], r.get(key)) for r in rows if r["method"] == method and r["map"] == name
-                   and r["region"] == "mask" and r.get(key) is not None]
-            if pts:
-                x, y = zip(*pts)
-                ax.plot(x, y, marker="o", label=method)
-        ax.set_xlabel("SNR")
-        ax.set_title(name.upper())
-        ax.set_ylabel("median |relative error|" if key != "median" else "median in mask")
-        ax.invert_xaxis()
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------ registration
@@ -379,10 +306,12 @@ def register_verbs(verbs) -> None:
                    help="first-block features (paper: 32; default 32 on CUDA, 8 on CPU for speed)")
     p.add_argument("--max-seconds", type=float, default=-1.0,
                    help="training time budget in s (default: 240 on CPU, none on CUDA; 0 or less = default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, validation split and shuffling")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="training device (auto: CUDA when present)")
     p.add_argument("--trained-on-phantoms", action="store_true",
-                   help="mark the model as trained on phantoms (shown wherever it is used)")
+                   help="mark the model as trained on phantoms (shown wherever it is used; set automatically "
+                        "when every --dsc series was written by 'perfusionai dsc phantom')")
     p.add_argument("--description", default="", help="training-data description stored in model.json")
     add_common_options(p)
     p.set_defaults(handler=run_train_phae)
@@ -399,17 +328,22 @@ def register_verbs(verbs) -> None:
     p.add_argument("--tr", type=positive_float, default=None, help="frame interval in s (default: header)")
     p.add_argument("--aif-mask", nargs="+", default=None, help="AIF mask(s) (default: automatic AIF)")
     p.add_argument("--mask", nargs="+", default=None, help="brain mask(s)")
-    p.add_argument("--baseline-frames", type=int, default=None)
+    p.add_argument("--baseline-frames", type=positive_int, default=None,
+                   help="pre-bolus frames for S0 (default: detected per series)")
     ref = p.add_mutually_exclusive_group()
     ref.add_argument("--reference-tmax", nargs="+", default=None, help="reference Tmax map per series (s)")
     ref.add_argument("--teacher", choices=("osvd",), default=None, help="use oSVD Tmax as the reference")
-    p.add_argument("--arch", choices=("conv1", "conv2", "unet"), default="conv2")
-    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--arch", choices=("conv1", "conv2", "unet"), default="conv2",
+                   help="network: conv1 (one 1x1x1 convolution), conv2 (two, the paper's best) or a small 3D U-Net")
+    p.add_argument("--epochs", type=positive_int, default=200, help="maximum training epochs (early stopping)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (paper's best: 1e-3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--trained-on-phantoms", action="store_true")
-    p.add_argument("--description", default="")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, validation split and shuffling")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="training device (auto: CUDA when present)")
+    p.add_argument("--trained-on-phantoms", action="store_true",
+                   help="mark the model as trained on phantoms (set automatically when every series was written "
+                        "by 'perfusionai dsc phantom')")
+    p.add_argument("--description", default="", help="training-data description stored in model.json")
     p.add_argument("--out", required=True, help="model folder or .zip to write")
     add_common_options(p)
     p.set_defaults(handler=run_train_tmax)
@@ -425,8 +359,8 @@ def register_verbs(verbs) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--statistic", choices=("mean", "median"), default="mean", help="ROI statistic (paper: mean)")
     p.add_argument("--positive", default=None, help="label value that counts as positive (default: 1/HGG/high)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC CI")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=positive_int, default=2000, help="bootstrap resamples for the AUC CI")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     add_common_options(p)
     p.set_defaults(handler=run_grade)
 
@@ -434,24 +368,38 @@ def register_verbs(verbs) -> None:
         "noise-study", help="degrade a series from SNR 50 to 10 and re-run every method",
         description="Add Gaussian noise so that the baseline SNR (mean/SD of pre-bolus frames) is each of --snr, "
                     "recompute the AIF and every method's maps, and write OUT/noise_study.csv/.json/.png (median "
-                    "in the mask and per ROI label; relative error when --truth-dir holds truth_<map>.nii.gz).")
-    p.add_argument("--dsc", required=True)
-    p.add_argument("--te", type=positive_float, default=None)
-    p.add_argument("--tr", type=positive_float, default=None)
+                    "in the mask and per ROI label; with --truth-dir the median absolute relative error of CBF and "
+                    "MTT and the median absolute error of Tmax in s). Time: PHAE without --phae-model retrains at "
+                    "every level (about 4 min each on 2 CPU cores: about 20 min for the 5 default levels); the "
+                    "classical methods take seconds. Quick run: --snr 50 10 --methods oSVD sSVD.")
+    p.add_argument("--dsc", required=True, help="4D DSC series (NIfTI/NRRD file or DICOM folder, time last), "
+                                                "ideally of high SNR (e.g. a noise-free 'dsc phantom')")
+    p.add_argument("--te", type=positive_float, default=None,
+                   help="echo time in SECONDS (default: from the header or BIDS sidecar)")
+    p.add_argument("--tr", type=positive_float, default=None, help="frame interval in s (default: from the header)")
     p.add_argument("--aif-mask", default=None, help="AIF mask (default: automatic, recomputed at every SNR)")
-    p.add_argument("--mask", default=None)
-    p.add_argument("--baseline-frames", type=int, default=None)
-    p.add_argument("--snr", type=positive_float, nargs="+", default=[50, 40, 30, 20, 10])
-    p.add_argument("--methods", nargs="+", default=["oSVD", "Tikhonov", "sSVD", "cSVD", "phae"])
+    p.add_argument("--mask", default=None, help="brain mask: the statistics are taken inside it (default: whole image)")
+    p.add_argument("--baseline-frames", type=positive_int, default=None,
+                   help="pre-bolus frames for S0 and the SNR (default: detected once, shared by every level)")
+    p.add_argument("--snr", type=positive_float, nargs="+", default=list(DEFAULT_SNR_LEVELS),
+                   help="target baseline SNR levels (series already noisier are left as they are)")
+    p.add_argument("--methods", nargs="+", type=_method, default=list(DEFAULT_METHODS),
+                   help="methods to compare: " + ", ".join(method_names()))
     p.add_argument("--phae-model", default=None, help="PHAE model (default: trained on each degraded series)")
     p.add_argument("--tmax-model", default=None, help="Tmax network (needed when tmax-net is among --methods)")
-    p.add_argument("--rois", default=None, help="label map: statistics per label too")
-    p.add_argument("--truth-dir", default=None, help="folder with truth_cbf/mtt/tmax.nii.gz (a phantom)")
-    from .maps import DEFAULT_KH, DEFAULT_RHO
-
-    p.add_argument("--kh", type=positive_float, default=DEFAULT_KH, help=f"haematocrit factor kH ({DEFAULT_KH})")
-    p.add_argument("--rho", type=positive_float, default=DEFAULT_RHO, help=f"brain density in g/mL ({DEFAULT_RHO})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--rois", default=None, help="label map on the series grid: statistics per label too")
+    p.add_argument("--truth-dir", default=None,
+                   help="folder with truth_cbf/mtt/tmax.nii.gz (a 'dsc phantom' folder): adds the errors")
+    p.add_argument("--kh", type=positive_float, default=DEFAULT_KH, help="haematocrit factor kH")
+    p.add_argument("--rho", type=positive_float, default=DEFAULT_RHO, help="brain density in g/mL")
+    p.add_argument("--seed", type=int, default=0, help="seed of the added noise")
+    p.add_argument("--out", required=True, help="output folder")
     add_common_options(p)
     p.set_defaults(handler=run_noise_study)
+
+
+def _method(text: str) -> str:
+    try:
+        return resolve_method(text).name
+    except ParameterError as exc:
+        raise argparse.ArgumentTypeError(exc.problem) from None

@@ -29,7 +29,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import PerfusionAIError, input_error
+from ..errors import ParameterError, PerfusionAIError, input_error
+from .acquisition import validate_te  # noqa: F401  (re-exported: the one TE check, perfusionai.mrml uses it)
 
 MIN_SIGNAL_RATIO = 1e-3
 DEFAULT_K_SIGMA = 4.0
@@ -68,22 +69,6 @@ class ConcentrationResult:
     baseline_frames: int
     invalid_voxels: int
     clipped_samples: int
-
-
-def validate_te(te, name: str = "--te") -> float:
-    """Return TE in seconds as float; missing, non-finite, zero or negative raise an error naming ``--te``."""
-    if te is None:
-        raise input_error(name, "the echo time TE is missing; give it in seconds, e.g. --te 0.03")
-    try:
-        value = float(te)
-    except (TypeError, ValueError):
-        raise input_error(name, f"the echo time must be a number of seconds, got {te!r}") from None
-    if not np.isfinite(value) or value <= 0:
-        raise input_error(name, f"the echo time must be positive (seconds), got {te!r}")
-    if value > 1.0:
-        raise input_error(name, f"the echo time is in seconds; {value:g} looks like milliseconds "
-                                f"({value / 1000:g} s?)")
-    return value
 
 
 def check_finite_frames(signal: np.ndarray, name: str = "DSC series") -> None:
@@ -142,6 +127,9 @@ def detect_bolus_arrival(signal: np.ndarray, mask: Optional[np.ndarray] = None,
     noise = float(reference.std(ddof=1)) if reference.size >= 3 else 0.0
     threshold = level - max(k_sigma * noise, arrival_fraction * depth)
     below = np.nonzero(curve[: lowest + 1] < threshold)[0]
+    if below.size == 0:  # the minimum itself is not clearly below the baseline level (NaN frames, a flat curve)
+        raise input_error(name, "no bolus passage found: the mean signal of the mask never drops clearly below "
+                          "its first frames; check the series, or give the number of baseline frames explicitly")
     arrival = int(below[0])
     baseline = max(int(min_baseline), arrival - 1)
     if baseline >= lowest:
@@ -221,7 +209,7 @@ def signal_to_concentration(signal: np.ndarray, te: float, baseline_frames: Opti
         baseline_frames = detect_bolus_arrival(s, mask, name=name).baseline_frames
     baseline_frames = int(baseline_frames)
     if not 1 <= baseline_frames < n_frames:
-        raise input_error("--baseline-frames", f"the number of baseline frames must be between 1 and "
+        raise ParameterError("baseline_frames", f"the number of baseline frames must be between 1 and "
                           f"{n_frames - 1}, got {baseline_frames}")
     flat = s.reshape(-1, n_frames)
     selected = np.arange(flat.shape[0]) if mask is None else np.nonzero(np.asarray(mask, bool).reshape(-1))[0]

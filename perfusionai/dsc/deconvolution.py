@@ -67,17 +67,22 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import input_error
+from ..errors import ParameterError, input_error
 from ..progress import ProgressCallback, as_progress
+from .acquisition import frame_interval
+from .methods import METHODS as REGISTRY
+from .methods import resolve_method
 
-METHODS = ("ssvd", "csvd", "osvd", "tikhonov")
-DISPLAY_NAMES = {"ssvd": "sSVD", "csvd": "cSVD", "osvd": "oSVD", "tikhonov": "Tikhonov"}
-DEFAULT_THRESHOLDS = {"ssvd": 0.2, "csvd": 0.1}
-DEFAULT_OI_THRESHOLD = 0.035
+#: solver keys of the deconvolution methods in the registry (:mod:`perfusionai.dsc.methods`)
+METHODS = tuple(m.solver for m in REGISTRY.values() if m.kind == "deconvolution")
+DISPLAY_NAMES = {m.solver: m.name for m in REGISTRY.values() if m.kind == "deconvolution"}
+DEFAULT_THRESHOLDS = {m.solver: m.defaults["threshold"] for m in REGISTRY.values()
+                      if m.kind == "deconvolution" and "threshold" in m.defaults}
+DEFAULT_OI_THRESHOLD = REGISTRY["oSVD"].defaults["oi_threshold"]
 #: oSVD candidate truncation thresholds (relative to s_max), scanned in this order.
 OSVD_CANDIDATE_THRESHOLDS = tuple(round(0.05 * m, 2) for m in range(1, 20))
 #: fixed Tikhonov default: lambda = 0.1 * s_max (research/dsc.md section 3).
-DEFAULT_TIKHONOV_LAMBDA = 0.1
+DEFAULT_TIKHONOV_LAMBDA = REGISTRY["Tikhonov"].defaults["fixed_lambda"]
 #: lambda grid of the automatic Tikhonov criteria, relative to s_max.
 TIKHONOV_LAMBDA_GRID = tuple(np.logspace(-3, 0, 49))
 TIKHONOV_CRITERIA = ("lcurve", "gcv", "fixed")
@@ -129,35 +134,14 @@ class DeconvolutionResult:
 # helpers
 
 
-def normalise_method(method: str) -> str:
-    """Lower-case method key (``"ssvd"``, ``"csvd"``, ``"osvd"``, ``"tikhonov"``)."""
-    key = str(method).strip().lower()
-    if key not in METHODS:
-        raise input_error("--method", f"unknown deconvolution method {method!r}; "
-                          f"choose one of {', '.join(DISPLAY_NAMES.values())}")
-    return key
-
-
-def frame_interval(times: Sequence[float], tolerance: float = 0.01) -> float:
-    """The uniform frame interval ``dt`` in seconds of frame ``times`` (shape ``(t,)``).
-
-    Deconvolution assumes uniform sampling; intervals that differ from their median by more
-    than ``tolerance`` (relative, default 1 %) raise :class:`PerfusionAIError`.
-    """
-    t = np.asarray(times, dtype=float).ravel()
-    if t.size < 2 or not np.all(np.isfinite(t)):
-        raise input_error("frame times", "need at least two finite frame times")
-    steps = np.diff(t)
-    dt = float(np.median(steps))
-    if not dt > 0:
-        raise input_error("frame times", "frame times must increase")
-    worst = float(np.max(np.abs(steps - dt)) / dt)
-    if worst > tolerance:
-        raise input_error(
-            "frame times",
-            f"the frame intervals are irregular (up to {100 * worst:.1f} % from the median {dt:.4g} s); "
-            "deconvolution assumes uniformly sampled frames (tolerance 1 %)")
-    return dt
+def solver_key(method) -> str:
+    """The solver key (``"ssvd"``, ``"csvd"``, ``"osvd"``, ``"tikhonov"``) of a deconvolution method
+    name resolved by the registry; other methods are refused (parameter ``method``)."""
+    entry = resolve_method(method)
+    if entry.kind != "deconvolution":
+        raise ParameterError("method", f"{entry.name} is not a deconvolution method; choose one of "
+                                       f"{', '.join(DISPLAY_NAMES.values())}")
+    return entry.solver
 
 
 def convolution_matrix(aif: np.ndarray, dt: float, discretisation: str = "rectangle",
@@ -180,7 +164,7 @@ def convolution_matrix(aif: np.ndarray, dt: float, discretisation: str = "rectan
     a = np.asarray(aif, dtype=np.float64).ravel()
     n = a.size
     if discretisation not in DISCRETISATIONS:
-        raise input_error("--discretisation", f"unknown discretisation {discretisation!r}; "
+        raise ParameterError("discretisation", f"unknown discretisation {discretisation!r}; "
                           f"choose one of {', '.join(DISCRETISATIONS)}")
     length = 2 * n if circulant else n
     column = np.zeros(length)
@@ -368,7 +352,7 @@ def deconvolve(
     -------
     DeconvolutionResult
     """
-    key = normalise_method(method)
+    key = solver_key(method)
     curves = _as_curves(concentration)
     a = np.asarray(aif, dtype=np.float64).ravel()
     n_frames = curves.shape[1]
@@ -389,16 +373,16 @@ def deconvolve(
     criterion = str(tikhonov_criterion).lower()
     if key == "tikhonov":
         if criterion not in TIKHONOV_CRITERIA:
-            raise input_error("--tikhonov-criterion", f"unknown criterion {tikhonov_criterion!r}; "
+            raise ParameterError("tikhonov_criterion", f"unknown criterion {tikhonov_criterion!r}; "
                               f"choose one of {', '.join(TIKHONOV_CRITERIA)}")
         if tikhonov_lambda is not None:
             criterion = "fixed"
         elif criterion == "fixed":
             tikhonov_lambda = DEFAULT_TIKHONOV_LAMBDA
     if threshold is not None and not (threshold >= 0):
-        raise input_error("--threshold", f"the truncation threshold must be >= 0, got {threshold}")
+        raise ParameterError("threshold", f"the truncation threshold must be >= 0, got {threshold}")
     if tikhonov_lambda is not None and not (tikhonov_lambda >= 0):
-        raise input_error("--tikhonov-lambda", f"lambda must be >= 0, got {tikhonov_lambda}")
+        raise ParameterError("tikhonov_lambda", f"lambda must be >= 0, got {tikhonov_lambda}")
 
     u, s, vt = _matrix_svd(a, dt, discretisation, circulant)
     length = u.shape[0]
@@ -534,7 +518,7 @@ def _osvd(curves, u, s, vt, n_frames, oi_threshold, candidates, chunk_voxels,
           residue, regularisation, oi_out, report) -> None:
     candidates = [float(c) for c in candidates]
     if not candidates:
-        raise input_error("--osvd-thresholds", "need at least one candidate threshold")
+        raise ParameterError("osvd_thresholds", "need at least one candidate threshold")
     length = u.shape[0]
     work = residue.dtype
     levels = _osvd_operators(u, s, vt, n_frames, candidates, work)
@@ -579,7 +563,7 @@ def _tikhonov_auto(curves, u, s, vt, n_frames, criterion, grid, chunk_voxels,
                    residue, regularisation, report) -> None:
     rel = np.sort(np.asarray(grid, dtype=np.float64).ravel())
     if rel.size < 3 or np.any(rel <= 0):
-        raise input_error("--tikhonov-lambda-grid", "need at least three positive lambda values")
+        raise ParameterError("tikhonov_lambda_grid", "need at least three positive lambda values")
     lam = rel * s[0]
     s2 = s ** 2
     factors = s2[:, None] / (s2[:, None] + lam[None, :] ** 2)          # (L, M)

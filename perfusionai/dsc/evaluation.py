@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import input_error
+from ..errors import ParameterError, input_error
 from .. import metrics
 
 
@@ -134,7 +134,7 @@ def degrade_to_snr(signal: np.ndarray, snr: float, baseline_frames: int, seed: i
     ``signal`` ``[k, j, i, t]`` (not modified); returns float32 of the same shape.
     """
     if not snr > 0:
-        raise input_error("--snr", f"SNR must be positive, got {snr}")
+        raise ParameterError("snr", f"SNR must be positive, got {snr}")
     s = np.asarray(signal, dtype=np.float32)
     base = s[..., :baseline_frames].astype(np.float64)
     mean = base.mean(axis=-1)

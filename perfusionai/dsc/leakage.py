@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import PerfusionAIError, input_error
+from ..errors import ParameterError, PerfusionAIError, input_error
 
 
 @dataclass
@@ -196,7 +196,7 @@ def bsw_correct(
         vascular = [_dispersed(_delayed(reference, times, d), times, tau)
                     for d in delays_s for tau in dispersions_s]
     else:
-        raise input_error("--leakage-model", f"unknown model {model!r}; choose bsw or bsw-transit")
+        raise ParameterError("leakage_model", f"unknown model {model!r}; choose bsw or bsw-transit")
     design = np.stack(vascular + [-ref_integral], axis=1)[start:]  # (t', p)
     pinv = np.linalg.pinv(design)  # (p, t')
     curves = concentration[mask].astype(np.float64)

@@ -11,33 +11,48 @@ the others:
 * ``tmax-net`` (:mod:`.tmaxnet`): ``tmax`` only; CBV, CBF, MTT and TTP come from the pipeline's
   oSVD / integral maps. A model is required.
 
-Besides the maps the dict carries ``"notes"`` (a list of strings for the summary, e.g.
-"trained on phantoms" when the model card says so), ``"label"`` (one line) and ``"model_card"``.
+The result is a :class:`LearnedMaps`: the maps, and apart from them the notes for the summary
+(e.g. "trained on phantoms" when the model card says so), a one-line label and the model card.
+torch is imported only here, on the learned path, through :func:`perfusionai.deps.require`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
-from ..errors import input_error
-from ..nn import PHANTOM_LABEL, is_trained_on_phantoms, load_model, model_label
+from ..deps import require
+from ..errors import ParameterError
 from ..progress import ProgressCallback, as_progress
 from . import maps as maps_mod
-from .deconvolution import frame_interval
+from .acquisition import frame_interval
+from .methods import method_names, resolve_method
 
-METHODS = ("phae", "tmax-net")
 
+@dataclass
+class LearnedMaps:
+    """Output of :func:`compute_learned_maps`.
 
-def _option(options, name: str, default):
-    value = getattr(options, name, None) if options is not None else None
-    return default if value is None else value
+    maps: ``{name: float32 [k, j, i]}`` for the keys the method computes (zero outside the
+    mask); notes: lines for the summary; label: one line naming the model (with "trained on
+    phantoms" when its card says so); model_card: the model's ``model.json``.
+    """
+
+    maps: dict
+    notes: list = field(default_factory=list)
+    label: str = ""
+    model_card: dict = field(default_factory=dict)
+
+    @property
+    def trained_on_phantoms(self) -> bool:
+        return bool(self.model_card.get("trained_on_phantoms", False))
 
 
 def compute_learned_maps(method: str, concentration: np.ndarray, aif: np.ndarray, times: np.ndarray,
                          mask: np.ndarray, options=None,
-                         progress: Optional[ProgressCallback] = None) -> dict:
+                         progress: Optional[ProgressCallback] = None) -> LearnedMaps:
     """Maps of a learned method.
 
     Parameters
@@ -53,41 +68,44 @@ def compute_learned_maps(method: str, concentration: np.ndarray, aif: np.ndarray
     mask
         ``[k, j, i]`` bool brain mask (maps are computed inside it).
     options
-        :class:`perfusionai.dsc.pipeline.DSCOptions` or any object with ``model_path`` (None:
-        PHAE trains on this input first; tmax-net refuses), ``kh``, ``rho``; optional PHAE
+        :class:`perfusionai.dsc.model.DSCOptions` (None: its defaults): ``model_path`` (None: PHAE
+        trains on this input first; tmax-net refuses), ``kh``, ``rho``, ``device``, and the PHAE
         training settings ``phae_residue``, ``phae_epochs``, ``phae_max_seconds``,
-        ``phae_estimate_delay``, ``seed``, ``device``.
+        ``phae_estimate_delay``, ``seed``.
     progress
         ``progress(fraction, message)``; may raise Cancelled.
 
     Returns
     -------
-    dict
-        ``{map name: float32 [k, j, i]}`` plus ``"notes"`` (list of str), ``"label"`` (str) and
-        ``"model_card"`` (dict).
+    LearnedMaps
     """
+    if options is None:
+        from .model import DSCOptions  # model imports this module; the default options only when none are given
+
+        options = DSCOptions()
     report = as_progress(progress)
-    key = str(method).strip().lower()
-    if key not in METHODS:
-        raise input_error("--method", f"{method!r} is not a learned method ({', '.join(METHODS)})")
+    entry = resolve_method(method)
+    if not entry.learned:
+        raise ParameterError("method", f"{entry.name} is not a learned method ({', '.join(method_names('learned'))})")
+    require("torch", f"the {entry.display} method")
+    # torch is there: the modules built on it are imported on this path only (extra 'learned')
+    from ..nn import PHANTOM_LABEL, is_trained_on_phantoms, load_model, model_label
+
     mask = np.asarray(mask, bool)
-    model_path = _option(options, "model_path", None)
-    kh = float(_option(options, "kh", maps_mod.DEFAULT_KH))
-    rho = float(_option(options, "rho", maps_mod.DEFAULT_RHO))
-    device = _option(options, "device", "auto")
+    model_path = options.model_path
+    kh, rho, device = float(options.kh), float(options.rho), options.device
     notes: list[str] = []
-    if key == "phae":
+    if entry.name == "phae":
         from .phae import ARCHITECTURE, check_model_inputs, phae_maps, prepare_subject, train_phae
 
         if model_path is None:
             subject = prepare_subject(concentration, aif, times, mask)
             training = train_phae(
-                subject, residue=_option(options, "phae_residue", "lorentzian"),
-                estimate_delay=bool(_option(options, "phae_estimate_delay", False)),
-                epochs=int(_option(options, "phae_epochs", 65)),
-                max_seconds=_option(options, "phae_max_seconds", -1.0),
-                seed=int(_option(options, "seed", 0)), device=device, progress=report.sub(0.0, 0.85),
-                training_description="the input series itself (self-supervised)")
+                subject, residue=options.phae_residue, estimate_delay=bool(options.phae_estimate_delay),
+                epochs=int(options.phae_epochs), max_seconds=options.phae_max_seconds,
+                seed=int(options.seed), device=device, progress=report.sub(0.0, 0.85),
+                training_description="the input series itself (self-supervised)",
+                trained_on_phantoms=bool(options.series_is_phantom))
             model, card = training.model, training.card
             notes.append(f"PHAE trained on this series (self-supervised, {training.history.epochs_run} epochs, "
                          f"{training.seconds:.0f} s)")
@@ -105,8 +123,8 @@ def compute_learned_maps(method: str, concentration: np.ndarray, aif: np.ndarray
         from .tmaxnet import ARCHITECTURES, tmax_maps
 
         if model_path is None:
-            raise input_error("--model", "--method tmax-net needs a trained model (--model MODEL); "
-                                         "train one with 'perfusionai dsc train-tmax'")
+            raise ParameterError("model_path", "the tmax-net method needs a trained model; train one with "
+                                               "'perfusionai dsc train-tmax'")
         model, card = load_model(model_path, expected_architecture=tuple(ARCHITECTURES.values()))
         tmax = tmax_maps(model, card, concentration, aif, times, mask, device=device,
                          model_name=str(model_path), progress=report)
@@ -114,9 +132,7 @@ def compute_learned_maps(method: str, concentration: np.ndarray, aif: np.ndarray
         notes.append(f"Tmax from the learned network {model_path}; CBV, CBF, MTT and TTP from oSVD")
     if is_trained_on_phantoms(card):
         notes.insert(0, PHANTOM_LABEL)
-    out: dict = {name: np.where(mask, np.asarray(v, np.float32), np.float32(0)) for name, v in maps.items()}
-    out["notes"] = notes
-    out["label"] = model_label(card)
-    out["model_card"] = card
+    out = {name: np.where(mask, np.asarray(v, np.float32), np.float32(0)) for name, v in maps.items()}
     report(1.0, "learned maps")
-    return out
+    return LearnedMaps(maps=out, notes=notes, label=model_label(card), model_card=dict(card))
+

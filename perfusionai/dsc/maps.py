@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..errors import input_error
+from ..errors import ParameterError, input_error
 
 DEFAULT_KH = 0.73
 DEFAULT_RHO = 1.04
@@ -36,12 +36,31 @@ DEFAULT_RHO = 1.04
 #: Unit of every DSC map the package writes (file attributes, tables, reports, Slicer nodes).
 MAP_UNITS = {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "tmax": "s", "ttp": "s",
              "k2": "1/s", "k1": "1"}
+#: The five maps every DSC method gives, in the order they are listed (k2/k1 only with leakage correction).
+MAP_NAMES = ("cbv", "cbf", "mtt", "tmax", "ttp")
 INTEGRATIONS = ("trapezoid", "sum")
+#: CBV integration windows: the whole series, or the first pass of the AIF (:func:`first_pass_window`).
+CBV_WINDOWS = ("full", "first_pass")
+
+
+def median_in_mask(values: np.ndarray, mask: Optional[np.ndarray] = None) -> Optional[float]:
+    """Median of the finite values of ``values`` inside the bool ``mask`` (same shape; None: all).
+
+    None when no finite value is there (JSON ``null``). The one "median inside the mask" of the
+    DSC summaries, tables and reports.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if mask is not None:
+        v = v[np.asarray(mask, bool)]
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if v.size else None
 
 
 def _scale(kh: float, rho: float) -> float:
-    if not (kh > 0 and rho > 0):
-        raise input_error("--kh/--rho", f"kH and rho must be positive, got kH={kh}, rho={rho}")
+    if not kh > 0:
+        raise ParameterError("kh", f"the haematocrit factor kH must be positive, got {kh}")
+    if not rho > 0:
+        raise ParameterError("rho", f"the brain density rho must be positive (g/mL), got {rho}")
     return float(kh) / float(rho)
 
 
@@ -50,7 +69,16 @@ def _integral(curves: np.ndarray, dt: float, integration: str) -> np.ndarray:
         return dt * (curves.sum(axis=-1) - 0.5 * (curves[..., 0] + curves[..., -1]))
     if integration == "sum":
         return dt * curves.sum(axis=-1)
-    raise input_error("--cbv-integration", f"unknown integration {integration!r}; choose trapezoid or sum")
+    raise ParameterError("cbv_integration", f"unknown integration {integration!r}; choose trapezoid or sum")
+
+
+def cbv_window_frames(aif: np.ndarray, window: str) -> Optional[Tuple[int, int]]:
+    """Frame window ``(first, stop)`` of the CBV integrals for a window name (``"full"``: None)."""
+    if window == "full":
+        return None
+    if window == "first_pass":
+        return first_pass_window(aif)
+    raise ParameterError("cbv_window", f"unknown CBV window {window!r}; choose {' or '.join(CBV_WINDOWS)}")
 
 
 def first_pass_window(aif: np.ndarray, fraction: float = 0.1, tail_frames: Optional[int] = None) -> Tuple[int, int]:

@@ -73,7 +73,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import input_error
+from ..errors import ParameterError, input_error
 from ..nn import (ConvNormAct, GlobalAvgPool, TensorBatchLoader, TrainingHistory, build_model,
                   choose_device, fit, inference_copy, register_architecture, seed_everything, set_threads)
 from ..progress import ProgressCallback, as_progress
@@ -343,14 +343,14 @@ def train_phae(subjects: PHAESubject | Sequence[PHAESubject], *, residue: str = 
         subjects = [subjects]
     subjects = list(subjects)
     if not subjects:
-        raise input_error("--dsc", "no series to train on")
+        raise ParameterError("dsc", "no series to train on")
     n_frames = subjects[0].n_frames
     dts = [s.dt for s in subjects]
     if any(s.n_frames != n_frames for s in subjects):
-        raise input_error("--dsc", "all training series must have the same number of frames "
+        raise ParameterError("dsc", "all training series must have the same number of frames "
                                    f"({sorted({s.n_frames for s in subjects})} found)")
     if max(dts) > 1.01 * min(dts):
-        raise input_error("--dsc", f"all training series must share the frame interval ({sorted(set(dts))} s found)")
+        raise ParameterError("dsc", f"all training series must share the frame interval ({sorted(set(dts))} s found)")
     device = choose_device(device)
     if device.type == "cpu":
         set_threads()
@@ -370,7 +370,7 @@ def train_phae(subjects: PHAESubject | Sequence[PHAESubject], *, residue: str = 
     val = _tensors(subjects, val_index)
     n_train = int(train[0].shape[0])
     if n_train < 2:
-        raise input_error("--mask", "the mask selects fewer than 2 voxels; the PHAE needs many curves")
+        raise ParameterError("mask", "the mask selects fewer than 2 voxels; the PHAE needs many curves")
     if not batch_size:
         batch_size = 1536 if n_train >= 40 * 1536 else max(128, n_train // 40)
     train_loader = TensorBatchLoader(*train, batch_size=batch_size, shuffle=True, generator=generator,

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import input_error
+from ..errors import ParameterError, input_error
 from ..nn import (ConvNormAct, TensorBatchLoader, TrainingHistory, build_model, choose_device, fit,
                   keras_parameter_count, register_architecture, seed_everything, set_threads)
 from ..progress import ProgressCallback, as_progress
@@ -253,7 +253,7 @@ def _volume_tensors(subjects: Sequence[TmaxSubject], multiple: int):
         ms.append(torch.from_numpy(m)[None])
     shapes = {tuple(x.shape) for x in xs}
     if len(shapes) != 1:
-        raise input_error("--dsc", "the U-Net trains on whole volumes; all series must have the same grid")
+        raise ParameterError("dsc", "the U-Net trains on whole volumes; all series must have the same grid")
     return torch.stack(xs), torch.stack(ys), torch.stack(ms)
 
 
@@ -272,19 +272,19 @@ def train_tmax(subjects: Sequence[TmaxSubject], arch: str = "conv2", *, epochs: 
     started = time.perf_counter()
     report = as_progress(progress)
     if arch not in ARCHITECTURES:
-        raise input_error("--arch", f"unknown architecture {arch!r}; choose conv1, conv2 or unet")
+        raise ParameterError("arch", f"unknown architecture {arch!r}; choose conv1, conv2 or unet")
     subjects = list(subjects)
     if not subjects:
-        raise input_error("--dsc", "no training series")
+        raise ParameterError("dsc", "no training series")
     n_frames, dt, peak = subjects[0].n_frames, subjects[0].dt, subjects[0].aif_peak_frame
     for s in subjects:
         if s.reference is None:
-            raise input_error("--reference-tmax", "every training series needs a reference Tmax map")
+            raise ParameterError("reference_tmax", "every training series needs a reference Tmax map")
         if s.n_frames != n_frames:
-            raise input_error("--dsc", f"all training series must have the same number of frames "
+            raise ParameterError("dsc", f"all training series must have the same number of frames "
                                        f"({n_frames} and {s.n_frames} found)")
         if abs(s.dt - dt) > 0.02 * dt:
-            raise input_error("--dsc", f"all training series must share the frame interval ({dt} and {s.dt} s)")
+            raise ParameterError("dsc", f"all training series must share the frame interval ({dt} and {s.dt} s)")
         if s.aif_peak_frame != peak:
             raise ValueError("subjects must be aligned to the same AIF peak frame")
         if s.normalisation != subjects[0].normalisation:
