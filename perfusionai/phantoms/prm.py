@@ -305,3 +305,35 @@ def truth_statistics(phantom: PRMPhantom, use_lobes: bool = True) -> dict:
     voxel_ml = float(np.prod(phantom.geometry.spacing)) / 1000.0
     return prm_statistics(phantom.truth_prm, phantom.lung_labels,
                           phantom.lobes if use_lobes else None, voxel_ml)
+
+
+#: Grid of the default phantom at 3.5 mm; :func:`write_prm_phantom` keeps its field of view at other spacings.
+DEFAULT_SHAPE = (56, 80, 96)
+DEFAULT_SPACING_MM = 3.5
+
+
+def write_prm_phantom(out_dir, spacing_mm: float = DEFAULT_SPACING_MM, noise_hu: float = 15.0,
+                      emphysema_scale: float = 1.0, seed: int = 0) -> tuple[int, int, int]:
+    """``prm phantom``: write a CT pair with known truth into ``out_dir`` (atomically); returns the grid ``(k, j, i)``.
+
+    Files: ``insp.nii.gz``, ``exp.nii.gz`` (HU), ``lung_mask.nii.gz`` (1 right, 2 left), ``lobes.nii.gz``
+    (1-6), ``truth_prm.nii.gz`` (0-4) on the inspiratory grid and ``truth.json`` (%PRM per lung and lobe).
+    The field of view of the default grid is kept: other spacings resize the grid.
+    """
+    from ..io import atomic_output_dir, write_json, write_volume
+
+    shape = tuple(max(8, int(round(n * DEFAULT_SPACING_MM / spacing_mm))) for n in DEFAULT_SHAPE)
+    phantom = make_prm_phantom(shape=shape, spacing_mm=spacing_mm, noise_hu=noise_hu,
+                               emphysema_scale=emphysema_scale, seed=seed)
+    g = phantom.geometry
+    with atomic_output_dir(out_dir) as stage:
+        write_volume(phantom.insp.array, g, stage / "insp.nii.gz")
+        write_volume(phantom.exp.array, phantom.exp.geometry, stage / "exp.nii.gz")
+        write_volume(phantom.lung_labels.astype(np.uint8), g, stage / "lung_mask.nii.gz")
+        write_volume(phantom.lobes.astype(np.uint8), g, stage / "lobes.nii.gz")
+        write_volume(phantom.truth_prm.astype(np.uint8), g, stage / "truth_prm.nii.gz")
+        write_json({"truth": truth_statistics(phantom), "parameters": phantom.parameters,
+                    "labels": {"prm": "0 outside/vessels, 1 normal, 2 fSAD, 3 emphysema, 4 uncategorized",
+                               "lungs": "1 right, 2 left", "lobes": "ARCHITECTURE.md numbering 1-6"}},
+                   stage / "truth.json")
+    return shape

@@ -290,3 +290,16 @@ def write_cohort(phantoms: Sequence[PRMMRIPhantom], out_dir: str | Path,
 def phantom_volume(ph: PRMMRIPhantom, name: str) -> Volume:
     """One sequence of a phantom as a :class:`perfusionai.io.Volume`."""
     return Volume(ph.sequences[name], ph.geometry, None, {"phantom": f"prm mri {name}"})
+
+
+def write_mri_cohort(out_dir: str | Path, n_subjects: int = 12, seed: int = 0, **kwargs) -> Path:
+    """``prm phantom --mri-cohort``: ``n_subjects`` MRI-PRM phantoms with ``cohort.csv`` (train/val/test
+    60/14/30) and the phantom-cohort marker, written atomically into ``out_dir``; returns the CSV path
+    as it lies in ``out_dir``. ``prm train``, ``prm predict`` and ``prm ablation`` take the cohort as written.
+    """
+    from ..io import atomic_output_dir
+
+    phantoms = make_prm_mri_cohort(n_subjects, seed=seed, **kwargs)
+    with atomic_output_dir(out_dir) as stage:
+        write_cohort(phantoms, stage, cohort_splits(n_subjects, seed=seed))
+    return Path(out_dir) / "cohort.csv"

@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
-from ..errors import input_error
+from ..errors import ParameterError
 
 OUTSIDE = 0
 NORMAL = 1
@@ -59,10 +59,10 @@ class ClassificationOptions:
 
     def validate(self) -> None:
         if not self.valid_min_hu < self.valid_max_hu:
-            raise input_error("--valid-range", f"lower bound {self.valid_min_hu} must be below the upper "
-                                               f"bound {self.valid_max_hu} HU")
+            raise ParameterError("valid_range", f"lower bound {self.valid_min_hu} must be below the upper "
+                                                f"bound {self.valid_max_hu} HU")
         if self.median_size not in (0, 1, 3, 5):
-            raise input_error("--median", f"median filter size must be 0 (off), 3 or 5, got {self.median_size}")
+            raise ParameterError("median", f"median filter size must be 0 (off), 3 or 5, got {self.median_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -20,13 +20,18 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import input_error
+from ..errors import ParameterError, input_error
 from ..io import read_labels, read_volume
 from ..metrics import agreement, dice
 from .classification import CLASS_KEYS, EMPH, FSAD
 from .stats import prm_statistics
 
 PERCENT_CLASSES = ("normal", "fsad", "emph", "uncategorized")
+
+
+def voxel_volume_ml(geometry) -> float:
+    """One voxel's volume in mL (spacing in mm)."""
+    return float(np.prod(geometry.spacing)) / 1000.0
 
 
 def _check_labels(prm: np.ndarray, name: str) -> np.ndarray:
@@ -37,7 +42,7 @@ def _check_labels(prm: np.ndarray, name: str) -> np.ndarray:
 
 
 def evaluate_case(pred: np.ndarray, ref: np.ndarray, lobes: Optional[np.ndarray] = None,
-                  lung: Optional[np.ndarray] = None) -> dict:
+                  lung: Optional[np.ndarray] = None, voxel_volume_ml: float = 0.0) -> dict:
     """Dice per class and %PRM differences of two PRM maps ``[k, j, i]`` on one grid.
 
     Parameters
@@ -48,6 +53,8 @@ def evaluate_case(pred: np.ndarray, ref: np.ndarray, lobes: Optional[np.ndarray]
         Optional lobes 1-6 on the same grid (adds right/left/lobe percentages).
     lung
         Optional lung mask restricting both maps; default: voxels labelled in either map.
+    voxel_volume_ml
+        One voxel's volume in mL (for the ``volume_ml`` of each region; the product of the spacing / 1000).
 
     Returns
     -------
@@ -55,10 +62,10 @@ def evaluate_case(pred: np.ndarray, ref: np.ndarray, lobes: Optional[np.ndarray]
         ``dice`` ({class: Dice}, plus ``abnormal``), ``pred`` and ``ref`` (prm_stats dictionaries),
         ``difference`` ({region: {class: pred% - ref%}}).
     """
-    pred = _check_labels(pred, "--pred")
-    ref = _check_labels(ref, "--ref")
+    pred = _check_labels(pred, "pred")
+    ref = _check_labels(ref, "ref")
     if pred.shape != ref.shape:
-        raise input_error("--pred", f"shape {pred.shape} differs from the reference {ref.shape}")
+        raise ParameterError("pred", f"shape {pred.shape} differs from the reference {ref.shape}")
     region = (pred > 0) | (ref > 0) if lung is None else np.asarray(lung, dtype=bool)
     p = np.where(region, pred, 0)
     r = np.where(region, ref, 0)
@@ -67,8 +74,8 @@ def evaluate_case(pred: np.ndarray, ref: np.ndarray, lobes: Optional[np.ndarray]
     # Each map's %PRM over its own valid voxels of the region (the %PRM a user would read off it).
     sides = np.zeros(region.shape, dtype=np.uint8)
     sides[region] = 1 if lobes is None else 0
-    result["pred"] = prm_statistics(p, np.where(p > 0, sides, 0) if lobes is None else sides, lobes)
-    result["ref"] = prm_statistics(r, np.where(r > 0, sides, 0) if lobes is None else sides, lobes)
+    result["pred"] = prm_statistics(p, np.where(p > 0, sides, 0) if lobes is None else sides, lobes, voxel_volume_ml)
+    result["ref"] = prm_statistics(r, np.where(r > 0, sides, 0) if lobes is None else sides, lobes, voxel_volume_ml)
     if lobes is None:
         for stats in (result["pred"], result["ref"]):
             stats.pop("right", None)
@@ -108,7 +115,7 @@ def _load_stats(path: Path, lobes_path: Optional[Path], lobe_convention: str) ->
 
         lobes = import_lobes(read_labels(lobes_path, vol.geometry, "lobe map"), lobe_convention, str(lobes_path))
     sides = (prm > 0).astype(np.uint8) if lobes is None else np.zeros(prm.shape, np.uint8)
-    return prm_statistics(prm, sides, lobes)
+    return prm_statistics(prm, sides, lobes, voxel_volume_ml(vol.geometry))
 
 
 def read_cohort_csv(path: str | Path) -> list[dict]:
@@ -170,4 +177,41 @@ def evaluate_cohort(rows: list[dict], lobe_convention: str = "project", figure: 
         lobe_data = {c: v for c, v in lobe_pairs.items() if len(v[0])}
         cohort_agreement_png(patient_pairs, lobe_data, figure)
         result["figure"] = str(Path(figure).name)
+    return result
+
+
+def evaluate_files(pred: Optional[str | Path] = None, ref: Optional[str | Path] = None,
+                   lobes: Optional[str | Path] = None, cohort: Optional[str | Path] = None,
+                   lobe_convention: str = "project", out: Optional[str | Path] = None) -> dict:
+    """``prm evaluate``: one case (``pred``, ``ref``, optional ``lobes`` files) or a ``cohort`` CSV.
+
+    With ``out`` the result is written to ``out/evaluation.json`` (and ``prm_agreement.png`` for a
+    cohort) atomically. Volumes (``volume_ml``) come from the label maps' voxel size.
+    """
+    from ..io import write_json
+    from ..lung import import_lobes
+    from .pipeline import _output_dir
+
+    if cohort is not None:
+        if pred is not None or ref is not None:
+            raise ParameterError("cohort", "give either a cohort CSV or pred/ref maps, not both")
+        rows = read_cohort_csv(cohort)
+        if out is None:
+            return evaluate_cohort(rows, lobe_convention)
+        with _output_dir(out, [cohort]) as stage:
+            result = evaluate_cohort(rows, lobe_convention, figure=stage / "prm_agreement.png")
+            write_json(result, stage / "evaluation.json")
+        return result
+    if pred is None or ref is None:
+        raise ParameterError("pred", "give the predicted and the reference PRM maps (or a cohort CSV)")
+    pred_vol = read_volume(pred, "predicted PRM map")
+    pred_labels = _check_labels(pred_vol.array, str(pred))
+    ref_labels = _check_labels(read_labels(ref, pred_vol.geometry, "reference PRM map"), str(ref))
+    lobe_map = None
+    if lobes is not None:
+        lobe_map = import_lobes(read_labels(lobes, pred_vol.geometry, "lobe map"), lobe_convention, str(lobes))
+    result = evaluate_case(pred_labels, ref_labels, lobe_map, voxel_volume_ml=voxel_volume_ml(pred_vol.geometry))
+    if out is not None:
+        with _output_dir(out, [p for p in (pred, ref, lobes) if p]) as stage:
+            write_json(result, stage / "evaluation.json")
     return result

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..errors import input_error
 from ..metrics import agreement, dice
 from .mri_network import SEQUENCE_NAMES, SEQUENCES
 from .stats import prm_statistics
@@ -222,3 +223,54 @@ def format_ablation_table(rows: Sequence[dict]) -> str:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)) for r in body]
     return "\n".join(lines) + "\n* p < 0.05\n"
+
+
+@dataclass
+class AblationResult:
+    """``prm ablation``: the cohort evaluation with every input and the Table-1 rows.
+
+    ``table`` is the plain-text Table 1; ``model`` the model label; ``trained_on_phantoms`` from its card.
+    """
+
+    rows: list
+    evaluation: CohortEvaluation
+    model: str
+    trained_on_phantoms: bool
+    table: str
+
+    def save(self, folder: str | Path, inputs: Sequence[str | Path] = ()) -> Path:
+        """Write ``ablation.csv``, ``ablation.txt``, ``evaluation.json``, ``per_subject.csv`` and ``figures/``
+        into ``folder`` atomically."""
+        from ..io import write_json
+        from .pipeline import _output_dir
+
+        with _output_dir(folder, inputs) as stage:
+            write_ablation_csv(self.rows, stage / "ablation.csv")
+            (stage / "ablation.txt").write_text(self.table)
+            write_json({"model": self.model, "trained_on_phantoms": self.trained_on_phantoms,
+                        "subjects": self.evaluation.subjects, "summary": self.evaluation.summary},
+                       stage / "evaluation.json")
+            rows_case = self.evaluation.rows()
+            with (stage / "per_subject.csv").open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(rows_case[0]))
+                writer.writeheader()
+                writer.writerows(rows_case)
+            evaluation_figures(self.evaluation, stage / "figures")
+        return Path(folder)
+
+
+def run_ablation(cohort: str | Path, model: str | Path, split: str = "test", device: str = "auto",
+                 progress=None) -> AblationResult:
+    """The paper's evaluation (every input) and Table-1 ablation of a trained model on one cohort split."""
+    from ..progress import as_progress
+    from .mri_training import load_prm_model, load_split
+
+    report = as_progress(progress)
+    cases = load_split(cohort, split)
+    net, card = load_prm_model(model)
+    evaluation = evaluate_cohort(cases, net, card, device=device, progress=report.sub(0.0, 0.2))
+    if not evaluation.subjects:
+        raise input_error(cohort, f"no subject of split '{split}' has a sequence the model can use")
+    rows = ablation(cases, net, card, device=device, progress=report.sub(0.2, 1.0))
+    return AblationResult(rows, evaluation, str(card.get("architecture", {}).get("name")),
+                          bool(card.get("trained_on_phantoms")), format_ablation_table(rows))

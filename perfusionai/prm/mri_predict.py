@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 
-from ..errors import input_error
+from ..errors import ParameterError
 from ..nn import choose_device, fold_batchnorm, model_label, set_threads
 from ..progress import ProgressCallback, as_progress
 from .mri_network import CLASS_LABELS, SEQUENCE_NAMES, SEQUENCES, prepare_inputs
@@ -51,22 +51,21 @@ def check_sequences(volumes: Mapping[str, Optional[np.ndarray]], card: dict, lun
     """Validate the given sequences against the model card; returns the names used."""
     unknown = [k for k, v in volumes.items() if v is not None and k not in SEQUENCES]
     if unknown:
-        raise input_error(unknown[0], f"unknown sequence; the network takes {', '.join(SEQUENCES)}")
+        raise ParameterError(unknown[0], f"unknown sequence; the network takes {', '.join(SEQUENCES)}")
     given = [s for s in SEQUENCES if volumes.get(s) is not None]
     if not given:
-        raise input_error("--vibe", "no MRI sequence given; give at least one of --vibe, --post-vibe, "
-                                    "--irmax, --pbf")
+        raise ParameterError("vibe", "no MRI sequence given; give at least one of vibe, post_vibe, irmax, pbf")
     trained_with = card.get("inputs", {}).get("trained_with", list(SEQUENCES))
     not_trained = [s for s in given if s not in trained_with]
     if not_trained:
         names = ", ".join(SEQUENCE_NAMES[s] for s in not_trained)
-        raise input_error(f"--{not_trained[0].replace('_', '-')}",
-                          f"the model was trained with {', '.join(SEQUENCE_NAMES[s] for s in trained_with)} "
-                          f"only; it cannot use {names} (leave it out)")
+        raise ParameterError(not_trained[0],
+                             f"the model was trained with {', '.join(SEQUENCE_NAMES[s] for s in trained_with)} "
+                             f"only; it cannot use {names} (leave it out)")
     for s in given:
         if np.shape(volumes[s]) != tuple(lung_shape):
-            raise input_error(f"--{s.replace('_', '-')}", f"{SEQUENCE_NAMES[s]} has shape {np.shape(volumes[s])}, "
-                                                          f"the lung mask {tuple(lung_shape)}")
+            raise ParameterError(s, f"{SEQUENCE_NAMES[s]} has shape {np.shape(volumes[s])}, "
+                                    f"the lung mask {tuple(lung_shape)}")
     return given
 
 
@@ -89,7 +88,7 @@ def predict_prm_mri(volumes: Mapping[str, Optional[np.ndarray]], lung_mask: np.n
     report = as_progress(progress)
     lung = np.asarray(lung_mask) != 0
     if not lung.any():
-        raise input_error("--lung-mask", "the lung mask is empty")
+        raise ParameterError("lung_mask", "the lung mask is empty")
     used = check_sequences(volumes, card, lung.shape)
     shape = tuple(int(s) for s in card["inputs"]["shape"])
     report(0.05, "normalising inputs")

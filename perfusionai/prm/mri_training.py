@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import input_error
+from ..errors import ParameterError, input_error
 from ..io import Geometry, check_same_grid, read_labels, read_volume
 from ..nn import TensorBatchLoader, build_model, choose_device, fit, load_model, save_model, seed_everything, set_threads
 from ..progress import ProgressCallback, as_progress
@@ -31,7 +31,6 @@ from .mri_losses import DEFAULT_BLUR_SIZE, DEFAULT_WEIGHTS, prm_loss
 from .mri_network import ARCHITECTURE_NAME, DEFAULT_SHAPE, SEQUENCES, crop_labels, prepare_inputs
 
 COHORT_COLUMNS = ("subject", "split", "vibe", "post_vibe", "irmax", "pbf", "lung_mask", "lobes", "prm")
-from ..phantoms import PHANTOM_COHORT_MARKER as PHANTOM_MARKER  # noqa: E402
 NORMALISATION = ("per sequence: clip to [0, 2 x P99 inside the lung mask], map to [-1, 1]; "
                  "outside the lung -1")
 
@@ -146,8 +145,22 @@ def load_case(row: dict) -> MRICase:
 
 
 def is_phantom_cohort(csv_path: str | Path) -> bool:
-    """True when the cohort folder carries the marker written for phantom cohorts."""
-    return (Path(csv_path).parent / PHANTOM_MARKER).is_file()
+    """True when the cohort folder carries the marker written for phantom cohorts
+    (:func:`perfusionai.phantoms.is_phantom_cohort`)."""
+    from ..phantoms import is_phantom_cohort as marked
+
+    return marked(csv_path)
+
+
+def load_split(cohort: str | Path, split: str = "all", need_prm: bool = True) -> list[MRICase]:
+    """The cases of one split (``train``, ``val``, ``test`` or ``all``) of a cohort CSV, read."""
+    if split not in ("train", "val", "test", "all"):
+        raise ParameterError("split", f"must be train, val, test or all, got {split!r}")
+    rows = read_cohort(cohort, need_prm=need_prm)
+    chosen = [r for r in rows if split == "all" or r["split"] == split]
+    if not chosen:
+        raise input_error(cohort, f"no subject in split '{split}'")
+    return [load_case(r) for r in chosen]
 
 
 @dataclass
@@ -213,7 +226,7 @@ def train_prm_network(train_cases: Sequence[MRICase], val_cases: Sequence[MRICas
     """
     cfg = config or PRMTrainingConfig()
     if not train_cases:
-        raise input_error("cohort", "no training subject (split 'train')")
+        raise ParameterError("cohort", "no training subject (split 'train')")
     for case in list(train_cases) + list(val_cases):
         if case.prm is None:
             raise input_error(case.subject, "no reference PRM for training")
@@ -221,8 +234,8 @@ def train_prm_network(train_cases: Sequence[MRICase], val_cases: Sequence[MRICas
     present = [s for s in SEQUENCES if any(c.sequences.get(s) is not None for c in train_cases)]
     used = [s for s in present if cfg.sequences is None or s in cfg.sequences]
     if not used:
-        raise input_error("--sequences", f"none of {list(cfg.sequences or [])} is present in the training set "
-                                         f"(present: {present})")
+        raise ParameterError("sequences", f"none of {list(cfg.sequences or [])} is present in the training set "
+                                          f"(present: {present})")
     set_threads()
     generator = seed_everything(cfg.seed)
     device = choose_device(cfg.device)
@@ -274,6 +287,26 @@ def train_prm_network(train_cases: Sequence[MRICase], val_cases: Sequence[MRICas
         "history": history.to_dict(),
     }
     return model, card, history.to_dict()
+
+
+def train_from_cohort(cohort: str | Path, out: str | Path, config: Optional[PRMTrainingConfig] = None,
+                      trained_on_phantoms: bool = False, progress: Optional[ProgressCallback] = None
+                      ) -> tuple[Path, dict, dict]:
+    """``prm train``: train on the ``train`` rows of a cohort CSV (validate on ``val``) and write the model.
+
+    A cohort written by a phantom generator (its folder carries the phantom marker) is labelled
+    "trained on phantoms" in the model card whatever ``trained_on_phantoms`` says.
+    Returns ``(model path, card, history)``.
+    """
+    rows = read_cohort(cohort)
+    train = [load_case(r) for r in rows if r["split"] == "train"]
+    val = [load_case(r) for r in rows if r["split"] == "val"]
+    phantom = bool(trained_on_phantoms or is_phantom_cohort(cohort))
+    model, card, history = train_prm_network(train, val, config, progress, trained_on_phantoms=phantom,
+                                             training_data=f"cohort {Path(cohort).name}: {len(train)} train, "
+                                                           f"{len(val)} validation subjects"
+                                                           + (" (phantoms)" if phantom else ""))
+    return save_prm_model(out, model, card), card, history
 
 
 def save_prm_model(path: str | Path, model: torch.nn.Module, card: dict) -> Path:

@@ -58,7 +58,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..errors import PerfusionAIError
+from ..errors import ParameterError
 from ..io import Geometry
 from ..metrics import dice
 from ..progress import ProgressCallback, as_progress
@@ -88,15 +88,16 @@ class RegistrationOptions:
 
     def validate(self) -> None:
         if self.direction not in DIRECTIONS:
-            raise PerfusionAIError(f"--direction: must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
+            raise ParameterError("direction", f"must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
         if int(self.threads) < 1:
-            raise PerfusionAIError(f"--threads: must be at least 1, got {self.threads}")
+            raise ParameterError("threads", f"must be at least 1, got {self.threads}")
         if self.registration_spacing_mm <= 0:
-            raise PerfusionAIError("--registration-spacing: must be positive (mm)")
+            raise ParameterError("registration_spacing", "must be positive (mm)")
         if not self.syn_iterations or any(int(v) < 0 for v in self.syn_iterations):
-            raise PerfusionAIError("--syn-iterations: give non-negative iterations per level, coarse to fine")
+            raise ParameterError("syn_iterations", "give non-negative iterations per level, coarse to fine")
         if not (len(self.affine_iterations) == len(self.affine_shrink_factors) == len(self.affine_smoothing_sigmas)):
-            raise PerfusionAIError("affine iterations, shrink factors and smoothing sigmas need one value per level")
+            raise ParameterError("affine_iterations", "affine iterations, shrink factors and smoothing sigmas "
+                                                      "need one value per level")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,13 +114,13 @@ RECIPES = {
 def registration_recipe(quality: str = "fast", **overrides) -> RegistrationOptions:
     """:class:`RegistrationOptions` of the named recipe (``fast`` or ``accurate``), with ``overrides``."""
     if quality not in RECIPES:
-        raise PerfusionAIError(f"--registration-quality: must be one of {', '.join(RECIPES)}, got {quality!r}")
+        raise ParameterError("registration_quality", f"must be one of {', '.join(RECIPES)}, got {quality!r}")
     return RegistrationOptions(**{**RECIPES[quality], **overrides})
 
 
 @dataclass
 class RegistrationResult:
-    """Moving image and lung mask warped onto the fixed grid, and the transforms.
+    """Moving image and lung mask warped onto the fixed grid, and the transforms (held in memory).
 
     Attributes
     ----------
@@ -128,10 +129,13 @@ class RegistrationResult:
     warped_lung
         ``[k, j, i]`` uint8 moving lung labels on the fixed grid (None when not given).
     forward_transforms
-        Transform files mapping fixed-space points to moving space (ANTs order for
+        Names of the transforms mapping fixed-space points to moving space (ANTs order for
         ``apply_transforms``): warp the moving image onto the fixed grid with them.
     inverse_transforms
-        Transform files for the opposite direction (with ``whichtoinvert`` as ANTs returns them).
+        Names of the transforms for the opposite direction (ANTs order).
+    transform_data
+        ``{name: file content}`` of every transform: ANTs writes them to a temporary folder that
+        :func:`register_ct` reads back and removes, so nothing on disk outlives the call.
     lung_dice_before, lung_dice_after
         Dice of the fixed lung mask with the moving lung mask before (same physical
         positions, resampled) and after registration; None without a moving lung mask.
@@ -141,24 +145,23 @@ class RegistrationResult:
     warped_lung: Optional[np.ndarray]
     forward_transforms: list[str]
     inverse_transforms: list[str]
-    workdir: Path
+    transform_data: dict = field(default_factory=dict, repr=False)
     lung_dice_before: Optional[float] = None
     lung_dice_after: Optional[float] = None
     info: dict = field(default_factory=dict)
 
     def save_transforms(self, out_dir: Path, prefix: str = "exp_to_insp_") -> list[str]:
-        """Copy the transform files into ``out_dir``; returns the new file names."""
+        """Write the transform files into ``out_dir`` as ``prefix + name``; returns the file names."""
         names = []
-        for src in dict.fromkeys(self.forward_transforms + self.inverse_transforms):
-            if not Path(src).exists():
+        for name in dict.fromkeys(self.forward_transforms + self.inverse_transforms):
+            if name not in self.transform_data:
                 continue
-            name = prefix + Path(src).name.split("_reg_", 1)[-1]
-            shutil.copyfile(src, out_dir / name)
-            names.append(name)
+            (Path(out_dir) / (prefix + name)).write_bytes(self.transform_data[name])
+            names.append(prefix + name)
         return names
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        """Nothing to clean up (the transforms are in memory); kept for older callers."""
 
 
 _ANTS = None
@@ -169,12 +172,9 @@ def _import_ants(threads: int):
     global _ANTS
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(threads))
     if _ANTS is None:
-        try:
-            import ants  # noqa: WPS433 (optional heavy dependency, imported on first use)
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise PerfusionAIError("registration needs the ANTsPy package: pip install antspyx "
-                                   f"(or run with --no-registration) ({exc})") from None
-        _ANTS = ants
+        from ..deps import require
+
+        _ANTS = require("ants", "CT PRM registration (or run without registration on aligned scans)")
     return _ANTS
 
 
@@ -277,7 +277,7 @@ def register_ct(
     Returns
     -------
     RegistrationResult
-        Call :meth:`RegistrationResult.cleanup` when its transform files are no longer needed.
+        With the transforms in memory (the temporary ANTs folder is removed before returning).
     """
     opts = options or RegistrationOptions()
     opts.validate()
@@ -337,28 +337,46 @@ def register_ct(
             dice_before = dice(np.asarray(fixed_lung) > 0, np.asarray(from_ants(unmoved)) > 0)
             dice_after = dice(np.asarray(fixed_lung) > 0, warped_lung > 0)
         prog(1.0, "registration done")
+        data = {}
+        for path in dict.fromkeys(list(reg["fwdtransforms"]) + list(reg["invtransforms"])):
+            if Path(path).is_file():
+                data[_transform_name(path)] = Path(path).read_bytes()
         return RegistrationResult(
             warped=warped_arr, warped_lung=warped_lung,
-            forward_transforms=list(reg["fwdtransforms"]), inverse_transforms=list(reg["invtransforms"]),
-            workdir=workdir, lung_dice_before=dice_before, lung_dice_after=dice_after,
+            forward_transforms=[_transform_name(p) for p in reg["fwdtransforms"]],
+            inverse_transforms=[_transform_name(p) for p in reg["invtransforms"]],
+            transform_data=data, lung_dice_before=dice_before, lung_dice_after=dice_after,
             info={"registration_grid_spacing_mm": list(fixed_img.spacing),
                   "registration_grid_shape_xyz": list(fixed_img.shape)},
         )
-    except BaseException:
+    finally:
         shutil.rmtree(workdir, ignore_errors=True)
-        raise
 
 
-def transform_points(points_lps: np.ndarray, transforms: Sequence[str],
-                     whichtoinvert: Optional[Sequence[bool]] = None) -> np.ndarray:
-    """Map LPS points (``(n, 3)`` mm) with ANTs transform files.
+def _transform_name(path: str) -> str:
+    """``.../prm_reg_0GenericAffine.mat`` -> ``0GenericAffine.mat``."""
+    return Path(path).name.split("_reg_", 1)[-1]
 
-    With a registration's ``forward_transforms`` this maps fixed-space points to their
+
+def transform_points(points_lps: np.ndarray, transforms, whichtoinvert: Optional[Sequence[bool]] = None
+                     ) -> np.ndarray:
+    """Map LPS points (``(n, 3)`` mm) with ANTs transforms.
+
+    ``transforms`` is a :class:`RegistrationResult` (its ``forward_transforms``) or a list of ANTs
+    transform files. With a registration's forward transforms this maps fixed-space points to their
     corresponding moving-space positions (ANTs point convention: opposite to images).
     """
     import pandas as pd  # ANTsPy depends on pandas
 
     ants = _import_ants(int(os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2")))
     pts = pd.DataFrame(np.asarray(points_lps, dtype=float), columns=["x", "y", "z"])
-    out = ants.apply_transforms_to_points(3, pts, list(transforms), whichtoinvert=whichtoinvert)
+    if isinstance(transforms, RegistrationResult):
+        with tempfile.TemporaryDirectory(prefix="perfusionai_prm_tx_") as tmp:
+            files = []
+            for name in transforms.forward_transforms:
+                files.append(str(Path(tmp) / name))
+                Path(files[-1]).write_bytes(transforms.transform_data[name])
+            out = ants.apply_transforms_to_points(3, pts, files, whichtoinvert=whichtoinvert)
+    else:
+        out = ants.apply_transforms_to_points(3, pts, list(transforms), whichtoinvert=whichtoinvert)
     return out[["x", "y", "z"]].to_numpy()
