@@ -69,15 +69,23 @@ def test_phae_model_file_round_trip_and_refusals(tmp_path):
         assert torch.equal(value, loaded.state_dict()[key])
     conc, aif, t, mask = _series()
 
-    class Options:
-        model_path = str(tmp_path / "phae.zip")
-        kh = rho = 1.0
-        device = "cpu"
+    import dataclasses
+
+    from perfusionai.dsc import DSCOptions
+
+    @dataclasses.dataclass
+    class Options(DSCOptions):  # the typed options, with a mutable model_path for the cases below
+        model_path: str = str(tmp_path / "phae.zip")
+        kh: float = 1.0
+        rho: float = 1.0
+        device: str = "cpu"
 
     out = compute_learned_maps("phae", conc, aif, t, mask, Options())
-    assert set(out) >= {"cbv", "cbf", "mtt", "notes", "label"} and "tmax" not in out
-    assert out["notes"][0] == "trained on phantoms" and out["label"].endswith("(trained on phantoms)")
-    assert np.allclose(out["cbf"], 60 * out["cbv"] / out["mtt"], rtol=1e-4)
+    # maps apart from the notes, label and model card (typed result)
+    assert set(out.maps) >= {"cbv", "cbf", "mtt"} and "tmax" not in out.maps
+    assert out.notes[0] == "trained on phantoms" and out.label.endswith("(trained on phantoms)")
+    assert out.trained_on_phantoms
+    assert np.allclose(out.maps["cbf"], 60 * out.maps["cbv"] / out.maps["mtt"], rtol=1e-4)
     # wrong input length: the model was trained on 30 frames
     conc40, aif40, t40, _ = _series(40)
     with pytest.raises(PerfusionAIError, match=r"phae\.zip.*30 frames.*40"):
@@ -86,27 +94,27 @@ def test_phae_model_file_round_trip_and_refusals(tmp_path):
     save_model(tmp_path / "tmax", build_model("dsc.tmaxnet.conv2", n_frames=30),
                {"inputs": {"n_frames": 30, "frame_interval_s": 1.0, "aif_peak_frame": 8},
                 "training_data": "unit test", "trained_on_phantoms": False})
-    Options.model_path = str(tmp_path / "tmax")
+    tmax_options = Options(model_path=str(tmp_path / "tmax"))
     with pytest.raises(PerfusionAIError, match=r"model\.json.*'dsc\.tmaxnet\.conv2' network.*'dsc\.phae'"):
-        compute_learned_maps("phae", conc, aif, t, mask, Options())
+        compute_learned_maps("phae", conc, aif, t, mask, tmax_options)
     # the Tmax network itself applies, and refuses a 40-frame series
-    tmax = compute_learned_maps("tmax-net", conc, aif, t, mask, Options())
-    assert set(tmax) >= {"tmax", "notes"} and "cbf" not in tmax and tmax["tmax"].shape == mask.shape
-    assert "trained on phantoms" not in tmax["notes"]
+    tmax = compute_learned_maps("tmax-net", conc, aif, t, mask, tmax_options)
+    assert set(tmax.maps) == {"tmax"} and tmax.maps["tmax"].shape == mask.shape
+    assert "trained on phantoms" not in tmax.notes
     with pytest.raises(PerfusionAIError, match="30 frames"):
-        compute_learned_maps("tmax-net", conc40, aif40, t40, mask, Options())
+        compute_learned_maps("tmax-net", conc40, aif40, t40, mask, tmax_options)
     # tampered weights
     weights = tmp_path / "tmax" / "weights.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(PerfusionAIError, match="sha256"):
-        compute_learned_maps("tmax-net", conc, aif, t, mask, Options())
+        compute_learned_maps("tmax-net", conc, aif, t, mask, tmax_options)
 
 
 def test_tmax_net_without_model_is_a_clear_error():
     conc, aif, t, mask = _series()
-    with pytest.raises(PerfusionAIError, match="--model.*train-tmax"):
+    with pytest.raises(PerfusionAIError, match="^model_path: .*train-tmax"):
         compute_learned_maps("tmax-net", conc, aif, t, mask, None)
 
 
