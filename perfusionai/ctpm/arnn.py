@@ -195,7 +195,20 @@ class ARNN(nn.Module):
 @register_architecture(ARCHITECTURE)
 def build_arnn(**hparams) -> ARNN:
     """Builder used by the model registry (``architecture = "ctpm.arnn"``)."""
+    _check_sizes(hparams)
     return ARNN(**hparams)
+
+
+def _check_sizes(hparams: dict) -> None:
+    """Refuse channel counts and kernel sizes that are not positive whole numbers (ValueError)."""
+    channels = hparams.get("channels", (16, 32, 64, 128))
+    if not isinstance(channels, (list, tuple)) or not channels or any(
+            isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in channels):
+        raise ValueError(f"channels must be positive whole numbers, got {channels!r}")
+    for key in ("kernel_size", "in_channels", "roi_channels"):
+        value = hparams.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key} must be a positive whole number, got {value!r}")
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -258,6 +271,7 @@ class AttentionUNet(nn.Module):
 @register_architecture(ATTENTION_UNET)
 def build_attention_unet(**hparams) -> AttentionUNet:
     """Builder used by the model registry (``architecture = "ctpm.attention_unet"``)."""
+    _check_sizes(hparams)
     return AttentionUNet(**hparams)
 
 

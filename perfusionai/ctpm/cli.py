@@ -2,8 +2,10 @@
 
 Verbs: ``train`` (cohort CSV -> model folder), ``predict`` (CT -> perfusion map
 and high/low functional lung on the CT grid), ``evaluate`` (prediction vs
-SPECT -> JSON with the pinned Spearman R, SSIM, Dice high/low), ``phantoms``
-(write a synthetic cohort to try the tool on).
+SPECT -> JSON with the pinned Spearman R, SSIM, Dice high/low), ``phantom``
+(write a synthetic cohort to try the tool on; ``phantoms`` is a hidden alias).
+Handlers are thin: ``predict`` is :class:`perfusionai.ctpm.CTPMPredictJob`, the others call
+one library function each.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import json
 import sys
 
 from ..cli_common import add_common_options, make_progress, positive_float, positive_int
+from .jobs import CTPMPredictJob
 
 
 def _shape(text: str) -> tuple[int, int, int]:
+    """The hidden ``--input-shape K,J,I`` form."""
     try:
         values = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
@@ -23,6 +27,22 @@ def _shape(text: str) -> tuple[int, int, int]:
     if len(values) != 3 or any(v <= 0 or v % 8 for v in values):
         raise argparse.ArgumentTypeError(f"expected three sizes divisible by 8 (e.g. 128,64,64), got {text!r}")
     return values
+
+
+def _size8(text: str) -> int:
+    """One size of ``--shape K J I``: a positive whole number divisible by 8."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0 or value % 8:
+        raise argparse.ArgumentTypeError(f"sizes must be positive and divisible by 8 (e.g. 128 64 64), got {value}")
+    return value
+
+
+class _ShapeAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, tuple(values))
 
 
 def _channels(text: str) -> tuple[int, ...]:
@@ -48,12 +68,18 @@ def register(subparsers) -> None:
         description="Train the ARNN. Each patient's lungs are separated, cropped and resampled to the input "
                     "size, the CT enhanced (Eq. 1) and the SPECT normalised by its 75th percentile in the lung "
                     "and discretised into 11 levels (Eq. 2). Writes a model folder (weights.safetensors + "
-                    "model.json) or a .zip.")
+                    "model.json) or a .zip. The paper's defaults (500 epochs, 128x64x64, 16-128 channels) take "
+                    "hours on a CPU; the run prints its time estimate first. Quick CPU recipe (about a minute "
+                    "for 6 phantoms): --shape 32 16 16 --channels 8,16,32,64 --median-size 3 --uniform-size 1 "
+                    "--epochs 20 --learning-rate 3e-3.")
     train.add_argument("--cohort", required=True, help="CSV with columns ct, spect[, lung_mask] (paths relative "
                                                         "to the CSV's folder); SPECTs registered to their CTs")
     train.add_argument("--out", required=True, help="model folder or .zip to write")
-    train.add_argument("--input-shape", type=_shape, default=(128, 64, 64),
-                       help="lung crop size K,J,I (head-feet, back-front, left-right); paper 128,64,64")
+    train.add_argument("--shape", nargs=3, type=_size8, action=_ShapeAction, dest="input_shape",
+                       default=(128, 64, 64), metavar=("K", "J", "I"),
+                       help="lung crop size K J I (head-feet, back-front, left-right), each divisible by 8; "
+                            "paper 128 64 64")
+    train.add_argument("--input-shape", type=_shape, dest="input_shape", help=argparse.SUPPRESS)
     train.add_argument("--median-size", type=positive_int, default=10, help="median filter window (voxels; 10)")
     train.add_argument("--uniform-size", type=positive_int, default=5, help="uniform filter window (voxels; 5)")
     train.add_argument("--channels", type=_channels, default=(16, 32, 64, 128),
@@ -63,7 +89,9 @@ def register(subparsers) -> None:
                        help="arnn: the paper's attention residual network (default); attention-unet: MONAI's "
                             "attention U-Net as a baseline (needs the monai package)")
     train.add_argument("--epochs", type=positive_int, default=500, help="maximum epochs (500, as the paper)")
-    train.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (1e-3)")
+    train.add_argument("--learning-rate", type=positive_float, default=1e-3, dest="learning_rate",
+                       help="Adam learning rate (1e-3)")
+    train.add_argument("--lr", type=positive_float, dest="learning_rate", help=argparse.SUPPRESS)
     train.add_argument("--batch-size", type=positive_int, default=2, help="lungs per batch (2)")
     split = train.add_mutually_exclusive_group()
     split.add_argument("--val-fraction", type=float, default=0.25,
@@ -76,7 +104,8 @@ def register(subparsers) -> None:
     train.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     train.add_argument("--trained-on-phantoms", action="store_true",
                        help="label the model 'trained on phantoms' (automatic for cohorts written by "
-                            "'perfusionai ctpm phantoms')")
+                            "'perfusionai ctpm phantom')")
+    train.add_argument("--phantom-data", action="store_true", dest="trained_on_phantoms", help=argparse.SUPPRESS)
     add_common_options(train)
     train.set_defaults(handler=run_train)
 
@@ -93,7 +122,7 @@ def register(subparsers) -> None:
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     add_common_options(predict)
-    predict.set_defaults(handler=run_predict)
+    predict.set_defaults(handler=run_predict, job_class=CTPMPredictJob)
 
     evaluate = verbs.add_parser(
         "evaluate", help="compare a predicted map with a SPECT: JSON with spearman, ssim, dice_high, dice_low",
@@ -109,20 +138,26 @@ def register(subparsers) -> None:
                                "cases.csv, summary.json and boxplots.png (as the paper's Fig. 4 and 6) to --out")
     evaluate.add_argument("--grid", choices=("spect", "prediction"), default="spect",
                           help="grid to compare on: the SPECT's (default, as the paper) or the prediction's")
-    evaluate.add_argument("--out", default=None, help="also write the JSON to this file (a folder with --cohort)")
+    evaluate.add_argument("--out", default=None,
+                          help="also write the JSON to this file (into FOLDER/evaluation.json when it is an "
+                               "existing folder; the output folder with --cohort). Metrics that are undefined for "
+                               "the inputs (e.g. Spearman R of a constant map) are written as null, with the reason "
+                               "under 'undefined'")
     add_common_options(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
 
-    phantoms = verbs.add_parser(
-        "phantoms", aliases=["phantom"], help="write a synthetic CT/SPECT cohort with cohort.csv (alias: phantom)",
-        description="Chest CT phantoms with paired SPECT-like perfusion (gravity gradient, emphysema, dense "
-                    "lung, vascular defects, 4.42 mm SPECT voxels, blur and Poisson noise).")
-    phantoms.add_argument("--out", required=True, help="output folder")
-    phantoms.add_argument("--n", type=positive_int, default=8, help="number of patients (8)")
-    phantoms.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    phantoms.add_argument("--spacing", type=positive_float, default=3.0, help="CT voxel size in mm (3)")
-    add_common_options(phantoms)
-    phantoms.set_defaults(handler=run_phantoms)
+    description = ("Chest CT phantoms with paired SPECT-like perfusion (gravity gradient, emphysema, dense "
+                   "lung, vascular defects, 4.42 mm SPECT voxels, blur and Poisson noise), with cohort.csv.")
+    phantom = verbs.add_parser("phantom", help="write a synthetic CT/SPECT cohort with cohort.csv",
+                               description=description)
+    hidden = verbs.add_parser("phantoms", description=description)  # old name, not listed (no help entry)
+    for parser in (phantom, hidden):
+        parser.add_argument("--out", required=True, help="output folder")
+        parser.add_argument("--n", type=positive_int, default=8, help="number of patients (8)")
+        parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
+        parser.add_argument("--spacing", type=positive_float, default=3.0, help="CT voxel size in mm (3)")
+        add_common_options(parser)
+        parser.set_defaults(handler=run_phantoms)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -130,19 +165,16 @@ def run_train(args: argparse.Namespace) -> int:
     from .preprocessing import PreprocessConfig
     from .training import train_from_cohort
 
-    if not 0.0 <= args.val_fraction < 1.0:
-        from ..errors import input_error
-
-        raise input_error("--val-fraction", f"must be in [0, 1), got {args.val_fraction}")
-    config = PreprocessConfig(input_shape=args.input_shape, median_size=args.median_size,
+    config = PreprocessConfig(input_shape=tuple(args.input_shape), median_size=args.median_size,
                               uniform_size=args.uniform_size)
     result = train_from_cohort(
         args.cohort, args.out, config=config, trained_on_phantoms=True if args.trained_on_phantoms else None,
-        channels=args.channels, kernel_size=args.kernel_size, epochs=args.epochs, lr=args.lr,
+        channels=args.channels, kernel_size=args.kernel_size, epochs=args.epochs, lr=args.learning_rate,
         batch_size=args.batch_size, val_fraction=args.val_fraction, folds=args.folds, patience=args.patience,
         seed=args.seed, device=args.device, architecture=ARCHITECTURES[args.architecture],
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
-        progress=make_progress(args, "ctpm train"))
+        progress=make_progress(args, "ctpm train"),
+        announce=lambda message: print(f"perfusionai: {message}", file=sys.stderr, flush=True))
     training = result.card["training"]
     print(json.dumps({"model": str(args.out), "parameters": training["parameters"],
                       "epochs_run": training["epochs_run"], "best_epoch": training["best_epoch"],
@@ -152,37 +184,27 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from .predict import predict_files
-
-    summary = predict_files(args.ct, args.model, args.out, args.lung_mask, device=args.device,
-                            progress=make_progress(args, "ctpm predict"))
-    both = summary["volumes"]["both"]
-    print(f"model: {summary['model']['label']}")
+    job = CTPMPredictJob.from_namespace(args)
+    result = job.run(make_progress(args, "ctpm predict"))
+    both = result.volumes["both"]
+    print(f"model: {result.model_label}")
     print(f"lung {both['lung_ml']:.0f} mL: high function {both['high_function_ml']:.0f} mL, "
-          f"low function {both['low_function_ml']:.0f} mL; written to {args.out}")
+          f"low function {both['low_function_ml']:.0f} mL; written to {job.out}")
     return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from ..errors import input_error
-    from ..io import write_json
-    from .evaluation import evaluate_cohort, evaluate_files
+    from .evaluation import evaluate_command
 
-    if args.cohort:
-        if not args.out:
-            raise input_error("--out", "--cohort needs an output folder (--out DIR)")
-        summary = evaluate_cohort(args.cohort, args.out, grid=args.grid)
-        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
-        return 0
+    if args.cohort and not args.out:
+        raise input_error("--out", "--cohort needs an output folder (--out DIR)")
     missing = [name for name, value in (("--pred", args.pred), ("--spect", args.spect),
                                         ("--lung-mask", args.lung_mask)) if not value]
-    if missing:
+    if not args.cohort and missing:
         raise input_error(missing[0], f"{', '.join(missing)} required (or --cohort CSV --out DIR)")
-    result = evaluate_files(args.pred, args.spect, args.lung_mask, grid=args.grid)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        write_json(result, args.out)
-    sys.stdout.write(text + "\n")
+    result = evaluate_command(args.pred, args.spect, args.lung_mask, cohort=args.cohort, out=args.out, grid=args.grid)
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .. import metrics
-from ..errors import input_error
+from ..errors import ParameterError, input_error
 from ..io import Geometry, read_labels, read_volume
 from .preprocessing import coverage, normalise_spect, resample_onto
 
@@ -88,7 +88,7 @@ def align_for_evaluation(prediction: np.ndarray, prediction_geometry: Geometry, 
     """
     lung_pred_grid = np.asarray(lung_mask) > 0
     if grid not in ("spect", "prediction"):
-        raise input_error("--grid", f"must be 'spect' or 'prediction', got {grid!r}")
+        raise ParameterError("grid", f"must be 'spect' or 'prediction', got {grid!r}")
     covered = coverage(spect_geometry, prediction_geometry, lung_pred_grid)
     if covered < MIN_SPECT_COVERAGE:
         raise input_error(spect_name, f"covers only {100 * covered:.0f} % of the lung (at least "
@@ -226,6 +226,64 @@ def evaluate_cohort(cohort_csv: str | os.PathLike, out_dir: str | os.PathLike, g
             writer = csv.DictWriter(fh, fieldnames=list(cases[0]))
             writer.writeheader()
             writer.writerows(cases)
-        write_json(summary, stage / "summary.json")
+        write_json(json_safe(summary), stage / "summary.json")
         cohort_box_plots(groups, stage / "boxplots.png")
     return summary
+
+
+#: Why a metric can be undefined (written as null in JSON, never NaN).
+UNDEFINED_REASONS = {
+    "spearman": "the prediction or the SPECT is constant over the lung, so the rank correlation is undefined",
+    "ssim": "SSIM is undefined for these maps",
+    "dice_high": "neither map has high-function voxels (>= 0.66) in the lung",
+    "dice_low": "neither map has low-function voxels (< 0.66) in the lung",
+}
+
+
+def json_safe(result: dict) -> dict:
+    """A copy of ``result`` with every non-finite number replaced by None (valid, strict JSON) and an
+    ``"undefined"`` entry saying why each such metric has no value."""
+    out, undefined = {}, {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            out[key] = json_safe(value)
+        elif isinstance(value, (float, np.floating)) and not np.isfinite(value):
+            out[key] = None
+            undefined[key] = UNDEFINED_REASONS.get(key, "not defined for these inputs")
+        else:
+            out[key] = value
+    if undefined:
+        out["undefined"] = undefined
+    return out
+
+
+def evaluate_command(pred=None, spect=None, lung_mask=None, cohort=None, out=None, grid: str = "spect") -> dict:
+    """``perfusionai ctpm evaluate``: one case (``pred``, ``spect``, ``lung_mask``) or a ``cohort`` CSV.
+
+    One case: returns the metrics (non-finite values as None, see :func:`json_safe`) and, with
+    ``out``, writes them as JSON to that file (to ``out/evaluation.json`` when ``out`` is an existing
+    folder). A cohort: :func:`evaluate_cohort` into the folder ``out`` (required).
+    """
+    from ..errors import ParameterError
+    from ..io import write_json
+
+    if cohort:
+        if not out:
+            raise ParameterError("out", "a cohort evaluation needs an output folder")
+        return json_safe(evaluate_cohort(cohort, out, grid=grid))
+    missing = [name for name, value in (("pred", pred), ("spect", spect), ("lung_mask", lung_mask)) if not value]
+    if missing:
+        raise ParameterError(missing[0], f"required for one case ({', '.join(missing)} missing), or give a cohort CSV "
+                                         f"and an output folder")
+    result = json_safe(evaluate_files(pred, spect, lung_mask, grid=grid))
+    if out:
+        target = Path(out)
+        if target.is_dir():
+            target = target / "evaluation.json"
+        if not target.parent.is_dir():
+            raise input_error(target.parent, "folder for the evaluation JSON does not exist")
+        try:
+            write_json(result, target)
+        except OSError as exc:
+            raise input_error(target, f"cannot write the evaluation JSON ({exc.strerror})") from None
+    return result

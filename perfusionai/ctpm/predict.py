@@ -24,7 +24,6 @@ from scipy import ndimage
 from ..errors import PerfusionAIError, input_error
 from ..io import Geometry, atomic_output_dir, read_labels, read_volume, write_json, write_volume
 from ..progress import as_progress
-from .arnn import ARCHITECTURE, ATTENTION_UNET
 from .evaluation import HIGH_FUNCTION_THRESHOLD
 from .preprocessing import (LEFT_LUNG, RIGHT_LUNG, LungCrop, PreprocessConfig, preprocess_ct, resample_onto,
                             split_lungs, sub_geometry)
@@ -35,13 +34,32 @@ HIGH_FUNCTION_LABEL = 2
 
 @dataclass
 class CTPMModel:
-    """A loaded DL-CTPM network with its card and preprocessing settings."""
+    """A loaded DL-CTPM network with its card and preprocessing settings: load once, predict many CTs.
+
+    >>> model = CTPMModel.load("ctpm_model/")                                 # doctest: +SKIP
+    >>> prediction = model.predict(ct_hu, geometry, lung_mask=labels)         # doctest: +SKIP
+    """
 
     network: object
     card: dict
     config: PreprocessConfig
     label: str
     path: Optional[str] = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device="auto",
+             expected_input_shape: Optional[tuple[int, int, int]] = None) -> "CTPMModel":
+        """:func:`load_ctpm_model` (a model folder or zip; needs torch)."""
+        return load_ctpm_model(path, expected_input_shape=expected_input_shape, device=device)
+
+    @property
+    def trained_on_phantoms(self) -> bool:
+        return bool(self.card.get("trained_on_phantoms", False))
+
+    def predict(self, ct_hu: np.ndarray, geometry: Geometry, lung_mask: Optional[np.ndarray] = None,
+                progress=None) -> "PerfusionPrediction":
+        """:func:`predict_perfusion` of ``ct_hu[k, j, i]`` (HU) on ``geometry`` with this model."""
+        return predict_perfusion(ct_hu, geometry, self, lung_mask, progress=progress)
 
 
 @dataclass
@@ -58,6 +76,10 @@ class PerfusionPrediction:
         uint8: 1 right, 2 left (as used).
     seconds
         Wall time per stage.
+    model_label
+        The model's label (says "trained on phantoms" when its card does).
+    geometry
+        The CT grid (for volumes in mL and for :meth:`save`).
     """
 
     perfusion: np.ndarray
@@ -65,6 +87,21 @@ class PerfusionPrediction:
     lung_labels: np.ndarray
     seconds: dict = field(default_factory=dict)
     model_label: str = ""
+    geometry: Optional[Geometry] = None
+    trained_on_phantoms: bool = False
+
+    @property
+    def function_high_low(self) -> np.ndarray:
+        """uint8 ``[k, j, i]``: 0 outside the lung, 1 low, 2 high function (the written ``function_high_low``)."""
+        return self.high_low
+
+    @property
+    def volumes(self) -> dict:
+        """Per region (``right``, ``left``, ``both``): ``lung_ml``, ``high_function_ml``, ``low_function_ml``
+        and ``mean_perfusion`` (needs :attr:`geometry`)."""
+        if self.geometry is None:
+            raise ValueError("the prediction has no geometry; volumes need the CT's voxel size")
+        return lung_volumes(self, self.geometry)
 
 
 def load_ctpm_model(path: str | os.PathLike, expected_input_shape: Optional[tuple[int, int, int]] = None,
@@ -77,6 +114,8 @@ def load_ctpm_model(path: str | os.PathLike, expected_input_shape: Optional[tupl
     ``expected_input_shape`` is given) a model made for another input size.
     """
     from ..nn import load_model, model_label
+
+    from .arnn import ARCHITECTURE, ATTENTION_UNET  # needs torch, like every network
 
     network, card = load_model(path, expected_architecture=(ARCHITECTURE, ATTENTION_UNET), device=device)
     card_name = Path(path) / "model.json" if Path(path).is_dir() else Path(path)
@@ -171,7 +210,7 @@ def predict_perfusion(ct_hu: np.ndarray, geometry: Geometry, model: CTPMModel,
     """Predict the perfusion map of both lungs of ``ct_hu[k, j, i]`` (HU) on ``geometry``.
 
     ``lung_mask``: labels 1 right / 2 left, lobes 1-6, or binary; None runs
-    :func:`perfusionai.prm.lungmask.segment_lungs`. Raises
+    :func:`perfusionai.lung.segment_lungs`. Raises
     :class:`PerfusionAIError` for a CT without lungs.
     """
     report = as_progress(progress)
@@ -194,17 +233,12 @@ def predict_perfusion(ct_hu: np.ndarray, geometry: Geometry, model: CTPMModel,
     high_low = high_low_labels(perfusion, labels > 0)
     seconds["recombination"] = time.perf_counter() - t0
     report(1.0, "predicted")
-    return PerfusionPrediction(perfusion, high_low, labels, seconds, model.label)
+    return PerfusionPrediction(perfusion, high_low, labels, seconds, model.label, geometry,
+                               bool(model.card.get("trained_on_phantoms", False)))
 
 
-def predict_files(ct_path: str | os.PathLike, model_path: str | os.PathLike, out_dir: str | os.PathLike,
-                  lung_mask_path: Optional[str | os.PathLike] = None, device="auto", progress=None) -> dict:
-    """``perfusionai ctpm predict``: writes ``perfusion.nii.gz``, ``function_high_low.nii.gz``,
-    ``lungs.nii.gz`` and ``summary.json`` into ``out_dir`` (atomically; nothing on error)."""
-    report = as_progress(progress)
-    timings = {}
-    t0 = time.perf_counter()
-    model = load_ctpm_model(model_path, device=device)
+def read_ct(ct_path: str | os.PathLike):
+    """Read a CT in HU (file or DICOM folder) and check it: finite values, air near -1000 HU."""
     ct = read_volume(ct_path, "CT")
     ct_hu = np.asarray(ct.array)
     if not np.issubdtype(ct_hu.dtype, np.number) or not np.all(np.isfinite(ct_hu)):
@@ -212,26 +246,36 @@ def predict_files(ct_path: str | os.PathLike, model_path: str | os.PathLike, out
     if float(ct_hu.min()) > -500:
         raise input_error(ct_path, f"the lowest value is {float(ct_hu.min()):g}; a CT in Hounsfield units "
                                    f"with air near -1000 HU was expected")
-    mask = read_labels(lung_mask_path, ct.geometry, "lung mask") if lung_mask_path else None
-    timings["read"] = time.perf_counter() - t0
-    result = predict_perfusion(ct_hu, ct.geometry, model, mask, progress=report.sub(0.0, 0.9))
-    timings.update(result.seconds)
-    t0 = time.perf_counter()
-    with atomic_output_dir(out_dir) as stage:
-        write_volume(result.perfusion, ct.geometry, stage / "perfusion.nii.gz", dtype=np.float32)
-        write_volume(result.high_low, ct.geometry, stage / "function_high_low.nii.gz", dtype=np.uint8)
-        write_volume(result.lung_labels, ct.geometry, stage / "lungs.nii.gz", dtype=np.uint8)
-        summary = summary_of(result, ct.geometry, model, ct_path, lung_mask_path)
-        timings["write"] = time.perf_counter() - t0
-        summary["seconds"] = {k: round(v, 3) for k, v in timings.items()}
+    return ct
+
+
+def predict_files(ct_path: str | os.PathLike, model_path: str | os.PathLike, out_dir: str | os.PathLike,
+                  lung_mask_path: Optional[str | os.PathLike] = None, device="auto", progress=None) -> dict:
+    """``perfusionai ctpm predict`` (:class:`perfusionai.ctpm.CTPMPredictJob`); returns the summary dict."""
+    from .jobs import CTPMPredictJob
+
+    job = CTPMPredictJob(ct=ct_path, model=model_path, out=out_dir, lung_mask=lung_mask_path, device=device)
+    job.run(progress)
+    import json
+
+    return json.loads((Path(out_dir) / "summary.json").read_text())
+
+
+def write_prediction(result: "PerfusionPrediction", out_dir: str | os.PathLike, summary: dict,
+                     inputs: Optional[list] = None) -> Path:
+    """Write ``perfusion.nii.gz``, ``function_high_low.nii.gz``, ``lungs.nii.gz`` and ``summary.json``
+    into ``out_dir`` atomically; ``inputs`` (files the run read) are never overwritten."""
+    geometry = result.geometry
+    with atomic_output_dir(out_dir, inputs=[p for p in (inputs or []) if p is not None]) as stage:
+        write_volume(result.perfusion, geometry, stage / "perfusion.nii.gz", dtype=np.float32)
+        write_volume(result.high_low, geometry, stage / "function_high_low.nii.gz", dtype=np.uint8)
+        write_volume(result.lung_labels, geometry, stage / "lungs.nii.gz", dtype=np.uint8)
         write_json(summary, stage / "summary.json")
-    report(1.0, "written")
-    return summary
+    return Path(out_dir)
 
 
-def summary_of(result: PerfusionPrediction, geometry: Geometry, model: CTPMModel,
-               ct_path=None, lung_mask_path=None) -> dict:
-    """Volumes (mL) of lung and high/low-function lung per side, and the model used."""
+def lung_volumes(result: "PerfusionPrediction", geometry: Geometry) -> dict:
+    """Volumes (mL) of lung and high/low-function lung and the mean perfusion per side and both."""
     voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
     volumes = {}
     for side, name in ((RIGHT_LUNG, "right"), (LEFT_LUNG, "left"), (None, "both")):
@@ -242,9 +286,16 @@ def summary_of(result: PerfusionPrediction, geometry: Geometry, model: CTPMModel
             "low_function_ml": float(((result.high_low == LOW_FUNCTION_LABEL) & lung).sum() * voxel_ml),
             "mean_perfusion": float(result.perfusion[lung].mean()) if lung.any() else 0.0,
         }
+    return volumes
+
+
+def summary_of(result: PerfusionPrediction, geometry: Geometry, model: CTPMModel,
+               ct_path=None, lung_mask_path=None) -> dict:
+    """Volumes (mL) of lung and high/low-function lung per side, and the model used."""
+    volumes = lung_volumes(result, geometry)
     return {
         "inputs": {"ct": str(ct_path) if ct_path else None,
-                   "lung_mask": str(lung_mask_path) if lung_mask_path else "automatic (perfusionai.prm.lungmask)"},
+                   "lung_mask": str(lung_mask_path) if lung_mask_path else "automatic (perfusionai.lung)"},
         "model": {"path": model.path, "label": model.label,
                   "trained_on_phantoms": bool(model.card.get("trained_on_phantoms", False))},
         "high_function_threshold": HIGH_FUNCTION_THRESHOLD,

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import PerfusionAIError, input_error
+from ..errors import ParameterError, PerfusionAIError, input_error
 from ..io import read_labels, read_volume
 from ..progress import as_progress
 from .arnn import ARCHITECTURE
@@ -191,12 +191,44 @@ def _fit_once(train: Sequence[LungSample], val: Optional[Sequence[LungSample]], 
     return model, history
 
 
+def step_seconds(architecture: str, hparams: dict, input_shape: Sequence[int], batch_size: int,
+                 device="auto") -> float:
+    """Measured wall time (s) of one training step (forward, backward, Adam) of a fresh network on a
+    random batch of ``batch_size`` lungs of ``input_shape`` on ``device``."""
+    import torch
+
+    from ..nn import build_model, choose_device, set_threads
+
+    set_threads()
+    dev = choose_device(device)
+    model = build_model(architecture, **hparams).to(dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand((batch_size, 1, *input_shape), device=dev)
+    y = (torch.rand_like(x) * 10).round() / 10
+    m = torch.ones_like(x)
+    started = time.perf_counter()
+    loss = _step(model, (x, y, m))
+    loss.backward()
+    optimizer.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def train_ctpm(samples: Sequence[LungSample], *, config: PreprocessConfig = PreprocessConfig(),
                channels: Sequence[int] = (16, 32, 64, 128), kernel_size: int = 5, epochs: int = 500,
                lr: float = 1e-3, batch_size: int = 2, val_fraction: float = 0.25, folds: int = 1,
                patience: Optional[int] = 30, seed: int = 0, device="auto", trained_on_phantoms: bool = False,
                training_data: str = "", max_seconds: Optional[float] = None, architecture: str = ARCHITECTURE,
-               progress=None) -> TrainingResult:
+               progress=None, announce=None) -> TrainingResult:
     """Train an ARNN on lung samples (from :func:`prepare_patient`); returns model + card.
 
     ``folds`` > 1: k-fold cross-validation by patient, then a final fit on all
@@ -204,6 +236,8 @@ def train_ctpm(samples: Sequence[LungSample], *, config: PreprocessConfig = Prep
     patient split with ``val_fraction`` of the patients for validation and
     early stopping (``patience`` epochs; the best epoch's weights are kept).
     ``architecture``: ``"ctpm.arnn"`` (the paper's) or ``"ctpm.attention_unet"`` (MONAI baseline).
+    ``announce``: optional ``callable(message)`` told the time estimate (one measured training step
+    times the steps of every fit) before training starts.
     """
     report = as_progress(progress)
     patients = sorted({s.patient for s in samples})
@@ -217,7 +251,18 @@ def train_ctpm(samples: Sequence[LungSample], *, config: PreprocessConfig = Prep
         hparams = dict(channels=[int(c) for c in channels], kernel_size=int(kernel_size), dropout=0.1,
                        prelu_init=0.2, roi_channels=4, attention_skips=2, in_channels=1)
     else:
-        raise input_error("--architecture", f"unknown architecture {architecture!r}")
+        raise ParameterError("architecture", f"unknown architecture {architecture!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ParameterError("val_fraction", f"must be in [0, 1), got {val_fraction}")
+    if announce is not None:
+        step = step_seconds(architecture, hparams, config.input_shape, batch_size, device)
+        fits = folds + 1 if folds > 1 else 1
+        steps = max(1, int(np.ceil(len(samples) / batch_size))) * epochs * fits
+        total = 1.2 * step * steps  # + validation passes
+        shape = "x".join(str(n) for n in config.input_shape)
+        announce(f"ctpm train: up to {epochs} epochs x {fits} fit(s) on {len(samples)} lungs at {shape}: about "
+                 f"{_duration(total)} on {device} (one step {step:.2f} s); early stopping may end it sooner, "
+                 f"--max-minutes caps each fit; 'perfusionai ctpm train --help' gives a quick CPU recipe")
     rng = np.random.default_rng(seed)
     order = list(rng.permutation(patients))
     started = time.perf_counter()
@@ -225,7 +270,7 @@ def train_ctpm(samples: Sequence[LungSample], *, config: PreprocessConfig = Prep
     validation: dict = {}
     if folds > 1:
         if folds > len(patients):
-            raise input_error("--folds", f"{folds} folds need at least {folds} patients, the cohort has {len(patients)}")
+            raise ParameterError("folds", f"{folds} folds need at least {folds} patients, the cohort has {len(patients)}")
         groups = [order[f::folds] for f in range(folds)]
         best_epochs = []
         for f, held in enumerate(groups):

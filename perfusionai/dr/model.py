@@ -109,13 +109,8 @@ class DRFit:
 
 
 def _output_dir(folder, inputs):
-    """``atomic_output_dir`` refusing an output that would overwrite an input (when io supports it)."""
-    if inputs:
-        try:
-            return atomic_output_dir(folder, inputs=[p for p in inputs if p is not None])
-        except TypeError:  # an io without the input guard
-            pass
-    return atomic_output_dir(folder)
+    """``atomic_output_dir`` refusing an output that would overwrite one of the run's ``inputs``."""
+    return atomic_output_dir(folder, inputs=[p for p in (inputs or []) if p is not None])
 
 
 class DRModel:

@@ -368,9 +368,11 @@ def load_model(path: Union[str, os.PathLike], expected_architecture: Union[str, 
     builder = _lookup_builder(str(name), registry, builders is None)
     if builder is None:
         raise input_error(card_name, f"unknown architecture '{name}' (known: {', '.join(sorted(registry)) or 'none'})")
+    if not isinstance(hyper, dict):
+        raise input_error(card_name, f"the architecture's hyperparameters are not a JSON object: {hyper!r}")
     try:
         model = builder(**hyper)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError, KeyError, OverflowError) as exc:
         raise input_error(card_name, f"hyperparameters {hyper} do not build a '{name}' network ({exc})") from None
     try:
         state = load_safetensors(weights_bytes)
