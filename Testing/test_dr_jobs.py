@@ -152,3 +152,108 @@ print('ok')
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
     assert (tmp_path / "o" / "adc.nii.gz").is_file()
+
+
+# ------------------------------------------------------------------ one model-file format
+
+
+@pytest.fixture(scope="module")
+def cohort_dir(tmp_path_factory):
+    from perfusionai.phantoms.dr import make_dr_cohort, write_dr_cohort
+
+    folder = tmp_path_factory.mktemp("dr_cohort")
+    return write_dr_cohort(make_dr_cohort(3, shape=(2, 20, 20), snr=60, seed=9), folder, clinical=True)
+
+
+@pytest.fixture(scope="module")
+def trained(cohort_dir):
+    from perfusionai.dr import learners as L
+    from perfusionai.dr.pipeline import read_cohort
+
+    return L, read_cohort(cohort_dir)
+
+
+@pytest.mark.parametrize("algorithm,strategy", [("lr", "maps-to-maps"), ("rf", "signal-to-signal"),
+                                                ("gbr", "signal-to-signal")])
+def test_every_learner_uses_the_shared_model_file(trained, tmp_path, algorithm, strategy):
+    from perfusionai.nn import read_card
+
+    L, patients = trained
+    model = L.train(patients[1:], algorithm, strategy, trained_on_phantoms=True)
+    folder = L.save_model(model, tmp_path / "m")
+    card = read_card(folder)  # the shared card format and its checks
+    assert card["format"] == "perfusionai-model" and card["architecture"]["name"] == f"dr.{algorithm}"
+    assert card["weights"]["kind"] == "arrays" and card["trained_on_phantoms"] is True
+    assert not {"train_x", "train_y"} & set(card["weights"]["shapes"])  # parameters, not training data
+    for name in ("model.json", "weights.safetensors"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o644
+    x = L._inputs(patients[0], strategy, algorithm)
+    loaded = L.load_model(folder)
+    assert loaded.learner._estimator is None  # no refit: the stored parameters predict
+    np.testing.assert_allclose(loaded.learner.predict(x), model.learner.predict(x), rtol=1e-12, atol=1e-12)
+
+
+def _predict_argv(cohort_dir, model, out):
+    patient = cohort_dir.parent / "patient01"
+    return ["dr", "predict", "--dwi", str(patient / "clinical.nii.gz"), "--bvals", str(patient / "clinical_bvals"),
+            "--tes", str(patient / "clinical_tes"), "--model", str(model), "--out", str(out), "--progress", "none"]
+
+
+def test_dr_predict_refuses_hostile_model_folders_in_one_line(trained, cohort_dir, tmp_path, capsys):
+    import hashlib
+
+    L, patients = trained
+    good = L.save_model(L.train(patients[1:], "lr", "maps-to-maps"), tmp_path / "good")
+    card = json.loads((good / "model.json").read_text())
+    out = tmp_path / "out"
+
+    def hostile(name, card_text=None, weights=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.json").write_text(card_text if card_text is not None else json.dumps(card))
+        (folder / "weights.safetensors").write_bytes(weights if weights is not None else
+                                                     (good / "weights.safetensors").read_bytes())
+        return folder
+
+    pickle_bytes = b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94."
+    with_sha = dict(card, weights=dict(card["weights"], sha256=hashlib.sha256(pickle_bytes).hexdigest()))
+    cases = {
+        "truncated": hostile("truncated", json.dumps(card)[:200]),
+        "a_list": hostile("a_list", "[1, 2, 3]"),
+        "no_learner": hostile("no_learner", json.dumps({k: v for k, v in card.items() if k != "dr_learner"})),
+        "bad_algorithm": hostile("bad_algorithm", json.dumps(dict(card, dr_learner=dict(card["dr_learner"],
+                                                                                        algorithm="svm")))),
+        "no_std": hostile("no_std", json.dumps(dict(card, inputs={"clinical_bvals_s_per_mm2": [0, 50]}))),
+        "pickle_weights": hostile("pickle_weights", json.dumps(with_sha), pickle_bytes),
+        "changed_weights": hostile("changed_weights", None, b"x" * 64),
+    }
+    for name, folder in cases.items():
+        assert main(_predict_argv(cohort_dir, folder, out)) == 2, name
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("perfusionai: error:") and "Traceback" not in err, (name, err)
+        assert str(folder) in err and "--algorithm" not in err, (name, err)
+        assert not out.exists()
+    assert main(_predict_argv(cohort_dir, good, out)) == 0
+
+
+def test_lr_model_predicts_without_torch_or_scikit_learn(trained, cohort_dir, tmp_path):
+    L, patients = trained
+    model = L.save_model(L.train(patients[1:], "lr", "maps-to-maps", trained_on_phantoms=True), tmp_path / "lr")
+    argv = _predict_argv(cohort_dir, model, tmp_path / "pred")
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'sklearn'):
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+from perfusionai.cli import main
+assert main({argv!r}) == 0
+print('ok')
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "pred" / "summary.json").read_text())
+    assert summary["trained_on_phantoms"] and summary["algorithm"] == "lr"
+    assert DRPredictJob.from_json(summary["job"]).model == str(model)

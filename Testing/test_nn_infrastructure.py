@@ -245,3 +245,54 @@ def test_model_file_refuses_non_models(tmp_path):
         load_model(tmp_path / "empty")
     with pytest.raises(ValueError, match="trained_on_phantoms"):
         save_model(tmp_path / "x", build_model("test.tiny"), {"inputs": {}, "training_data": "x"})
+
+
+def test_array_models_share_the_card_and_its_checks(tmp_path):
+    """save_arrays/load_arrays: the same two files and checks for models that are not networks."""
+    import os
+    import subprocess
+    import sys
+
+    from perfusionai.nn import load_arrays, save_arrays
+
+    arrays = {"coef": np.arange(6.0).reshape(2, 3), "intercept": np.array([1.0, 2.0, 3.0])}
+    card = {"architecture": {"name": "test.linear", "hyperparameters": {"n": 2}}, "inputs": {"features": 2},
+            "training_data": "test", "trained_on_phantoms": True}
+    for target in (tmp_path / "folder", tmp_path / "model.zip"):
+        save_arrays(target, arrays, card)
+        loaded, read = load_arrays(target, expected_architecture="test.linear", required=("coef",))
+        np.testing.assert_array_equal(loaded["coef"], arrays["coef"])
+        assert read["weights"]["kind"] == "arrays" and read["weights"]["shapes"]["coef"] == [2, 3]
+        assert model_label(read) == "test.linear (trained on phantoms)"
+        mode = (target / "weights.safetensors" if target.is_dir() else target).stat().st_mode & 0o777
+        assert mode == 0o666 & ~_umask()
+    with pytest.raises(PerfusionAIError, match="'test.linear' model, but this needs 'other'"):
+        load_arrays(tmp_path / "folder", expected_architecture="other")
+    with pytest.raises(PerfusionAIError, match="lacks the arrays bias"):
+        load_arrays(tmp_path / "folder", required=("bias",))
+    with pytest.raises(PerfusionAIError, match="unknown architecture|does not store"):
+        load_model(tmp_path / "folder")  # not a network
+    weights = tmp_path / "folder" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x00")
+    with pytest.raises(PerfusionAIError, match="sha256"):
+        load_arrays(tmp_path / "folder")
+    # the model-file module needs no torch for array models
+    code = ("import sys\n"
+            "class B:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch': raise ImportError(name)\n"
+            "sys.meta_path.insert(0, B())\n"
+            "from perfusionai.nn import load_arrays\n"
+            f"a, c = load_arrays({str(tmp_path / 'model.zip')!r})\n"
+            "assert a['intercept'].tolist() == [1.0, 2.0, 3.0]\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-1500:]
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

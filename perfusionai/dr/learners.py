@@ -14,22 +14,23 @@ layer network, ``mlnn`` three-hidden-layer network (both voxel-wise), and ``patc
 whose input is the 3x3 in-plane neighbourhood of every input channel. Networks are torch MLPs
 (ReLU, Adam, early stopping) trained by :func:`perfusionai.nn.fit`; all inputs and outputs are standardised.
 
-Model directory (no pickles, ever): ``model.json`` (algorithm, strategy, protocols, hyper-
-parameters, standardisation, training description incl. "trained on phantoms", metrics, package
-versions, sha256 of the weights) and ``weights.safetensors``:
+Model folder (no pickles, ever): the one model-file format of the package
+(:mod:`perfusionai.nn.modelfile`: ``weights.safetensors`` + the checked ``model.json`` card with the
+algorithm, strategy, protocols, hyper-parameters, standardisation, training description incl.
+"trained on phantoms", metrics, versions and the sha256 of the weights):
 
-* networks: the shared :mod:`perfusionai.nn.modelfile` format (architecture ``dr.mlp``), loaded with
-  its checks; the standardisation and the DiffusionRelaxation fields live in the card;
-* ``lr``: coefficients and intercept (numpy arrays); prediction is a matrix product;
-* tree ensembles (``rf``, ``etr``, ``gbr``): their training arrays. Loading refits the estimator with
-  the stored hyper-parameters and random seed (deterministic) and refuses the model when the refit
-  does not reproduce the predictions stored for check rows (e.g. another scikit-learn version).
+* networks (``slnn``, ``mlnn``, ``patchnn``): architecture ``dr.mlp``, loaded with its checks (torch);
+* ``lr``: architecture ``dr.lr``, coefficients and intercept as arrays; prediction is a matrix product;
+* tree ensembles (``rf``, ``etr`` averaged trees; ``gbr`` boosted trees, one model per output):
+  architectures ``dr.rf``/``dr.etr``/``dr.gbr``, every fitted tree stored as node arrays (feature,
+  threshold, children, leaf values) and evaluated with numpy on load: no refit, no scikit-learn
+  needed to predict. The conversion is checked against scikit-learn's own predictions when saved.
+
+Torch and scikit-learn are imported only when a learner that needs them is trained or applied.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -37,6 +38,7 @@ from typing import Optional
 import numpy as np
 
 from .. import __version__
+from ..deps import require
 from ..errors import ParameterError, input_error
 from . import fitting
 from . import models as M
@@ -158,6 +160,7 @@ def _targets(features: PatientFeatures, strategy: str) -> np.ndarray:
 
 
 def _make_estimator(algorithm: str, hyper: dict, seed: int):
+    require("sklearn", f"the {ALGORITHM_NAMES[algorithm]} learner")
     from sklearn.ensemble import ExtraTreesRegressor, GradientBoostingRegressor, RandomForestRegressor
     from sklearn.linear_model import LinearRegression
     from sklearn.multioutput import MultiOutputRegressor
@@ -181,7 +184,9 @@ ARCHITECTURE = "dr.mlp"
 
 def _build_mlp(n_inputs: int, n_outputs: int, hidden: list):
     """ReLU multi-layer perceptron ``(N, n_inputs) -> (N, n_outputs)``."""
-    from torch import nn
+    nn = require("torch", "the DiffusionRelaxation networks").nn
+    if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in [n_inputs, n_outputs, *hidden]):
+        raise ValueError(f"layer sizes must be positive whole numbers, got {n_inputs}, {hidden}, {n_outputs}")
 
     layers = []
     width = int(n_inputs)
@@ -201,7 +206,7 @@ def _register_network() -> None:
 
 def _train_network(xs: np.ndarray, ys: np.ndarray, hyper: dict, seed: int, progress=None):
     """Train a :func:`_build_mlp` network on standardised arrays with :func:`perfusionai.nn.fit`."""
-    import torch
+    torch = require("torch", "training the DiffusionRelaxation networks")
 
     from ..nn import TensorBatchLoader, choose_device, fit, seed_everything
 
@@ -233,6 +238,88 @@ def _train_network(xs: np.ndarray, ys: np.ndarray, hyper: dict, seed: int, progr
         torch.set_num_threads(threads)
     model.eval()
     return model
+
+
+TREE_ARRAYS = ("tree_feature", "tree_threshold", "tree_left", "tree_right", "tree_value", "tree_root",
+               "tree_output", "tree_weight", "tree_base")
+
+
+def tree_arrays(estimator, algorithm: str) -> dict:
+    """The fitted trees of a scikit-learn ensemble as plain arrays (all trees' nodes concatenated).
+
+    ``tree_feature``, ``tree_threshold``, ``tree_left``, ``tree_right`` (-1 at leaves, global node
+    indices), ``tree_value`` ``(nodes, V)`` leaf values, ``tree_root`` ``(T,)`` first node of each tree,
+    ``tree_output`` ``(T,)`` the output column a tree adds to (-1: all columns, V = outputs),
+    ``tree_weight`` ``(T,)`` its factor, ``tree_base`` ``(outputs,)`` the constant start.
+    ``rf``/``etr``: mean of the trees (weight 1/T, base 0); ``gbr`` (one boosted model per output):
+    base = the initial constant, weight = the learning rate, each tree adding to its own output.
+    """
+    if algorithm in ("rf", "etr"):
+        trees = [(e.tree_, -1, 1.0 / len(estimator.estimators_)) for e in estimator.estimators_]
+        n_out = int(estimator.n_outputs_)
+        base = np.zeros(n_out)
+    elif algorithm == "gbr":
+        trees, base = [], []
+        for o, booster in enumerate(estimator.estimators_):
+            base.append(float(np.asarray(booster.init_.predict(np.zeros((1, booster.n_features_in_)))).ravel()[0]))
+            trees += [(t.tree_, o, float(booster.learning_rate)) for t in booster.estimators_[:, 0]]
+        base = np.asarray(base)
+    else:
+        raise ValueError(f"{algorithm} is not a tree ensemble")
+    feature, threshold, left, right, value, root, output, weight = [], [], [], [], [], [], [], []
+    offset = 0
+    for tree, out, w in trees:
+        n = int(tree.node_count)
+        is_leaf = tree.children_left == -1
+        feature.append(np.where(is_leaf, 0, tree.feature).astype(np.int32))
+        threshold.append(tree.threshold.astype(np.float64))
+        left.append(np.where(is_leaf, -1, tree.children_left + offset).astype(np.int64))
+        right.append(np.where(is_leaf, -1, tree.children_right + offset).astype(np.int64))
+        v = tree.value[:, :, 0].astype(np.float64)
+        value.append(v if out < 0 else v[:, :1])
+        root.append(offset)
+        output.append(out)
+        weight.append(w)
+        offset += n
+    return {"tree_feature": np.concatenate(feature), "tree_threshold": np.concatenate(threshold),
+            "tree_left": np.concatenate(left), "tree_right": np.concatenate(right),
+            "tree_value": np.concatenate(value), "tree_root": np.asarray(root, np.int64),
+            "tree_output": np.asarray(output, np.int64), "tree_weight": np.asarray(weight, np.float64),
+            "tree_base": np.asarray(base, np.float64)}
+
+
+def predict_trees(arrays: dict, x: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """Evaluate the trees of :func:`tree_arrays` on ``x`` ``(N, F)`` -> ``(N, outputs)`` (numpy only).
+
+    As scikit-learn does: inputs compared in float32 (``x <= threshold`` goes left), every tree
+    descended to its leaf (vectorised over voxels and trees), leaf values weighted and summed.
+    """
+    feature, threshold = arrays["tree_feature"], arrays["tree_threshold"]
+    left, right, value = arrays["tree_left"], arrays["tree_right"], arrays["tree_value"]
+    root, output, weight = arrays["tree_root"], arrays["tree_output"], arrays["tree_weight"]
+    base = arrays["tree_base"]
+    x32 = np.asarray(x, np.float32).astype(np.float64)
+    out = np.empty((len(x32), base.size))
+    forest = bool(np.all(output < 0))
+    for start in range(0, len(x32), chunk):
+        xs = x32[start:start + chunk]
+        rows = np.arange(len(xs))[:, None]
+        node = np.broadcast_to(root, (len(xs), root.size)).copy()
+        while True:
+            inner = left[node] >= 0
+            if not inner.any():
+                break
+            go_left = xs[rows, feature[node]] <= threshold[node]
+            node = np.where(inner, np.where(go_left, left[node], right[node]), node)
+        if forest:
+            out[start:start + len(xs)] = base + np.einsum("t,ntv->nv", weight, value[node])
+        else:
+            leaf = value[node, 0] * weight  # (n, T)
+            sums = np.zeros((len(xs), base.size))
+            for o in range(base.size):
+                sums[:, o] = leaf[:, output == o].sum(axis=1)
+            out[start:start + len(xs)] = base + sums
+    return out
 
 
 class Learner:
@@ -275,11 +362,12 @@ class Learner:
             self.arrays["coef"] = est.coef_.T.copy()
             self.arrays["intercept"] = np.asarray(est.intercept_, float).reshape(-1)
         else:
-            self.arrays["train_x"] = x.copy()
-            self.arrays["train_y"] = y.copy()
-            n_check = min(64, len(x))
-            self.arrays["check_rows"] = np.arange(n_check)
-            self.arrays["check_y"] = self.predict(x[:n_check])
+            self.arrays.update(tree_arrays(est, self.algorithm))
+            # the stored trees must reproduce scikit-learn exactly (checked once, here)
+            rows = xs[:256]
+            if not np.allclose(predict_trees(self.arrays, rows), np.asarray(est.predict(rows)).reshape(len(rows), -1),
+                               rtol=1e-9, atol=1e-12):
+                raise RuntimeError(f"the {self.algorithm} trees could not be converted to arrays faithfully")
         return self
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -287,24 +375,17 @@ class Learner:
         if self.algorithm == "lr":
             ys = xs @ self.arrays["coef"] + self.arrays["intercept"]
         elif self.algorithm in NETWORKS:
-            import torch
+            torch = require("torch", f"the {ALGORITHM_NAMES[self.algorithm]} learner")
 
             device = next(self.network.parameters()).device
             with torch.no_grad():
                 ys = self.network(torch.as_tensor(xs, dtype=torch.float32, device=device)).cpu().numpy()
-        else:
-            if self._estimator is None:
-                self._refit()
+        elif self._estimator is not None:
             ys = self._estimator.predict(xs)
+        else:  # loaded from a model folder: the stored trees
+            ys = predict_trees(self.arrays, xs)
         ys = np.asarray(ys, float).reshape(len(xs), -1)
         return ys * self.arrays["y_std"] + self.arrays["y_mean"]
-
-    def _refit(self) -> None:
-        x = self.arrays["train_x"].astype(np.float64)
-        y = self.arrays["train_y"].astype(np.float64)
-        est = _make_estimator(self.algorithm, self.hyper, self.seed)
-        est.fit(self._std_x(x), (y - self.arrays["y_mean"]) / self.arrays["y_std"])
-        self._estimator = est
 
 
 # --------------------------------------------------------------------------------------
@@ -372,7 +453,6 @@ def train_from_cohort(cohort_csv: str | Path, out: str | Path, algorithm: str = 
     ``trained_on_phantoms`` None: True when the cohort was written by ``perfusionai dr phantom``
     (its marker file lies beside the CSV). The folder is written atomically.
     """
-    from ..io import atomic_output_dir
     from ..phantoms import is_phantom_cohort
     from ..progress import as_progress
     from .pipeline import read_cohort
@@ -384,8 +464,7 @@ def train_from_cohort(cohort_csv: str | Path, out: str | Path, algorithm: str = 
     trained_on_phantoms = bool(trained_on_phantoms) or is_phantom_cohort(cohort_csv)
     model = train(patients, algorithm, strategy, seed=seed, trained_on_phantoms=trained_on_phantoms)
     model.description["cohort"] = str(cohort_csv)
-    with atomic_output_dir(out) as stage:
-        save_model(model, stage)
+    save_model(model, out)  # atomic: the model-file writer stages the folder
     progress(1.0, "model written")
     return model
 
@@ -394,18 +473,12 @@ def train_from_cohort(cohort_csv: str | Path, out: str | Path, algorithm: str = 
 # model directory
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _card_common(model: TrainedModel, metrics: Optional[dict]) -> dict:
-    import sklearn
-
+def _card(model: TrainedModel, metrics: Optional[dict]) -> dict:
+    """The model card of a learner (the fields of :mod:`perfusionai.nn.modelfile` plus ``dr_learner``)."""
     learner = model.learner
+    versions = {"perfusionai": __version__, "numpy": np.__version__}
+    if learner.algorithm not in NETWORKS:
+        versions["scikit-learn"] = require("sklearn", "the DiffusionRelaxation learners").__version__
     return {
         "dr_learner": {"algorithm": learner.algorithm, "algorithm_name": ALGORITHM_NAMES[learner.algorithm],
                        "strategy": learner.strategy, "hyperparameters": learner.hyper, "seed": learner.seed,
@@ -421,98 +494,119 @@ def _card_common(model: TrainedModel, metrics: Optional[dict]) -> dict:
         "training_data": model.description,
         "trained_on_phantoms": bool(model.description.get("trained_on_phantoms", False)),
         "metrics": metrics or {},
-        "versions": {"perfusionai": __version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__},
+        "versions": versions,
     }
 
 
+#: Arrays each classical learner stores (besides nothing else: the standardisation lives in the card).
+STORED_ARRAYS = {"lr": ("coef", "intercept"), "rf": TREE_ARRAYS, "etr": TREE_ARRAYS, "gbr": TREE_ARRAYS}
+
+
 def save_model(model: TrainedModel, folder: str | Path, metrics: Optional[dict] = None) -> Path:
-    """Write ``model.json`` + ``weights.safetensors`` into ``folder`` (see the module doc)."""
-    folder = Path(folder)
-    card = _card_common(model, metrics)
+    """Write ``model.json`` + ``weights.safetensors`` into ``folder`` (atomically; see the module doc)."""
+    from ..nn.modelfile import save_arrays
+
+    card = _card(model, metrics)
     learner = model.learner
     if learner.algorithm in NETWORKS:
-        from ..nn import save_model as save_network
+        from ..nn.modelfile import save_model as save_network
 
         _register_network()
         card["architecture"] = learner.network.architecture
         return save_network(folder, learner.network, card)
-    from safetensors.numpy import save_file
+    card["architecture"] = {"name": f"dr.{learner.algorithm}", "hyperparameters": learner.hyper}
+    arrays = {k: learner.arrays[k] for k in STORED_ARRAYS[learner.algorithm]}
+    return save_arrays(folder, arrays, card)
 
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / "weights.safetensors"
-    save_file({k: np.ascontiguousarray(v) for k, v in learner.arrays.items()}, str(weights))
-    card.update({
-        "format": "perfusionai.dr.learner", "format_version": FORMAT_VERSION,
-        "architecture": {"name": f"dr.{learner.algorithm}", "hyperparameters": learner.hyper},
-        "storage": ("training arrays; refit deterministically on load and verified against stored check predictions"
-                    if learner.algorithm in ("rf", "etr", "gbr") else "coefficients as arrays"),
-        "weights_sha256": _sha256(weights),
-    })
-    (folder / "model.json").write_text(json.dumps(card, indent=2) + "\n")
-    return folder
+
+def _card_problem(card_name, problem: str):
+    return input_error(card_name, f"{problem}; it is not a DiffusionRelaxation model written by 'perfusionai dr train'")
 
 
 def load_model(folder: str | Path) -> TrainedModel:
-    """Read a model folder written by :func:`save_model`, checking everything it can.
+    """Read a model folder (or zip) written by :func:`save_model`, checking everything it can.
 
-    Refuses (with :class:`PerfusionAIError`) a missing file, an unknown format, a weights file whose
-    sha256 differs from the card's, missing arrays, networks that do not fit their card (checked by
-    :func:`perfusionai.nn.load_model`) and tree ensembles whose deterministic refit does not
-    reproduce the stored check predictions.
+    Refuses (one :class:`PerfusionAIError` naming the file) a missing file, a card that is not valid
+    JSON or not a DiffusionRelaxation learner of a known format, an algorithm or strategy the card
+    does not name correctly, a weights file whose sha256 differs from the card's or that is not a
+    safetensors file, missing arrays or arrays of the wrong shapes, and networks that do not fit
+    their card (checked by :func:`perfusionai.nn.load_model`).
     """
+    from ..nn.modelfile import load_arrays, read_card
+
     folder = Path(folder)
-    card_path = folder / "model.json"
-    weights = folder / "weights.safetensors"
-    if not folder.is_dir() or not card_path.is_file() or not weights.is_file():
-        raise input_error(folder, "is not a DiffusionRelaxation model folder (model.json and weights.safetensors expected)")
-    try:
-        card = json.loads(card_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise input_error(card_path, f"is not valid JSON ({exc.msg})") from None
+    card = read_card(folder)
+    card_name = folder / "model.json" if folder.is_dir() else folder
     info = card.get("dr_learner")
     if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
-        raise input_error(card_path, "is not a DiffusionRelaxation learner of a known format version")
-    learner = Learner(info["algorithm"], info["strategy"], info.get("seed", 0), info.get("hyperparameters"))
+        raise _card_problem(card_name, "the card has no 'dr_learner' entry of a known format version")
+    algorithm, strategy = info.get("algorithm"), info.get("strategy")
+    if algorithm not in ALGORITHMS:
+        raise _card_problem(card_name, f"unknown learner algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)})")
+    if strategy not in STRATEGIES:
+        raise _card_problem(card_name, f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    hyper = info.get("hyperparameters")
+    if hyper is not None and not isinstance(hyper, dict):
+        raise _card_problem(card_name, "the learner's hyperparameters are not a JSON object")
+    learner = Learner(algorithm, strategy, info.get("seed", 0) if isinstance(info.get("seed", 0), int) else 0, hyper)
     try:
         learner.arrays = {"x_mean": np.asarray(card["inputs"]["x_mean"], float),
                           "x_std": np.asarray(card["inputs"]["x_std"], float),
                           "y_mean": np.asarray(card["outputs"]["y_mean"], float),
                           "y_std": np.asarray(card["outputs"]["y_std"], float)}
-    except (KeyError, TypeError):
-        raise input_error(card_path, "lacks the input/output standardisation") from None
+        clinical_bvals = [float(b) for b in card["inputs"]["clinical_bvals_s_per_mm2"]]
+        advanced = info["advanced_protocol"]
+        M.Protocol(advanced["bvals"], advanced["tes"])
+    except (KeyError, TypeError, ValueError):
+        raise _card_problem(card_name, "the card lacks the input/output standardisation or the protocols") from None
+    if any(v.ndim != 1 for v in learner.arrays.values()):
+        raise _card_problem(card_name, "the standardisation is not a list of numbers per feature")
     if learner.algorithm in NETWORKS:
-        from ..nn import load_model as load_network
+        from ..nn.modelfile import load_model as load_network
 
         _register_network()
         learner.network, card = load_network(folder, expected_architecture=ARCHITECTURE, device="auto")
         n_in = learner.network[0].in_features
-        if n_in != learner.arrays["x_mean"].size:
-            raise input_error(card_path, f"the network takes {n_in} inputs but the card standardises "
-                                         f"{learner.arrays['x_mean'].size}")
+        n_out = learner.network[-1].out_features
+        if n_in != learner.arrays["x_mean"].size or n_out != learner.arrays["y_mean"].size:
+            raise input_error(card_name, f"the network maps {n_in} inputs to {n_out} outputs but the card "
+                                         f"standardises {learner.arrays['x_mean'].size} and "
+                                         f"{learner.arrays['y_mean'].size}")
     else:
-        from safetensors.numpy import load_file
-
-        if card.get("format") != "perfusionai.dr.learner":
-            raise input_error(card_path, f"has format {card.get('format')!r}, not a DiffusionRelaxation learner")
-        if _sha256(weights) != card.get("weights_sha256"):
-            raise input_error(weights, "does not match the sha256 in model.json (modified or from another model)")
-        arrays = load_file(str(weights))
-        learner.arrays.update({k: v for k, v in arrays.items() if k not in learner.arrays})
-        if learner.algorithm == "lr" and not {"coef", "intercept"} <= set(arrays):
-            raise input_error(weights, "lacks the linear coefficients")
-        if learner.algorithm in ("rf", "etr", "gbr"):
-            if not {"train_x", "train_y", "check_rows", "check_y"} <= set(arrays):
-                raise input_error(weights, "lacks the training arrays of the tree ensemble")
-            learner._refit()
-            rows = arrays["check_rows"].astype(int)
-            again = learner.predict(arrays["train_x"][rows].astype(np.float64))
-            if not np.allclose(again, arrays["check_y"], rtol=1e-5, atol=1e-6 * (np.abs(arrays["check_y"]).max() + 1)):
-                raise input_error(folder, "the tree ensemble could not be rebuilt identically here (different "
-                                          f"scikit-learn version? trained with {card['versions'].get('scikit-learn')})")
-    model = TrainedModel(learner, card["inputs"]["clinical_bvals_s_per_mm2"], info["advanced_protocol"],
-                         dict(card.get("training_data") or {}))
+        arrays, card = load_arrays(folder, expected_architecture=f"dr.{algorithm}",
+                                   required=STORED_ARRAYS[algorithm])
+        learner.arrays.update({k: np.asarray(v) for k, v in arrays.items()})
+        problem = _array_problem(learner)
+        if problem:
+            raise input_error(folder / "weights.safetensors" if folder.is_dir() else folder, problem)
+    model = TrainedModel(learner, clinical_bvals, advanced, dict(card.get("training_data") or {}))
     model.description["card"] = card
     return model
+
+
+def _array_problem(learner: Learner) -> str:
+    """Why the stored arrays cannot be the learner the card describes ('' when they fit)."""
+    a = learner.arrays
+    n_in, n_out = a["x_mean"].size, a["y_mean"].size
+    if learner.algorithm == "lr":
+        if a["coef"].shape != (n_in, n_out) or a["intercept"].shape != (n_out,):
+            return f"the linear coefficients have shape {a['coef'].shape}, the card needs ({n_in}, {n_out})"
+        return ""
+    nodes = a["tree_feature"].size
+    if any(a[k].shape[:1] != (nodes,) for k in ("tree_threshold", "tree_left", "tree_right", "tree_value")):
+        return "the tree arrays do not have one entry per node"
+    if a["tree_base"].shape != (n_out,) or a["tree_root"].shape != a["tree_output"].shape != a["tree_weight"].shape:
+        return "the tree arrays do not describe the card's outputs"
+    children = np.concatenate([a["tree_left"], a["tree_right"]])
+    if (nodes == 0 or children.max(initial=-1) >= nodes or children.min(initial=-1) < -1
+            or a["tree_root"].min(initial=0) < 0 or a["tree_root"].max(initial=0) >= nodes
+            or a["tree_feature"].min(initial=0) < 0 or a["tree_feature"].max(initial=0) >= n_in
+            or a["tree_output"].max(initial=-1) >= n_out):
+        return "the tree arrays index outside themselves (corrupted model)"
+    inner = a["tree_left"] >= 0
+    if np.any(a["tree_left"][inner] <= np.flatnonzero(inner)) or np.any(a["tree_right"][inner] <= np.flatnonzero(inner)):
+        return "the trees are not stored parent-before-child (corrupted model)"
+    return ""
 
 
 def model_summary(folder: str | Path) -> dict:
@@ -521,16 +615,13 @@ def model_summary(folder: str | Path) -> dict:
     Returns ``{"algorithm", "strategy", "needs_torch", "trained_on_phantoms"}``; raises a clear error
     for a folder that is not a DiffusionRelaxation learner.
     """
-    card_path = Path(folder) / "model.json"
-    if not card_path.is_file():
-        raise input_error(folder, "is not a DiffusionRelaxation model folder (model.json missing)")
-    try:
-        card = json.loads(card_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise input_error(card_path, f"is not valid JSON ({exc.msg})") from None
+    from ..nn.modelfile import read_card
+
+    card = read_card(folder)
     info = card.get("dr_learner")
+    card_name = Path(folder) / "model.json" if Path(folder).is_dir() else Path(folder)
     if not isinstance(info, dict) or info.get("algorithm") not in ALGORITHMS:
-        raise input_error(card_path, "is not a DiffusionRelaxation learner")
+        raise _card_problem(card_name, "the card names no known learner")
     return {"algorithm": info["algorithm"], "strategy": info.get("strategy"),
             "needs_torch": info["algorithm"] in NETWORKS,
             "trained_on_phantoms": bool(card.get("trained_on_phantoms", False))}

@@ -9,21 +9,39 @@
   validation, early stopping restoring the best weights, safetensors checkpoints, progress and
   cancellation;
 * :func:`save_model` / :func:`load_model` / :func:`register_architecture` / :func:`build_model` --
-  model files (``weights.safetensors`` + ``model.json``), verified on load, never pickled.
+  model files (``weights.safetensors`` + ``model.json``), verified on load, never pickled;
+  :func:`save_arrays` / :func:`load_arrays` -- the same files for models whose parameters are plain
+  arrays (no torch needed).
 """
 
-from .blocks import (ChannelsLastConv1d, ConvNormAct, GlobalAvgPool, ResidualBlock, count_parameters,
-                     fold_batchnorm, inference_copy, keras_parameter_count, make_activation, make_norm)
-from .device import available_cpus, choose_device, set_threads
-from .modelfile import (ARCHITECTURES, PHANTOM_LABEL, build_model, is_trained_on_phantoms, load_model,
-                        model_label, read_card, register_architecture, save_model)
-from .seeding import seed_everything
-from .training import (TensorBatchLoader, TrainingHistory, evaluate, fit, load_checkpoint, save_checkpoint)
+import importlib
 
-__all__ = [
-    "ARCHITECTURES", "PHANTOM_LABEL", "ChannelsLastConv1d", "ConvNormAct", "GlobalAvgPool", "ResidualBlock", "TensorBatchLoader",
-    "TrainingHistory", "available_cpus", "build_model", "choose_device", "count_parameters", "evaluate", "fit",
-    "fold_batchnorm", "inference_copy", "is_trained_on_phantoms", "keras_parameter_count", "load_checkpoint", "load_model",
-    "make_activation", "make_norm", "model_label", "read_card", "register_architecture", "save_checkpoint",
-    "save_model", "seed_everything", "set_threads",
-]
+#: public name -> submodule; imported on first use, so ``perfusionai.nn.modelfile`` (and array
+#: models, see :func:`save_arrays`) work without torch and ``import perfusionai.nn`` stays cheap
+_EXPORTS = {
+    **{name: "blocks" for name in ("ChannelsLastConv1d", "ConvNormAct", "GlobalAvgPool", "ResidualBlock",
+                                   "count_parameters", "fold_batchnorm", "inference_copy", "keras_parameter_count",
+                                   "make_activation", "make_norm")},
+    **{name: "device" for name in ("available_cpus", "choose_device", "set_threads")},
+    **{name: "modelfile" for name in ("ARCHITECTURES", "PHANTOM_LABEL", "build_model", "is_trained_on_phantoms",
+                                      "load_arrays", "load_model", "model_label", "read_card",
+                                      "register_architecture", "save_arrays", "save_model")},
+    "seed_everything": "seeding",
+    **{name: "training" for name in ("TensorBatchLoader", "TrainingHistory", "evaluate", "fit", "load_checkpoint",
+                                     "save_checkpoint")},
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'perfusionai.nn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

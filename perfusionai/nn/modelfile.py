@@ -22,6 +22,12 @@ whose state dict has exactly the stored names and shapes, and the caller's
 ``expected_inputs`` (e.g. the number of frames). Any mismatch raises
 :class:`perfusionai.errors.PerfusionAIError` naming the file. Weights are read
 with safetensors only: no pickle, no ``torch.load``.
+
+Models that are not networks (linear coefficients, decision-tree ensembles of the
+diffusion-relaxation learners) use the same two files and the same card through
+:func:`save_arrays` / :func:`load_arrays`: their parameters are named numpy arrays in
+``weights.safetensors`` (``"weights": {"kind": "arrays", ...}``), checked by sha256,
+name and shape on load. This module imports torch only for networks.
 """
 
 from __future__ import annotations
@@ -39,11 +45,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
-import torch
-from torch import nn
-
+from ..deps import require
 from ..errors import PerfusionAIError, input_error
-from .training import state_dict_for_file
 
 FORMAT_NAME = "perfusionai-model"
 FORMAT_VERSION = 1
@@ -51,7 +54,7 @@ WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "model.json"
 PHANTOM_LABEL = "trained on phantoms"
 
-Builder = Callable[..., nn.Module]
+Builder = Callable[..., Any]
 ARCHITECTURES: dict[str, Builder] = {}
 
 
@@ -71,7 +74,7 @@ def register_architecture(name: str, builder: Optional[Builder] = None):
     return decorate(builder) if builder is not None else decorate
 
 
-def build_model(name: str, builders: Optional[Mapping[str, Builder]] = None, **hyperparameters) -> nn.Module:
+def build_model(name: str, builders: Optional[Mapping[str, Builder]] = None, **hyperparameters) -> Any:
     """Build a registered architecture and remember its name and hyperparameters
     on the module (``model.architecture``) so :func:`save_model` can record them."""
     registry = builders if builders is not None else ARCHITECTURES
@@ -121,7 +124,7 @@ def _json_default(o):
         pass
     if isinstance(o, Path):
         return str(o)
-    if isinstance(o, torch.device):
+    if type(o).__module__.startswith("torch") and type(o).__name__ == "device":
         return str(o)
     raise TypeError(f"not JSON serialisable in a model card: {type(o).__name__}")
 
@@ -130,14 +133,17 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _weights_bytes(model: nn.Module) -> tuple[bytes, dict[str, torch.Tensor]]:
+def _weights_bytes(model) -> tuple[bytes, dict]:
+    require("safetensors", "saving a model file")
     from safetensors.torch import save
+
+    from .training import state_dict_for_file
 
     state = state_dict_for_file(model)
     return save(state, metadata={"format": FORMAT_NAME}), state
 
 
-def save_model(path: Union[str, os.PathLike], model: nn.Module, card: Mapping[str, Any],
+def save_model(path: Union[str, os.PathLike], model, card: Mapping[str, Any],
                builders: Optional[Mapping[str, Builder]] = None) -> Path:
     """Write ``model`` and its card to ``path`` (a directory, or a ``.zip`` file).
 
@@ -189,7 +195,7 @@ def save_model(path: Union[str, os.PathLike], model: nn.Module, card: Mapping[st
         "trained_on_phantoms": card.pop("trained_on_phantoms"),
         "metrics": card.pop("metrics", {}),
         "package_version": package_version(),
-        "torch_version": torch.__version__.split("+")[0],
+        "torch_version": require("torch", "saving a network").__version__.split("+")[0],
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(data),
                     "parameters": int(sum(p.numel() for p in model.parameters())),
@@ -200,8 +206,11 @@ def save_model(path: Union[str, os.PathLike], model: nn.Module, card: Mapping[st
         card.pop(key, None)
     full.update(_jsonable(card))
     text = json.dumps(_jsonable(full), indent=2) + "\n"
+    return _write_model(Path(path), text, data)
 
-    out = Path(path)
+
+def _write_model(out: Path, text: str, data: bytes) -> Path:
+    """Write the card text and the weights bytes to a folder (atomically) or a ``.zip``, mode 0644."""
     if out.suffix.lower() == ".zip":
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
@@ -210,6 +219,7 @@ def save_model(path: Union[str, os.PathLike], model: nn.Module, card: Mapping[st
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
                 zf.writestr(CARD_FILE, text)
                 zf.writestr(WEIGHTS_FILE, data)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a model file is shared like any output
             os.replace(tmp, out)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -221,6 +231,12 @@ def save_model(path: Union[str, os.PathLike], model: nn.Module, card: Mapping[st
         (stage / WEIGHTS_FILE).write_bytes(data)
         (stage / CARD_FILE).write_text(text)
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _read_files(path: Path) -> tuple[bytes, bytes, str]:
@@ -248,7 +264,7 @@ def _read_files(path: Path) -> tuple[bytes, bytes, str]:
     raise input_error(path, "not a PerfusionAI model: expected a folder or a .zip file")
 
 
-def _state_mismatch(expected: Mapping[str, torch.Tensor], stored: Mapping[str, torch.Tensor]) -> str:
+def _state_mismatch(expected: Mapping[str, Any], stored: Mapping[str, Any]) -> str:
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
     if missing or unexpected:
@@ -317,13 +333,21 @@ def _parse_card(card_bytes: bytes, card_name: str) -> dict:
     for key in ("architecture", "inputs", "weights", "trained_on_phantoms"):
         if key not in card:
             raise input_error(card_name, f"model card has no '{key}'")
+    arch = card["architecture"]
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or \
+            not isinstance(arch.get("hyperparameters", {}), dict):
+        raise input_error(card_name, "model card's 'architecture' is not {\"name\": ..., \"hyperparameters\": {...}}")
+    if not isinstance(card["weights"], dict) or not isinstance(card["inputs"], dict):
+        raise input_error(card_name, "model card's 'weights' and 'inputs' must be JSON objects")
+    if not isinstance(card["trained_on_phantoms"], bool):
+        raise input_error(card_name, "model card's 'trained_on_phantoms' must be true or false")
     return card
 
 
 def load_model(path: Union[str, os.PathLike], expected_architecture: Union[str, Iterable[str], None] = None,
                builders: Optional[Mapping[str, Builder]] = None,
                expected_inputs: Optional[Mapping[str, Any]] = None,
-               device: Union[torch.device, str, None] = "cpu") -> tuple[nn.Module, dict]:
+               device: Any = "cpu") -> tuple[Any, dict]:
     """Load and verify a model written by :func:`save_model`.
 
     Parameters
@@ -345,6 +369,8 @@ def load_model(path: Union[str, os.PathLike], expected_architecture: Union[str, 
     (model, card)
         The network in eval mode and the parsed card.
     """
+    torch = require("torch", "loading a network model")
+    require("safetensors", "loading a model file")
     from safetensors.torch import load as load_safetensors
 
     path = Path(path)
@@ -396,3 +422,94 @@ def load_model(path: Union[str, os.PathLike], expected_architecture: Union[str, 
     model.to(choose_device(device) if not isinstance(device, torch.device) else device)
     model.eval()
     return model, card
+
+
+# ---------------------------------------------------------------------------------------------
+# models whose parameters are plain arrays (no network): same files, same card, same checks
+
+ARRAYS_KIND = "arrays"
+
+
+def save_arrays(path: Union[str, os.PathLike], arrays: Mapping[str, Any], card: Mapping[str, Any]) -> Path:
+    """Write a model whose parameters are named numpy arrays (``weights.safetensors``) and its card.
+
+    ``card`` needs ``architecture`` (``{"name", "hyperparameters"}``), ``inputs``, ``training_data``
+    and ``trained_on_phantoms`` (bool), as for :func:`save_model`; format, versions, time and the
+    weights' sha256, names and shapes are filled in here. ``path`` is a folder (written
+    atomically) or a ``.zip``. Needs safetensors (no torch).
+    """
+    import numpy as np
+
+    require("safetensors", "saving a model file")
+    from safetensors.numpy import save as save_safetensors
+
+    card = dict(card)
+    arch = card.get("architecture")
+    if not isinstance(arch, Mapping) or "name" not in arch:
+        raise ValueError("save_arrays needs card['architecture'] = {'name', 'hyperparameters'}")
+    for key in ("inputs", "training_data", "trained_on_phantoms"):
+        if key not in card:
+            raise ValueError(f"model card is missing {key!r}")
+    if not isinstance(card["trained_on_phantoms"], bool):
+        raise ValueError("card['trained_on_phantoms'] must be True or False")
+    tensors = {str(k): np.ascontiguousarray(v) for k, v in arrays.items()}
+    data = save_safetensors(tensors, metadata={"format": FORMAT_NAME})
+    full = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "architecture": {"name": str(arch["name"]), "hyperparameters": _jsonable(arch.get("hyperparameters", {}))},
+        "inputs": card.pop("inputs"),
+        "outputs": card.pop("outputs", {}),
+        "training_data": card.pop("training_data"),
+        "trained_on_phantoms": card.pop("trained_on_phantoms"),
+        "metrics": card.pop("metrics", {}),
+        "package_version": package_version(),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "weights": {"file": WEIGHTS_FILE, "kind": ARRAYS_KIND, "sha256": _sha256(data),
+                    "parameters": int(sum(v.size for v in tensors.values())), "tensors": len(tensors),
+                    "shapes": {k: list(v.shape) for k, v in sorted(tensors.items())}},
+    }
+    for key in ("architecture", "format", "format_version", "package_version", "created_utc", "weights"):
+        card.pop(key, None)
+    full.update(_jsonable(card))
+    return _write_model(Path(path), json.dumps(_jsonable(full), indent=2) + "\n", data)
+
+
+def load_arrays(path: Union[str, os.PathLike], expected_architecture: Union[str, Iterable[str], None] = None,
+                required: Iterable[str] = ()) -> tuple[dict, dict]:
+    """Load and verify a model written by :func:`save_arrays`: returns ``(arrays, card)``.
+
+    Checks, in order: both files, the card (format, version, fields), the sha256 of the weights,
+    the architecture name (``expected_architecture``), that the weights are a readable safetensors
+    file holding exactly the names and shapes the card lists, and the ``required`` names. Any
+    mismatch raises :class:`PerfusionAIError` naming the file. Nothing is unpickled.
+    """
+    require("safetensors", "loading a model file")
+    from safetensors.numpy import load as load_safetensors
+
+    path = Path(path)
+    card_bytes, weights_bytes, card_name = _read_files(path)
+    card = _parse_card(card_bytes, card_name)
+    weights_name = str(path / WEIGHTS_FILE) if path.is_dir() else f"{path}!{WEIGHTS_FILE}"
+    if _sha256(weights_bytes) != str(card["weights"].get("sha256", "")):
+        raise input_error(weights_name, "the weights do not match the sha256 recorded in model.json "
+                                        "(the file was changed or corrupted); refusing to load it")
+    name = card["architecture"]["name"]
+    if expected_architecture is not None:
+        allowed = [expected_architecture] if isinstance(expected_architecture, str) else list(expected_architecture)
+        if name not in allowed:
+            raise input_error(card_name, f"the model is a '{name}' model, but this needs "
+                                         f"{' or '.join(repr(a) for a in allowed)}")
+    if card["weights"].get("kind") != ARRAYS_KIND:
+        raise input_error(card_name, f"the model '{name}' does not store its parameters as arrays")
+    try:
+        arrays = load_safetensors(weights_bytes)
+    except Exception as exc:  # safetensors raises its own error types for any malformed file
+        raise input_error(weights_name, f"not a readable safetensors file ({exc})") from None
+    shapes = card["weights"].get("shapes")
+    if not isinstance(shapes, dict) or {k: list(v.shape) for k, v in arrays.items()} != shapes:
+        raise input_error(weights_name, "the arrays in the weights file are not the ones model.json lists")
+    missing = sorted(set(required) - set(arrays))
+    if missing:
+        raise input_error(weights_name, f"lacks the arrays {', '.join(missing)} of a '{name}' model")
+    return dict(arrays), card
