@@ -7,8 +7,8 @@ background process) and converts the results back to nodes. All numerics live in
 the ``perfusionai`` package, which the extension installs next to this file.
 """
 
+import logging
 import os
-import pathlib
 import sys
 import time
 from typing import Annotated, Optional, Union
@@ -39,6 +39,7 @@ def _makePerfusionAIImportable():
     (module folder added to the additional module paths) it lies one folder up."""
     try:
         import perfusionai  # noqa: F401
+        import PerfusionAISlicerLib  # noqa: F401
     except ImportError:
         checkoutRoot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         if os.path.isdir(os.path.join(checkoutRoot, "perfusionai")) and checkoutRoot not in sys.path:
@@ -50,7 +51,7 @@ _makePerfusionAIImportable()
 from perfusionai import mrml  # noqa: E402
 from perfusionai import slicer_support  # noqa: E402
 from perfusionai.errors import PerfusionAIError  # noqa: E402
-from PerfusionAISlicerLib import BackgroundRun, ensurePythonRequirements, ensureTorch  # noqa: E402
+from PerfusionAISlicerLib import BackgroundRun, RunPanel, ensureDependencies, moduleRequirements  # noqa: E402
 
 METHOD_CHOICES = list(slicer_support.DSC_METHODS)
 AIF_MODES = ["Automatic", "Region"]
@@ -148,11 +149,12 @@ class DSCDeconvolutionParameterNode:
     overlayOpacity - opacity of the CBF overlay.
     """
 
-    inputSeries: Union[vtkMRMLSequenceNode, vtkMRMLScalarVolumeNode]
+    # Node unions name None: Slicer's parameterNodeWrapper writes None into a fresh node.
+    inputSeries: Union[vtkMRMLSequenceNode, vtkMRMLScalarVolumeNode, None]
     aifMode: Annotated[str, Choice(AIF_MODES)] = "Automatic"
-    aifRegion: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    aifRegion: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
     aifSegmentId: str = ""
-    brainMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    brainMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
     brainMaskSegmentId: str = ""
     method: Annotated[str, Choice(METHOD_CHOICES)] = "oSVD"
     echoTime: Annotated[float, WithinRange(0.0, 0.5)] = 0.0
@@ -161,7 +163,8 @@ class DSCDeconvolutionParameterNode:
     kh: Annotated[float, WithinRange(0.1, 2.0)] = 0.73
     rho: Annotated[float, WithinRange(0.5, 2.0)] = 1.04
     leakageCorrection: bool = False
-    modelPath: pathlib.Path
+    # Text, not pathlib.Path: an empty Path reads "." (the path widget is synced in the widget).
+    modelPath: str = ""
     trainPhaeOnSeries: bool = False
     runInBackground: bool = True
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
@@ -189,20 +192,20 @@ class DSCDeconvolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = DSCDeconvolutionLogic()
+        self.runPanel = RunPanel(self.ui, self.layout, _("Computing the DSC maps"), cancel=self.logic.cancel,
+                                 refresh=self._updateGui)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.aifSegmentSelector.connect("currentSegmentChanged(QString)", self.onAifSegmentChanged)
         self.ui.brainMaskSegmentSelector.connect("currentSegmentChanged(QString)", self.onBrainMaskSegmentChanged)
-
-        self.ui.progressBar.setVisible(False)
-        self.ui.cancelButton.enabled = False
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self.logic.cancel()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -215,6 +218,7 @@ class DSCDeconvolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self.logic.cancel()  # a background run must not add nodes to the next scene
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -251,8 +255,8 @@ class DSCDeconvolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         maskIsSegmentation = p.brainMask is not None and p.brainMask.IsA("vtkMRMLSegmentationNode")
         self.ui.aifSegmentSelector.setVisible(aifIsSegmentation)
         self.ui.brainMaskSegmentSelector.setVisible(maskIsSegmentation)
-        # The segment selectors are not bound by connectGui (segment lists are dynamic); syncing them
-        # emits currentSegmentChanged, which must not write back while the GUI is being updated.
+        # The segment selectors and the path field are not bound by connectGui (segment lists are
+        # dynamic; an empty Path would show "."); syncing them must not write back while updating.
         self._syncingSegments = True
         try:
             if aifIsSegmentation:
@@ -263,6 +267,8 @@ class DSCDeconvolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.brainMaskSegmentSelector.setCurrentNode(p.brainMask)
                 if p.brainMaskSegmentId:
                     self.ui.brainMaskSegmentSelector.setCurrentSegmentID(p.brainMaskSegmentId)
+            if self.ui.modelPathLineEdit.currentPath != p.modelPath:
+                self.ui.modelPathLineEdit.currentPath = p.modelPath
         finally:
             self._syncingSegments = False
 
@@ -272,10 +278,9 @@ class DSCDeconvolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.learnedNoteLabel.setVisible(learned)
         self.ui.svdThresholdSpinBox.enabled = slicer_support.cli_method(p.method) in ("sSVD", "cSVD")
 
-        running = self.logic.isRunning
+        running = self.logic.isRunning or self.runPanel.running
         ready = p.inputSeries is not None and (not regionMode or p.aifRegion is not None)
         self.ui.applyButton.enabled = ready and not running
-        self.ui.cancelButton.enabled = running
         self.ui.applyButton.toolTip = _("Compute the perfusion maps") if ready else _("Select the 4D DSC series "
                                                                                        "(and the AIF region)")
 
@@ -287,51 +292,22 @@ class DSCDeconvolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and not self._syncingSegments:
             self._parameterNode.brainMaskSegmentId = segmentId or ""
 
+    def onModelPathChanged(self, path) -> None:
+        if self._parameterNode and not self._syncingSegments:
+            self._parameterNode.modelPath = path or ""
+
     def onApplyButton(self) -> None:
         p = self._parameterNode
-        # Unexpected errors: message with details; user mistakes (PerfusionAIError): the message only.
-        with slicer.util.tryWithErrorDisplay(_("Computing the DSC maps failed."), waitCursor=False):
-            try:
-                if not self.logic.ensureDependencies(p.method):
-                    return
-                self.ui.progressBar.setVisible(True)
-                self.ui.progressBar.value = 0
-                self.ui.statusLabel.text = _("Starting...")
-                background = p.runInBackground
-                nodes = self.logic.processWithParameterNode(p, waitForCompletion=not background,
-                                                            progressCallback=self.onProgress,
-                                                            completedCallback=self.onCompleted if background else None)
-                if not background:  # finished here; a background run reports through onCompleted
-                    self.onCompleted({"nodes": nodes})
-            except PerfusionAIError as exc:
-                self.ui.progressBar.setVisible(False)
-                self.ui.statusLabel.text = _("Failed.")
-                slicer.util.errorDisplay(str(exc))
-            finally:
-                self._updateGui()
+        self.runPanel.run(
+            lambda: self.logic.ensureDependencies(p.method),
+            lambda progress, log, completed: self.logic.processWithParameterNode(
+                p, waitForCompletion=not p.runInBackground, progressCallback=progress, logCallback=log,
+                completedCallback=completed),
+            self.showResults, background=p.runInBackground)
 
-    def onCancelButton(self) -> None:
-        self.logic.cancel()
-        self.ui.statusLabel.text = _("Cancelling...")
-
-    def onProgress(self, fraction, message) -> None:
-        self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.statusLabel.text = message
-        if not self._parameterNode.runInBackground:
-            slicer.app.processEvents()
-
-    def onCompleted(self, outcome) -> None:
-        """``outcome``: {"nodes": ...} on success, {"cancelled": True} or {"error": message}."""
-        self.ui.progressBar.setVisible(False)
-        self._updateGui()
-        if outcome.get("cancelled"):
-            self.ui.statusLabel.text = _("Cancelled.")
-        elif outcome.get("error"):
-            self.ui.statusLabel.text = _("Failed.")
-            slicer.util.errorDisplay(_("Computing the DSC maps failed:") + "\n" + outcome["error"])
-        else:
-            self.ui.statusLabel.text = _("Done: maps, curves and medians added to the scene.")
-            self.ui.resultsTableView.setMRMLTableNode(outcome["nodes"]["table"])
+    def showResults(self, nodes) -> str:
+        self.ui.resultsTableView.setMRMLTableNode(nodes["table"])
+        return _("Done: maps, curves and medians added to the scene.")
 
 
 #
@@ -360,19 +336,18 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
     # -- dependencies -------------------------------------------------------------------
 
     def ensureDependencies(self, method) -> bool:
-        """Install missing Python packages after one confirmation; torch only via the PyTorch extension.
+        """Install what ``method`` needs (one confirmation; torch through the PyTorch extension).
 
         Returns False when the user declined.
         """
         learned = slicer_support.is_learned(method)
-        if learned and not ensureTorch("The learned methods (PHAE, tmax-net)"):
-            return False
-        missing = slicer_support.missing_module_requirements(__file__, ["learned"] if learned else [])
-        return ensurePythonRequirements(missing, "DSCDeconvolution")
+        return ensureDependencies(_("DSC Deconvolution"), moduleRequirements(__file__, ["learned"] if learned else []),
+                                  torchNeededBy=_("The learned methods (PHAE, tmax-net)") if learned else None)
 
     # -- processing ---------------------------------------------------------------------
 
-    def processWithParameterNode(self, p, waitForCompletion=True, progressCallback=None, completedCallback=None):
+    def processWithParameterNode(self, p, waitForCompletion=True, progressCallback=None, completedCallback=None,
+                                 logCallback=None):
         """Run :meth:`process` with the settings stored in a parameter node."""
         model = slicer_support.path_or_none(p.modelPath)
         return self.process(
@@ -393,12 +368,13 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
             waitForCompletion=waitForCompletion,
             progressCallback=progressCallback,
             completedCallback=completedCallback,
+            logCallback=logCallback,
         )
 
     def process(self, seriesNode, te=None, tr=None, aifNode=None, aifSegmentId=None, maskNode=None,
                 maskSegmentId=None, method="oSVD", threshold=None, kh=0.73, rho=1.04, leakageCorrection=False,
                 modelPath=None, overlayOpacity=0.6, showResults=True, waitForCompletion=True,
-                progressCallback=None, completedCallback=None):
+                progressCallback=None, completedCallback=None, logCallback=None):
         """Compute DSC maps from scene nodes and add the results to the scene.
 
         :param seriesNode: sequence node of volumes, or MultiVolume node.
@@ -424,7 +400,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
         if waitForCompletion and not trainFirst:
             return self._processInThisProcess(seriesNode, inputs, settings, progressCallback)
         return self._startBackgroundProcess(seriesNode, inputs, settings, waitForCompletion,
-                                            progressCallback, completedCallback)
+                                            progressCallback, completedCallback, logCallback)
 
     def _attributes(self, settings):
         attributes = {"Method": settings["method"], "EchoTime_s": settings["te"], "kh": settings["kh"],
@@ -449,7 +425,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
                                         attributes=self._attributes(settings), series=inputs.series)
 
     def _startBackgroundProcess(self, seriesNode, inputs, settings, waitForCompletion, progressCallback,
-                                completedCallback):
+                                completedCallback, logCallback=None):
         workDir = self._run.newWorkDir()
         files = slicer_support.write_dsc_inputs(os.path.join(workDir, "inputs"), inputs.series.array,
                                                 inputs.series.geometry, inputs.times, mask=inputs.mask,
@@ -468,7 +444,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
 
         return self._run.start(command, readOutputs, progressCallback, completedCallback,
                                waitForCompletion=waitForCompletion,
-                               cpuOnly=not slicer_support.is_learned(settings["method"]))
+                               cpuOnly=not slicer_support.is_learned(settings["method"]), logCallback=logCallback)
 
     def cancel(self) -> None:
         """Stop a running background computation (the launcher and the Python process it started)."""
@@ -487,10 +463,27 @@ class DSCDeconvolutionTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        # A clean Slicer lacks some packages: install them through the module's own path (in
+        # testing mode Slicer confirms by itself), or skip naming them.
+        if not self._dependencies():
+            return
         self.setUp()
         self.test_DSCDeconvolution_InProcess()
         self.setUp()
         self.test_DSCDeconvolution_BackgroundProcess()
+        self.setUp()
+        self.test_DSCDeconvolution_SampleDataScriptedPath()
+
+    def _dependencies(self) -> bool:
+        requirements = moduleRequirements(__file__)
+        try:
+            if DSCDeconvolutionLogic().ensureDependencies("Tikhonov"):
+                return True
+        except PerfusionAIError as exc:
+            logging.error(str(exc))
+        self.delayDisplay(_("DSCDeconvolution self-test SKIPPED: needs {packages}").format(
+            packages=", ".join(slicer_support.missing_requirements(requirements))))
+        return False
 
     def _phantom(self):
         # Noise-free and without lesion/tumour: checks the plumbing against exact truth, not the

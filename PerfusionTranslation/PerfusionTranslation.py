@@ -9,8 +9,8 @@ the evaluation numbers (Spearman R, SSIM, Dice). All numerics live in the ``perf
 package, which the extension installs next to this file.
 """
 
+import logging
 import os
-import pathlib
 import sys
 import time
 from typing import Annotated, Optional, Union
@@ -40,6 +40,7 @@ def _makePerfusionAIImportable():
     (module folder added to the additional module paths) it lies one folder up."""
     try:
         import perfusionai  # noqa: F401
+        import PerfusionAISlicerLib  # noqa: F401
     except ImportError:
         checkoutRoot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         if os.path.isdir(os.path.join(checkoutRoot, "perfusionai")) and checkoutRoot not in sys.path:
@@ -51,7 +52,7 @@ _makePerfusionAIImportable()
 from perfusionai import mrml  # noqa: E402
 from perfusionai import slicer_support  # noqa: E402
 from perfusionai.errors import PerfusionAIError  # noqa: E402
-from PerfusionAISlicerLib import BackgroundRun, ensurePythonRequirements, ensureTorch  # noqa: E402
+from PerfusionAISlicerLib import BackgroundRun, RunPanel, ensureDependencies, moduleRequirements  # noqa: E402
 
 
 #
@@ -140,11 +141,13 @@ class PerfusionTranslationParameterNode:
     overlayOpacity - opacity of the perfusion overlay.
     """
 
-    inputCT: vtkMRMLScalarVolumeNode
-    lungMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    # Node unions name None: Slicer's parameterNodeWrapper writes None into a fresh node.
+    inputCT: Optional[vtkMRMLScalarVolumeNode]
+    lungMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
     lungMaskSegmentId: str = ""
-    modelPath: pathlib.Path
-    spect: vtkMRMLScalarVolumeNode
+    # Text, not pathlib.Path: an empty Path reads "." (the path widget is synced in the widget).
+    modelPath: str = ""
+    spect: Optional[vtkMRMLScalarVolumeNode]
     runInBackground: bool = True
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
 
@@ -171,19 +174,19 @@ class PerfusionTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = PerfusionTranslationLogic()
+        self.runPanel = RunPanel(self.ui, self.layout, _("Predicting the perfusion map"), cancel=self.logic.cancel,
+                                 refresh=self._updateGui)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.lungMaskSegmentSelector.connect("currentSegmentChanged(QString)", self.onLungMaskSegmentChanged)
-
-        self.ui.progressBar.setVisible(False)
-        self.ui.cancelButton.enabled = False
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self.logic.cancel()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -196,6 +199,7 @@ class PerfusionTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self.logic.cancel()  # a background run must not add nodes to the next scene
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -233,67 +237,38 @@ class PerfusionTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                 self.ui.lungMaskSegmentSelector.setCurrentNode(p.lungMask)
                 if p.lungMaskSegmentId:
                     self.ui.lungMaskSegmentSelector.setCurrentSegmentID(p.lungMaskSegmentId)
+            if self.ui.modelPathLineEdit.currentPath != p.modelPath:
+                self.ui.modelPathLineEdit.currentPath = p.modelPath
         finally:
             self._syncingSegments = False
-        running = self.logic.isRunning
-        hasModel = bool(p.modelPath) and str(p.modelPath) not in ("", ".")
-        ready = p.inputCT is not None and hasModel
+        running = self.logic.isRunning or self.runPanel.running
+        ready = p.inputCT is not None and bool(p.modelPath)
         self.ui.applyButton.enabled = ready and not running
-        self.ui.cancelButton.enabled = running
         self.ui.applyButton.toolTip = _("Predict the perfusion map") if ready else _("Select the CT and a model")
 
     def onLungMaskSegmentChanged(self, segmentId) -> None:
         if self._parameterNode and not self._syncingSegments:
             self._parameterNode.lungMaskSegmentId = segmentId or ""
 
+    def onModelPathChanged(self, path) -> None:
+        if self._parameterNode and not self._syncingSegments:
+            self._parameterNode.modelPath = path or ""
+
     def onApplyButton(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Predicting the perfusion map failed."), waitCursor=False):
-            try:
-                if not self.logic.ensureDependencies():
-                    return
-                self.ui.progressBar.setVisible(True)
-                self.ui.progressBar.value = 0
-                self.ui.statusLabel.text = _("Starting...")
-                background = p.runInBackground
-                nodes = self.logic.processWithParameterNode(p, waitForCompletion=not background,
-                                                            progressCallback=self.onProgress,
-                                                            completedCallback=self.onCompleted if background else None)
-                if not background:
-                    self.onCompleted({"nodes": nodes})
-            except PerfusionAIError as exc:
-                self.ui.progressBar.setVisible(False)
-                self.ui.statusLabel.text = _("Failed.")
-                slicer.util.errorDisplay(str(exc))
-            finally:
-                self._updateGui()
+        self.runPanel.run(
+            self.logic.ensureDependencies,
+            lambda progress, log, completed: self.logic.processWithParameterNode(
+                p, waitForCompletion=not p.runInBackground, progressCallback=progress, logCallback=log,
+                completedCallback=completed),
+            self.showResults, background=p.runInBackground)
 
-    def onCancelButton(self) -> None:
-        self.logic.cancel()
-        self.ui.statusLabel.text = _("Cancelling...")
-
-    def onProgress(self, fraction, message) -> None:
-        self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.statusLabel.text = message
-        if not self._parameterNode.runInBackground:
-            slicer.app.processEvents()
-
-    def onCompleted(self, outcome) -> None:
-        """``outcome``: {"nodes": ...} on success, {"cancelled": True} or {"error": message}."""
-        self.ui.progressBar.setVisible(False)
-        self._updateGui()
-        if outcome.get("cancelled"):
-            self.ui.statusLabel.text = _("Cancelled.")
-        elif outcome.get("error"):
-            self.ui.statusLabel.text = _("Failed.")
-            slicer.util.errorDisplay(_("Predicting the perfusion map failed:") + "\n" + outcome["error"])
-        else:
-            nodes = outcome["nodes"]
-            self.ui.statusLabel.text = _("Done: perfusion overlay, high/low function segmentation and "
-                                         "volumes added (model: {label}).").format(label=nodes["modelLabel"])
-            self.ui.resultsTableView.setMRMLTableNode(nodes["table"])
-            if nodes.get("evaluationTable") is not None:
-                self.ui.evaluationTableView.setMRMLTableNode(nodes["evaluationTable"])
+    def showResults(self, nodes) -> str:
+        self.ui.resultsTableView.setMRMLTableNode(nodes["table"])
+        if nodes.get("evaluationTable") is not None:
+            self.ui.evaluationTableView.setMRMLTableNode(nodes["evaluationTable"])
+        return _("Done: perfusion overlay, high/low function segmentation and volumes added "
+                 "(model: {label}).").format(label=nodes["modelLabel"])
 
 
 #
@@ -322,20 +297,20 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
     # -- dependencies -------------------------------------------------------------------
 
     def ensureDependencies(self) -> bool:
-        """torch through the PyTorch extension, other packages after one confirmation; False if declined."""
-        if not ensureTorch("Perfusion Translation"):
-            return False
-        return ensurePythonRequirements(slicer_support.missing_module_requirements(__file__), "PerfusionTranslation")
+        """torch (PyTorch extension) and the module's packages after one confirmation; False if declined."""
+        return ensureDependencies(_("Perfusion Translation"), moduleRequirements(__file__),
+                                  torchNeededBy=_("Perfusion Translation"))
 
     # -- processing ---------------------------------------------------------------------
 
-    def processWithParameterNode(self, p, waitForCompletion=True, progressCallback=None, completedCallback=None):
+    def processWithParameterNode(self, p, waitForCompletion=True, progressCallback=None, completedCallback=None,
+                                 logCallback=None):
         """Run :meth:`process` with the settings stored in a parameter node."""
-        model = str(p.modelPath) if p.modelPath and str(p.modelPath) not in ("", ".") else None
-        return self.process(p.inputCT, modelPath=model, lungMaskNode=p.lungMask,
+        return self.process(p.inputCT, modelPath=p.modelPath or None, lungMaskNode=p.lungMask,
                             lungMaskSegmentId=p.lungMaskSegmentId or None, spectNode=p.spect,
                             overlayOpacity=p.overlayOpacity, waitForCompletion=waitForCompletion,
-                            progressCallback=progressCallback, completedCallback=completedCallback)
+                            progressCallback=progressCallback, completedCallback=completedCallback,
+                            logCallback=logCallback)
 
     def _lungLabels(self, lungMaskNode, lungMaskSegmentId, geometry):
         """The lung mask as labels on the CT grid (label maps keep 1 right / 2 left), or None."""
@@ -350,7 +325,7 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
 
     def process(self, ctNode, modelPath, lungMaskNode=None, lungMaskSegmentId=None, spectNode=None,
                 overlayOpacity=0.5, showResults=True, waitForCompletion=True, progressCallback=None,
-                completedCallback=None):
+                completedCallback=None, logCallback=None):
         """Predict the perfusion map of ``ctNode`` and add the results to the scene.
 
         :param ctNode: chest CT volume in HU.
@@ -377,7 +352,7 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
             result = predict_perfusion(ctHU, geometry, model, labels, progress=progressCallback)
             return self._resultsToNodes(ctNode, result, geometry, settings)
         return self._startBackgroundProcess(ctNode, ctHU, geometry, labels, settings, progressCallback,
-                                            completedCallback)
+                                            completedCallback, logCallback)
 
     def _resultsToNodes(self, ctNode, result, geometry, settings):
         from perfusionai.ctpm.evaluation import evaluate_arrays
@@ -406,7 +381,8 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
         return {"perfusion": perfusionNode, "segmentation": segmentation, "table": table,
                 "evaluationTable": evaluationTable, "evaluation": evaluation, "modelLabel": result.model_label}
 
-    def _startBackgroundProcess(self, ctNode, ctHU, geometry, labels, settings, progressCallback, completedCallback):
+    def _startBackgroundProcess(self, ctNode, ctHU, geometry, labels, settings, progressCallback, completedCallback,
+                                logCallback=None):
         from perfusionai.ctpm.predict import build_predict_command, read_prediction, write_predict_inputs
 
         workDir = self._run.newWorkDir()
@@ -419,7 +395,8 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
             result, resultGeometry, _summary = read_prediction(outDir)
             return self._resultsToNodes(ctNode, result, resultGeometry, settings)
 
-        return self._run.start(command, readOutputs, progressCallback, completedCallback, cpuOnly=False)
+        return self._run.start(command, readOutputs, progressCallback, completedCallback, cpuOnly=False,
+                               logCallback=logCallback)
 
     def cancel(self) -> None:
         """Stop a running background prediction (the launcher and the Python process it started)."""
@@ -439,10 +416,25 @@ class PerfusionTranslationTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        # A clean Slicer lacks torch and some packages: install them through the module's own path
+        # (in testing mode Slicer confirms by itself), or skip naming them.
+        if not self._dependencies():
+            return
         self.setUp()
         self.test_PerfusionTranslation_InProcess()
         self.setUp()
         self.test_PerfusionTranslation_BackgroundProcess()
+
+    def _dependencies(self) -> bool:
+        try:
+            if PerfusionTranslationLogic().ensureDependencies():
+                return True
+        except PerfusionAIError as exc:
+            logging.error(str(exc))
+        missing = slicer_support.missing_requirements(moduleRequirements(__file__) + ["torch"])
+        self.delayDisplay(_("PerfusionTranslation self-test SKIPPED: needs {packages}").format(
+            packages=", ".join(missing)))
+        return False
 
     def _model(self):
         from perfusionai.ctpm.training import train_phantom_model

@@ -141,11 +141,13 @@ def test_extension_builds_with_the_real_macros(tmp_path, version, generator):
         shared = {out: targets for out, targets in writers.items() if len(targets) > 1}
         assert not shared, shared
 
+    # PerfusionAISlicerLib (imports qt/slicer, so only inside Slicer) lies where the modules import it from
+    assert "PerfusionAISlicerLib/__init__.py" in files
     # perfusionai imports and its CLI runs from the tree, not from the checkout or site-packages
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(tree)
     probe = subprocess.run([sys.executable, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                            "import perfusionai, PerfusionAISlicerLib; print(perfusionai.__file__)", str(tree)],
+                            "import perfusionai; print(perfusionai.__file__)", str(tree)],
                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert probe.returncode == 0, probe.stderr
     assert Path(probe.stdout.strip()).resolve().is_relative_to(tree.resolve()), probe.stdout

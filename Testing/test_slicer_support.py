@@ -152,11 +152,12 @@ def test_requirements_file_and_missing_check(tmp_path):
     assert support.missing_requirements(support.read_requirements(req)) == ["surely-not-installed-pkg-3141>=1"]
 
 
-def test_module_requirement_files_parse():
-    root = Path(__file__).resolve().parents[1] / "DSCDeconvolution" / "Resources"
-    for name in ("requirements.txt", "requirements-learned.txt"):
-        lines = support.read_requirements(root / name)
-        assert lines and all(not ln.lower().startswith(("torch", "numpy", "simpleitk", "vtk")) for ln in lines)
+@pytest.mark.parametrize("module", ["DSCDeconvolution", "PRMPredictor", "PerfusionTranslation", "DiffusionRelaxation"])
+def test_module_requirement_files_parse(module):
+    module_file = Path(__file__).resolve().parents[1] / module / f"{module}.py"
+    extras = ["learned"] if module == "DSCDeconvolution" else []
+    lines = support.module_requirements(module_file, extras)
+    assert lines and all(not ln.lower().startswith(("torch", "numpy", "simpleitk", "vtk")) for ln in lines)
 
 
 def test_background_environment_puts_the_package_first(tmp_path):
@@ -175,11 +176,11 @@ def test_python_launcher_prefers_pythonslicer():
 
 def test_missing_module_requirements_reads_the_module_resources_and_extras(tmp_path):
     module_file = tmp_path / "SomeModule" / "SomeModule.py"
-    resources = module_file.parent / "Resources"
+    resources = module_file.parent / "Resources" / "Requirements"
     resources.mkdir(parents=True)
     module_file.write_text("")
-    (resources / "requirements.txt").write_text("numpy\nsurely-not-installed-base-2718\n")
-    (resources / "requirements-learned.txt").write_text("scipy>=1.0\nsurely-not-installed-learned-2718>=2\n")
+    (resources / "SomeModule.txt").write_text("numpy\nsurely-not-installed-base-2718\n")
+    (resources / "SomeModule-learned.txt").write_text("scipy>=1.0\nsurely-not-installed-learned-2718>=2\n")
     assert support.missing_module_requirements(module_file) == ["surely-not-installed-base-2718"]
     assert support.missing_module_requirements(str(module_file), ["learned"]) == [
         "surely-not-installed-base-2718", "surely-not-installed-learned-2718>=2"]

@@ -233,6 +233,35 @@ def read_dsc_outputs(out_dir: str | os.PathLike) -> DSCOutput:
                      tissue_curve=np.asarray(tissue), medians=medians, units=units, summary=summary)
 
 
+def read_dr_outputs(out_dir: str | os.PathLike) -> tuple[dict, Optional[np.ndarray], dict]:
+    """Read what ``perfusionai dr fit|predict`` wrote: ``(maps, signals, summary)``.
+
+    maps: ``{name: float32 [k, j, i]}`` (``status`` left out); signals: the predicted advanced
+    series ``[k, j, i, volume]`` or None; summary: ``summary.json`` (for ``dr predict`` it holds the
+    model's ``algorithm``, ``strategy``, ``trained_on_phantoms`` and ``advanced_protocol``).
+    """
+    out = Path(out_dir)
+    summary_path = out / "summary.json"
+    if not summary_path.exists():
+        raise input_error(out, "has no summary.json; the diffusion-relaxation run did not finish")
+    summary = json.loads(summary_path.read_text())
+    maps = {}
+    for path in sorted(out.glob("*.nii.gz")):
+        name = path.name[: -len(".nii.gz")]
+        if name in ("status", "predicted_signals"):
+            continue
+        maps[name] = np.asarray(read_volume(path, name).array, dtype=np.float32)
+    if not maps:
+        raise input_error(out, "contains no maps")
+    signals = None
+    if (out / "predicted_signals.nii.gz").exists():
+        from .io import read_series
+
+        signals = np.asarray(read_series(out / "predicted_signals.nii.gz", tr=1.0, name="predicted signals").array,
+                             dtype=np.float32)
+    return maps, signals, summary
+
+
 # --------------------------------------------------------------------------------------
 # processes
 
@@ -319,18 +348,25 @@ def missing_requirements(requirements: Sequence[str]) -> list[str]:
     return missing
 
 
-def missing_module_requirements(module_file: str | os.PathLike, extras: Sequence[str] = ()) -> list[str]:
-    """The requirements of a Slicer module that are not installed.
+def module_requirements(module_file: str | os.PathLike, extras: Sequence[str] = ()) -> list[str]:
+    """The pip requirements of a Slicer module, from its own files.
 
-    Reads ``Resources/requirements.txt`` next to ``module_file`` (the module's
-    ``__file__``) and ``Resources/requirements-<extra>.txt`` for each of ``extras``
-    (e.g. ``"learned"``), in that order, and returns the lines whose package is missing.
+    Reads ``Resources/Requirements/<Module>.txt`` next to ``module_file`` (the module's
+    ``__file__``; ``<Module>`` is its stem) and ``Resources/Requirements/<Module>-<extra>.txt``
+    for each of ``extras`` (e.g. ``"learned"``), in that order. Each module names its files
+    after itself because all modules of an extension install into one ``Resources`` folder.
     """
-    resources = Path(module_file).resolve().parent / "Resources"
-    requirements = read_requirements(resources / "requirements.txt")
+    module = Path(module_file).resolve()
+    folder = module.parent / "Resources" / "Requirements"
+    requirements = read_requirements(folder / f"{module.stem}.txt")
     for extra in extras:
-        requirements += read_requirements(resources / f"requirements-{extra}.txt")
-    return missing_requirements(requirements)
+        requirements += read_requirements(folder / f"{module.stem}-{extra}.txt")
+    return requirements
+
+
+def missing_module_requirements(module_file: str | os.PathLike, extras: Sequence[str] = ()) -> list[str]:
+    """The lines of :func:`module_requirements` whose package is not installed."""
+    return missing_requirements(module_requirements(module_file, extras))
 
 
 #: What the modules ask the PyTorch extension to install when torch is missing.
