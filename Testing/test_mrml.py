@@ -335,7 +335,7 @@ def test_dsc_nodes_to_core_to_nodes_matches_truth(scene):
 
     # The overlay background is the browser's proxy volume, moved to the mid-bolus frame (the AIF peak).
     frame = int(np.argmax(result.aif))
-    assert browser.IsProxyNode(nodes["background"].GetID())
+    assert browser.IsProxyNodeID(nodes["background"].GetID())
     assert browser.GetSelectedItemNumber() == frame
     background, _ = mrml.array_from_volume_node(nodes["background"])
     np.testing.assert_array_equal(background, phantom.signal[..., frame])

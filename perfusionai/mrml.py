@@ -336,7 +336,7 @@ def sequence_of_proxy(node):
     scene = node.GetScene()
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode")):
         browser = scene.GetNthNodeByClass(index, "vtkMRMLSequenceBrowserNode")
-        if browser.IsProxyNode(node.GetID()):
+        if browser.IsProxyNodeID(node.GetID()):  # IsProxyNode(const char*) is deprecated
             return browser.GetSequenceNode(node)
     return None
 
@@ -786,7 +786,7 @@ def _browser_for_sequence(sequence_node):
     scene = _scene()
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode")):
         browser = scene.GetNthNodeByClass(index, "vtkMRMLSequenceBrowserNode")
-        if browser.IsSynchronizedSequenceNode(sequence_node.GetID(), True):
+        if browser.IsSynchronizedSequenceNodeID(sequence_node.GetID(), True):  # the const char* overload of IsSynchronizedSequenceNode is deprecated
             return browser
     return None
 
@@ -871,7 +871,7 @@ def dsc_output_to_nodes(output, series_node, prefix: str = "DSC", show: bool = T
         show_overlay(background, map_nodes[overlay_map], opacity=opacity, fit=True)
     created = list(map_nodes.values()) + [table, chart]
     browser = _browser_for_sequence(series_node) if series_node.IsA("vtkMRMLSequenceNode") else None
-    if browser is None or not browser.IsProxyNode(background.GetID()):
+    if browser is None or not browser.IsProxyNodeID(background.GetID()):
         created.append(background)
     _parent_with_input(created, series_node, f"{prefix} results")
     return {"maps": map_nodes, "table": table, "chart": chart, "plot": plot_nodes, "background": background}
