@@ -88,15 +88,22 @@ DEFAULT_MTT_BOUNDS = (0.3, 60.0)
 #: coarse start grid: delay step (s) and log-spaced MTT_r values (s).
 GRID_DELAY_STEP_S = 0.5
 GRID_MTT = tuple(np.geomspace(1.0, 24.0, 12))
-DEFAULT_MAX_ITERATIONS = 60
+DEFAULT_MAX_ITERATIONS = 40
+#: LM stopping tolerances: relative cost decrease and relative step (dr.fitting.levenberg_marquardt).
+LM_FTOL = 1e-4
+LM_XTOL = 1e-4
 #: SD of the Gaussian prior on log(alpha) around the population's shape (None: every voxel free).
-DEFAULT_SHAPE_PRIOR_SD = 0.3
+DEFAULT_SHAPE_PRIOR_SD = 0.0
 #: voxels (the strongest curves) whose free fits give the population's shape.
-SHAPE_SAMPLE_VOXELS = 2048
-DEFAULT_CHUNK_VOXELS = 8192
+SHAPE_SAMPLE_VOXELS = 1024
+DEFAULT_CHUNK_VOXELS = 4096
+#: AIF upsampling of the fast path's curve table (its time step is TR / TABLE_UPSAMPLE).
+TABLE_UPSAMPLE = 10
+#: log-MTT step of the fast path's curve table (1 %).
+MTT_TABLE_STEP = 0.01
 #: the AIF is interpolated by a natural cubic spline to steps of TR / AIF_UPSAMPLE, linear in between.
 AIF_UPSAMPLE = 3
-_TABLE_STEP = 1e-3
+_TABLE_STEP = 2e-3
 _TABLE_END = 40.0
 
 
@@ -262,6 +269,115 @@ class _Model:
         return kernel @ self.matrix
 
 
+class _CurveTable:
+    """Unit-F model curves ``G(s; MTT_r) = (C_a (*) R)(s)`` of one AIF and one shape on a grid of
+    ``s`` (step ``h``) x ``log MTT_r`` (step ``MTT_TABLE_STEP``), with ``dG/ds`` and ``dG/dlog MTT_r``.
+
+    A voxel's model is then ``F * G(t_n - delay; MTT_r)``, evaluated by bilinear interpolation --
+    the fast path used when every voxel shares one shape (the default). ``G`` is built with the exact
+    kernels of :class:`_Model` (closed-form gamma functions at the grid's MTT values) and one FFT
+    convolution per table.
+    """
+
+    def __init__(self, model: _Model, alpha: float, delay_bounds, mtt_bounds):
+        h = model.h
+        self.h = h
+        self.times = np.arange(model.n) * model.dt
+        s_lo = -delay_bounds[1] - 2 * h
+        s_hi = self.times[-1] - delay_bounds[0] + 2 * h
+        self.i_lo = int(np.floor(s_lo / h))
+        i_hi = int(np.ceil(s_hi / h))
+        step = MTT_TABLE_STEP
+        self.log_mtt0 = np.log(mtt_bounds[0]) - step
+        self.log_step = step
+        log_mtt = self.log_mtt0 + step * np.arange(int(np.ceil((np.log(mtt_bounds[1]) - self.log_mtt0) / step)) + 2)
+        self.n_mtt = log_mtt.size
+        mtt = np.exp(log_mtt)[:, None]
+        lags = np.arange(-2, i_hi + 2) * h                       # R2 points for K at lags -1 .. i_hi
+        sp = np.maximum(lags[None, :], 0.0)
+        u = sp / mtt
+        x = alpha * u
+        q = special.gammaincc(alpha, x)
+        p1 = special.gammainc(alpha + 1.0, x)
+        p2 = special.gammainc(alpha + 2.0, x)
+        r1 = mtt * (u * q + p1)
+        r2 = mtt * mtt * (0.5 * u * u * q + u * p1 - (alpha + 1.0) / (2.0 * alpha) * p2)
+
+        def dd(v):
+            return (v[:, 2:] - 2.0 * v[:, 1:-1] + v[:, :-2]) / h
+
+        kernels = np.stack([dd(r2), dd(r1), dd(2.0 * r2 - sp * r1)])  # (3, n_mtt, i_hi + 2): lags -1 .. i_hi
+        aif = model.fine_aif
+        length = i_hi + 2
+        extended = np.full(length, aif[-1])
+        extended[:min(length, aif.size)] = aif[:length]
+        size = 1 << int(np.ceil(np.log2(2 * length)))
+        conv = np.fft.irfft(np.fft.rfft(kernels, size) * np.fft.rfft(extended, size), size)[..., :length]
+        # conv[..., p] is G at s = (p - 1) h; the table starts at i_lo (G = 0 below s = -h)
+        self.n_s = i_hi - self.i_lo + 1
+        table = np.zeros((3, self.n_mtt, self.n_s))
+        first = -1 - self.i_lo
+        table[:, :, first:] = conv[:, :, :self.n_s - first]
+        # Every frame of a voxel shares the delay's fractional position w (frames are k = TR / h table
+        # steps apart), so the table is stored by residue class r = i mod k: row (j, r) holds
+        # G(s_(r + q k)) for q = 0, 1, ...; a voxel's N frames are then N consecutive entries of one row.
+        k = int(round(model.dt / h))
+        self.k = k
+        self.n_frames = model.n
+        per_class = -(-self.n_s // k) + 1
+        padded = np.zeros((3, self.n_mtt, per_class * k), np.float32)
+        padded[:, :, :self.n_s] = table
+        padded[:, :, self.n_s:] = table[:, :, -1:]
+        by_class = np.ascontiguousarray(padded.reshape(3, self.n_mtt, per_class, k).transpose(0, 1, 3, 2))
+        self.windows = np.lib.stride_tricks.sliding_window_view(by_class, model.n, axis=-1)  # (3, m, k, Q, N)
+        self.max_start = (per_class - model.n) * k - 1
+
+    def _corners(self, delay, log_mtt):
+        x = np.clip((self.times[0] - delay) * (1.0 / self.h) - self.i_lo, 0.0, self.max_start - 1e-6)
+        i = x.astype(np.int64)
+        w = (x - i).astype(np.float32)[:, None]
+        y = np.clip((log_mtt - self.log_mtt0) * (1.0 / self.log_step), 0.0, self.n_mtt - 1.000001)
+        j = y.astype(np.int64)
+        v = (y - j).astype(np.float32)[:, None]
+        return (i % self.k, i // self.k), ((i + 1) % self.k, (i + 1) // self.k), j, w, v
+
+    def _interpolate(self, which, corners):
+        (r0, q0), (r1, q1), j, w, v = corners
+        table = self.windows[which]
+        a = table[j, r0, q0]
+        low = a + w * (table[j, r1, q1] - a)
+        b = table[j + 1, r0, q0]
+        high = b + w * (table[j + 1, r1, q1] - b)
+        high -= low
+        high *= v
+        high += low
+        return high
+
+    def curves_and_derivatives(self, delay, log_mtt):
+        """Unit-F curves ``G`` and ``dG/d delay``, ``dG/d log MTT_r``, each ``(n, t)`` float32."""
+        corners = self._corners(delay, log_mtt)
+        return (self._interpolate(0, corners), -self._interpolate(1, corners), self._interpolate(2, corners))
+
+    def evaluate(self, p, with_jacobian):
+        """Model ``(n, t)`` and Jacobian ``(n, 3, t)`` for parameters ``(F, delay, log MTT_r)`` ``(n, 3)``."""
+        corners = self._corners(p[:, 1], p[:, 2])
+        f = p[:, 0:1]
+        g = self._interpolate(0, corners)
+        if not with_jacobian:
+            return f * g, None
+        jac = np.empty((p.shape[0], 3, g.shape[1]))
+        jac[:, 0] = g
+        jac[:, 1] = -f * self._interpolate(1, corners)
+        jac[:, 2] = f * self._interpolate(2, corners)
+        return f * g, jac
+
+    def atoms(self, delays, mtt_values):
+        """Unit-F model curves ``(K, t)`` of every ``(mtt, delay)`` pair of the two grids."""
+        log_mtt, delay = (g.ravel() for g in np.meshgrid(np.log(mtt_values), delays, indexing="ij"))
+        p = np.stack([np.ones_like(delay), delay, log_mtt], axis=1)
+        return self.evaluate(p, False)[0], delay, log_mtt
+
+
 def _lm():
     from ..dr.fitting import levenberg_marquardt
 
@@ -302,6 +418,135 @@ def _grid_start(model: _Model, curves: np.ndarray, delay_bounds, shape_bounds, c
     return start_values, projection, residual, int(usable.sum())
 
 
+def _varpro(table: "_CurveTable", y: np.ndarray, theta: np.ndarray, lower: np.ndarray, upper: np.ndarray,
+            max_iterations: int):
+    """Variable-projection Levenberg-Marquardt on ``theta = (delay, log MTT_r)`` ``(n, 2)`` for curves
+    ``y`` ``(n, t)``, F projected out (``F = max(0, <y, G> / <G, G>)``), all voxels together.
+
+    Kaufman's Jacobian of the projected residual ``r = y - F G``: ``J_k = -F (D_k - G <G, D_k> / <G, G>)``
+    with ``D_k = dG/d theta_k``; since ``r`` is orthogonal to ``G``, ``J^T r = -F <D_k, r>``. The 2 x 2
+    damped normal equations are solved in closed form; Marquardt damping, box bounds by projection and
+    the stopping rules of :func:`perfusionai.dr.fitting.levenberg_marquardt` (relative cost decrease
+    ``LM_FTOL``, relative step ``LM_XTOL``). One evaluation (curves and derivatives) per iteration.
+    Returns ``(F, theta, cost, status)``; status 1 converged, -1 iteration limit.
+    """
+    n = y.shape[0]
+    y32 = y.astype(np.float32, copy=False)
+    yy = np.einsum("ij,ij->i", y, y, dtype=np.float64)
+
+    def state(th, rows):
+        g, d1, d2 = table.curves_and_derivatives(th[:, 0], th[:, 1])
+        yr = y32[rows]
+        gg = np.einsum("ij,ij->i", g, g, dtype=np.float64)
+        yg = np.einsum("ij,ij->i", yr, g, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f = np.where(gg > 0, np.maximum(yg, 0.0) / gg, 0.0)
+        cost = np.maximum(yy[rows] - f * yg, 0.0)
+        return f, cost, (g, d1, d2, gg, yg)
+
+    def step(f, parts, rows, lam):
+        g, d1, d2, gg, yg = parts
+        r = y32[rows] - f.astype(np.float32)[:, None] * g
+        gd1 = np.einsum("ij,ij->i", g, d1, dtype=np.float64)
+        gd2 = np.einsum("ij,ij->i", g, d2, dtype=np.float64)
+        safe = np.where(gg > 0, gg, 1.0)
+        f2 = f * f
+        a11 = f2 * (np.einsum("ij,ij->i", d1, d1, dtype=np.float64) - gd1 * gd1 / safe)
+        a22 = f2 * (np.einsum("ij,ij->i", d2, d2, dtype=np.float64) - gd2 * gd2 / safe)
+        a12 = f2 * (np.einsum("ij,ij->i", d1, d2, dtype=np.float64) - gd1 * gd2 / safe)
+        b1 = f * np.einsum("ij,ij->i", d1, r, dtype=np.float64)     # = -J^T r
+        b2 = f * np.einsum("ij,ij->i", d2, r, dtype=np.float64)
+        floor = 1e-12 * (a11 + a22) + 1e-300
+        m11 = a11 + lam * np.maximum(a11, floor)
+        m22 = a22 + lam * np.maximum(a22, floor)
+        det = m11 * m22 - a12 * a12
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s1 = np.where(det > 0, (m22 * b1 - a12 * b2) / det, 0.0)
+            s2 = np.where(det > 0, (m11 * b2 - a12 * b1) / det, 0.0)
+        return np.stack([s1, s2], axis=1)
+
+    theta = np.clip(theta, lower, upper)
+    rows_all = np.arange(n)
+    f, cost, parts = state(theta, rows_all)
+    lam = np.full(n, 1e-3)
+    status = np.full(n, -1, np.int8)
+    active = np.flatnonzero(f > 0)
+    status[f <= 0] = 1                       # no positive projection: F = 0, nothing to fit
+    span = upper - lower
+    for _ in range(int(max_iterations)):
+        if active.size == 0:
+            break
+        sub = tuple(x[active] for x in parts[:3]) + (parts[3][active], parts[4][active])
+        delta = step(f[active], sub, active, lam[active])
+        trial = np.clip(theta[active] + delta, lower, upper)
+        f_try, cost_try, parts_try = state(trial, active)
+        better = np.isfinite(cost_try) & (cost_try < cost[active])
+        decrease = (cost[active] - cost_try) / np.maximum(cost[active], 1e-300)
+        moved = np.max(np.abs(trial - theta[active]) / (np.abs(theta[active]) + 1e-6 * span + 1e-300), axis=1)
+        accepted = active[better]
+        theta[accepted] = trial[better]
+        f[accepted] = f_try[better]
+        cost[accepted] = cost_try[better]
+        for whole, new in zip(parts, parts_try):
+            whole[accepted] = new[better]
+        lam[active] = np.where(better, np.maximum(lam[active] * 0.2, 1e-12), np.minimum(lam[active] * 5.0, 1e16))
+        done = (better & ((decrease < LM_FTOL) | (moved < LM_XTOL))) | (~better & (moved < LM_XTOL))
+        done |= lam[active] >= 1e16
+        done |= f[active] <= 0
+        status[active[done]] = 1
+        active = active[~done]
+    return f, theta, cost, status
+
+
+def _solve_fixed_shape(table: _CurveTable, work, lower, upper, max_iterations, chunk_voxels, delay_bounds,
+                       report):
+    """Grid start (CBF projected out) + batched LM on ``(F, delay, log MTT_r)`` with one shared shape."""
+    n_vox = work.shape[0]
+    delays = np.arange(max(delay_bounds[0], -3.0), min(delay_bounds[1], 12.0) + 1e-9, GRID_DELAY_STEP_S)
+    atoms, delay_vals, log_mtt = table.atoms(delays, np.asarray(GRID_MTT))
+    norms = np.linalg.norm(atoms, axis=1)
+    usable = norms > 0
+    unit = (atoms[usable] / norms[usable, None]).T.astype(np.float32)
+    delay_vals, log_mtt, norms = delay_vals[usable], log_mtt[usable], norms[usable]
+    params = np.empty((n_vox, 3))
+    cost = np.zeros(n_vox)
+    status = np.zeros(n_vox, np.int8)
+
+    def solve(bounds):
+        start, stop = bounds
+        y = work[start:stop]
+        scores = y.astype(np.float32) @ unit
+        best = np.argmax(scores, axis=1)
+        projection = np.maximum(scores[np.arange(stop - start), best], 0.0)
+        p0 = np.stack([projection / norms[best], delay_vals[best], log_mtt[best]], axis=1)
+        f, theta, c, st = _varpro(table, y, p0[:, 1:], lower[1:], upper[1:], max_iterations)
+        return np.concatenate([f[:, None], theta], axis=1), c, st
+
+    # Chunks run on as many threads as the BLAS pool has (numpy releases the GIL in the array work),
+    # each with single-threaded BLAS -- the scheme of the oSVD scan (deconvolution._osvd).
+    from . import deconvolution as dec
+
+    blocks = [(start, min(n_vox, start + chunk_voxels)) for start in range(0, n_vox, chunk_voxels)]
+    workers = min(dec._blas_threads(), len(blocks))
+    with dec._single_threaded_blas():
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            executor = ThreadPoolExecutor(max_workers=workers)
+            results = executor.map(solve, blocks)
+        else:
+            executor = None
+            results = map(solve, blocks)
+        try:
+            for (start, stop), (p, c, st) in zip(blocks, results):
+                params[start:stop], cost[start:stop], status[start:stop] = p, c, st
+                report(0.3 + 0.7 * stop / n_vox, "parametric fit: Levenberg-Marquardt")
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+    return params, cost, status
+
+
 def fit_parametric(
     concentration: np.ndarray,
     aif: np.ndarray,
@@ -309,6 +554,7 @@ def fit_parametric(
     delay_bounds: Tuple[float, float] = DEFAULT_DELAY_BOUNDS,
     mtt_bounds: Tuple[float, float] = DEFAULT_MTT_BOUNDS,
     shape_bounds: Tuple[float, float] = DEFAULT_SHAPE_BOUNDS,
+    shape: Optional[float] = None,
     shape_prior_sd: Optional[float] = DEFAULT_SHAPE_PRIOR_SD,
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
     chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
@@ -337,7 +583,9 @@ def fit_parametric(
     c = np.asarray(concentration)
     if c.ndim < 1:
         raise input_error("concentration", "expected curves with time on the last axis")
-    curves = c.reshape(-1, c.shape[-1]).astype(np.float64, copy=False)
+    curves = c.reshape(-1, c.shape[-1])
+    if curves.dtype not in (np.float32, np.float64):
+        curves = curves.astype(np.float64)
     a = np.asarray(aif, dtype=np.float64).ravel()
     n_vox, n_t = curves.shape
     if a.size != n_t:
@@ -357,17 +605,18 @@ def fit_parametric(
         raise ParameterError("parametric_shape_bounds",
                              f"need {SHAPE_NODES[0]:g} <= lower <= upper <= {SHAPE_NODES[-1]:.3g}, "
                              f"got {tuple(shape_bounds)}")
+    if shape is not None and not (np.isfinite(shape) and shape > 0):
+        raise ParameterError("parametric_shape", f"the gamma shape must be positive, got {shape}")
     report = as_progress(progress)
     model = _Model(a, dt, (lo_d, hi_d), AIF_UPSAMPLE, "cubic")
-    finite = np.all(np.isfinite(curves), axis=1)
-    work = np.where(finite[:, None], curves, 0.0)
+    finite = np.isfinite(curves.sum(axis=1))
+    work = curves if finite.all() else np.where(finite[:, None], curves, 0)  # the input is never modified
 
-    params, projection, grid_residual, n_candidates = _grid_start(
-        model, work, (lo_d, hi_d), (lo_a, hi_a), chunk_voxels, report)
-    f_upper = 100.0 * max(float(np.max(params[:, 0], initial=0.0)), 1e-3)
+    # F's upper bound: 100 x the largest flow any unit curve of the model could need for any voxel
+    peak_unit = float(np.max(model.fine_aif)) * model.dt
+    f_upper = 100.0 * max(float(np.max(np.abs(work), initial=0.0)) / max(peak_unit, 1e-12), 1e-3)
     lower = np.array([0.0, lo_d, np.log(lo_m), np.log(lo_a)])
     upper = np.array([f_upper, hi_d, np.log(hi_m), np.log(hi_a)])
-    params = np.clip(params, lower, upper)
     levenberg_marquardt = _lm()
 
     def solve(rows, start_values, prior_centre=None, prior_weight=None, fraction=(0.3, 1.0)):
@@ -379,7 +628,7 @@ def fit_parametric(
         for first in range(0, rows.size, chunk_voxels):
             last = min(rows.size, first + chunk_voxels)
             part = rows[first:last]
-            y = work[part]
+            y = work[part].astype(np.float64)
             weight = None
             if prior_weight is not None:
                 weight = prior_weight[part]
@@ -406,7 +655,7 @@ def fit_parametric(
             count = last - first
             p_chunk, cost_chunk, status_chunk = levenberg_marquardt(
                 evaluate, out[first:last], y, np.broadcast_to(lower, (count, 4)),
-                np.broadcast_to(upper, (count, 4)), max_iter=int(max_iterations), ftol=1e-8, xtol=1e-7)
+                np.broadcast_to(upper, (count, 4)), max_iter=int(max_iterations), ftol=LM_FTOL, xtol=LM_XTOL)
             if weight is not None:
                 cost_chunk = np.maximum(cost_chunk - (weight * (p_chunk[:, 3] - prior_centre)) ** 2, 0.0)
             out[first:last] = p_chunk
@@ -418,31 +667,52 @@ def fit_parametric(
 
     every = np.arange(n_vox)
     shape_centre = None
-    if shape_prior_sd is not None and np.isfinite(shape_prior_sd) and lo_a < hi_a:
-        if not shape_prior_sd > 0:
-            raise ParameterError("parametric_shape_prior_sd", f"must be positive, got {shape_prior_sd}")
-        # 1. the population's shape: free fits of the strongest curves (highest projection)
-        sample = np.argsort(-projection)[:min(n_vox, SHAPE_SAMPLE_VOXELS)]
-        p_sample, _, s_sample = solve(sample, params[sample], fraction=(0.3, 0.45))
+    mode = "fixed" if shape is not None else (
+        "free" if shape_prior_sd is None or not np.isfinite(shape_prior_sd) else
+        "population" if shape_prior_sd == 0 else "prior")
+    if mode == "prior" and not shape_prior_sd > 0:
+        raise ParameterError("parametric_shape_prior_sd", f"must be >= 0, got {shape_prior_sd}")
+    if mode in ("population", "prior") and lo_a < hi_a:
+        # the population's shape: free fits of a sample of strong curves (50th-99th energy percentile)
+        energy = np.einsum("ij,ij->i", work, work, dtype=np.float64)
+        low, high = np.percentile(energy, [50, 99]) if n_vox > 1 else (-np.inf, np.inf)
+        pool = np.flatnonzero((energy >= low) & (energy <= high))
+        pool = pool if pool.size else every
+        sample = np.sort(np.random.default_rng(0).permutation(pool)[:SHAPE_SAMPLE_VOXELS])
+        start, _, _, _ = _grid_start(model, work[sample].astype(np.float64), (lo_d, hi_d), (lo_a, hi_a), chunk_voxels, report)
+        p_sample, _, s_sample = solve(sample, np.clip(start, lower, upper), fraction=(0.1, 0.3))
         good = (s_sample == 1) & (p_sample[:, 0] > 0)
-        log_shapes = p_sample[good, 3] if good.any() else p_sample[:, 3]
-        shape_centre = float(np.median(log_shapes))
-        # 2. every voxel with a Gaussian prior on log alpha around it, weighted by the voxel's noise
-        sigma = np.sqrt(grid_residual / max(n_t - 4, 1))
-        weight = np.maximum(sigma, 1e-12) / float(shape_prior_sd)
-        start_values = params.copy()
-        start_values[:, 3] = np.clip(shape_centre, lower[3], upper[3])
-        params, cost, status = solve(every, start_values, np.full(n_vox, shape_centre), weight,
-                                     fraction=(0.45, 1.0))
+        shape_centre = float(np.median(p_sample[good, 3] if good.any() else p_sample[:, 3]))
+    elif mode == "fixed":
+        shape_centre = float(np.log(shape))
+    elif mode == "population":
+        shape_centre = float(np.log(lo_a))
+    if mode in ("fixed", "population"):
+        alpha = float(np.exp(shape_centre))
+        table = _CurveTable(_Model(a, dt, (lo_d, hi_d), TABLE_UPSAMPLE, "cubic"), alpha, (lo_d, hi_d), (lo_m, hi_m))
+        params, cost, status = _solve_fixed_shape(table, work, lower[:3], upper[:3], max_iterations,
+                                                   chunk_voxels, (lo_d, hi_d), report)
+        params = np.concatenate([params, np.full((n_vox, 1), shape_centre)], axis=1)
+        n_candidates = None
     else:
-        params, cost, status = solve(every, params)
+        params, projection, grid_residual, n_candidates = _grid_start(
+            model, work, (lo_d, hi_d), (lo_a, hi_a), chunk_voxels, report)
+        params = np.clip(params, lower, upper)
+        if mode == "prior":
+            # every voxel with a Gaussian prior on log alpha around the population's, weighted by its noise
+            sigma = np.sqrt(grid_residual / max(n_t - 4, 1))
+            weight = np.maximum(sigma, 1e-12) / float(shape_prior_sd)
+            params[:, 3] = np.clip(shape_centre, lower[3], upper[3])
+            params, cost, status = solve(every, params, shape_centre, weight, fraction=(0.3, 1.0))
+        else:
+            params, cost, status = solve(every, params)
 
     f, delay, mtt_r, shape = params[:, 0], params[:, 1], np.exp(params[:, 2]), np.exp(params[:, 3])
-    mean = work.mean(axis=1, keepdims=True)
-    total = np.sum((work - mean) ** 2, axis=1)
+    total = (np.einsum("ij,ij->i", work, work, dtype=np.float64)
+             - work.sum(axis=1, dtype=np.float64) ** 2 / n_t)          # sum of squares about the mean
     with np.errstate(divide="ignore", invalid="ignore"):
         r2 = np.where(total > 0, 1.0 - cost / total, np.nan)
-        peak = np.max(np.abs(work), axis=1)
+        peak = np.maximum(work.max(axis=1), -work.min(axis=1)).astype(np.float64)
         nrmse = np.where(peak > 0, np.sqrt(cost / n_t) / peak, np.nan)
     converged = (status == 1) & finite & np.all(np.isfinite(params), axis=1)
     span = upper - lower
@@ -451,13 +721,13 @@ def fit_parametric(
     info = {
         "method": "parametric", "model": "delayed gamma-distributed transit times (Mouridsen 2006)",
         "delay_bounds_s": [lo_d, hi_d], "mtt_bounds_s": [lo_m, hi_m], "shape_bounds": [lo_a, hi_a],
-        "grid_candidates": n_candidates, "max_iterations": int(max_iterations),
+        "shape_mode": mode, "max_iterations": int(max_iterations),
         "n_voxels": int(n_vox), "n_converged": int(converged.sum()),
         "n_not_converged": int(n_vox - converged.sum()), "n_at_bound": int(at_bound.sum()),
         "n_non_finite_curves": int(n_vox - finite.sum()),
         "r2_median": float(np.nanmedian(r2)) if np.any(np.isfinite(r2)) else None,
-        "shape_prior": None if shape_centre is None else {"centre": float(np.exp(shape_centre)),
-                                                           "sd_log": float(shape_prior_sd)},
+        "shape": None if shape_centre is None else float(np.exp(shape_centre)),
+        "shape_prior_sd_log": float(shape_prior_sd) if mode == "prior" else None,
     }
     return ParametricResult(cbf=f, delay=delay, mtt_residue=mtt_r, shape=shape, cbv_model=f * mtt_r, r2=r2,
                             nrmse=nrmse, converged=converged, at_bound=at_bound, dt=float(dt), info=info)
