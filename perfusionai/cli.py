@@ -14,12 +14,14 @@ Everything every verb shares is applied here, once:
   raises, so :func:`perfusionai.io.atomic_output_dir` removes its stage);
 * warnings about inputs (:class:`~perfusionai.errors.PerfusionAIWarning`) print as one
   ``perfusionai: warning: ...`` line;
-* outputs are recorded under the verb's name (:func:`perfusionai.io.run_label`).
+* outputs are recorded under the verb's name (:func:`perfusionai.io.run_label`), and every
+  existing path among the options is an input no output may overwrite (:func:`perfusionai.io.run_inputs`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -32,7 +34,7 @@ from .ctpm import cli as ctpm_cli
 from .dr import cli as dr_cli
 from .dsc import cli as dsc_cli
 from .errors import Cancelled, ParameterError, PerfusionAIError, PerfusionAIWarning
-from .io import no_space_reason, run_label
+from .io import no_space_reason, run_inputs, run_label
 from .lobes import cli as lobes_cli
 from .prm import cli as prm_cli
 
@@ -148,6 +150,23 @@ def _show_warning(previous):
     return show
 
 
+#: argparse destinations that name where a verb writes, never what it reads
+_OUTPUT_DESTS = {"out", "out_dir", "output"}
+
+
+def _input_paths(args: argparse.Namespace) -> list:
+    """Every existing file or folder among the verb's option values except its output: its inputs,
+    which :func:`perfusionai.io.atomic_output_dir` never overwrites or deletes."""
+    found = []
+    for dest, value in vars(args).items():
+        if dest in _OUTPUT_DESTS or callable(value):
+            continue
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, (str, os.PathLike)) and str(item) and os.path.exists(item):
+                found.append(os.fspath(item))
+    return found
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -155,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     previous_handler = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     label = " ".join(str(w) for w in (getattr(args, "domain", None), getattr(args, "verb", None)) if w)
     try:
-        with warnings.catch_warnings(), run_label(label or "perfusionai"):
+        with warnings.catch_warnings(), run_label(label or "perfusionai"), run_inputs(_input_paths(args)):
             warnings.simplefilter("always", PerfusionAIWarning)
             warnings.showwarning = _show_warning(warnings.showwarning)
             return int(args.handler(args) or 0)

@@ -38,7 +38,7 @@ from .geometry import Geometry, Series, Volume
 
 __all__ = ["Geometry", "Volume", "Series", "IMAGE_SUFFIXES", "read_volume", "read_series", "read_mask",
            "read_labels", "check_same_grid", "to_sitk", "from_sitk", "write_volume", "write_series",
-           "atomic_output_dir", "run_label", "MANIFEST_NAME", "write_json", "check_finite_series", "check_finite_values"]
+           "atomic_output_dir", "run_label", "run_inputs", "MANIFEST_NAME", "write_json", "check_finite_series", "check_finite_values"]
 
 #: File endings read as single image files.
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".seq.nrrd")
@@ -686,6 +686,19 @@ MANIFEST_NAME = ".perfusionai-outputs.json"
 _NO_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG, errno.EROFS}
 
 _RUN_LABEL: contextvars.ContextVar[str] = contextvars.ContextVar("perfusionai_run_label", default="python")
+_RUN_INPUTS: contextvars.ContextVar[tuple] = contextvars.ContextVar("perfusionai_run_inputs", default=())
+
+
+@contextlib.contextmanager
+def run_inputs(paths: Sequence[str | os.PathLike]) -> Iterator[None]:
+    """Declare the input files of the run inside this block (the command line: every existing
+    path among the verb's options). :func:`atomic_output_dir` refuses to overwrite or delete any
+    of them, on top of the ``inputs`` its caller passes."""
+    token = _RUN_INPUTS.set(tuple(str(p) for p in paths))
+    try:
+        yield
+    finally:
+        _RUN_INPUTS.reset(token)
 
 
 @contextlib.contextmanager
@@ -777,7 +790,8 @@ def atomic_output_dir(out_dir: str | os.PathLike, inputs: Sequence[str | os.Path
       beside a summary that contradicts it. Nothing else is ever deleted: an existing
       *folder* named like an output that no perfusionai run wrote is refused (one line), and
       files of other names are never touched. An existing file of an output's name is replaced.
-    * ``inputs``: the run's input files. A run whose outputs would overwrite or delete one of
+    * ``inputs``: the run's input files (the command line adds every existing path among the
+      verb's options, :func:`run_inputs`). A run whose outputs would overwrite or delete one of
       them is refused before anything in ``out_dir`` changes (``--out`` set to the inputs'
       folder with an input named like an output).
 
@@ -787,7 +801,8 @@ def atomic_output_dir(out_dir: str | os.PathLike, inputs: Sequence[str | os.Path
     if out.exists() and not out.is_dir():
         raise input_error(out, "output path exists and is not a folder")
     label = owner or _RUN_LABEL.get()
-    protected = [Path(os.path.realpath(os.fspath(p))) for p in inputs if p is not None and str(p) != ""]
+    protected = [Path(os.path.realpath(os.fspath(p))) for p in (*inputs, *_RUN_INPUTS.get())
+                 if p is not None and str(p) != ""]
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
