@@ -112,3 +112,100 @@ def test_train_refuses_a_cohort_without_reference(tmp_path, capsys):
     assert rc == 2
     assert "missing column(s) prm" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_predict_never_overwrites_its_inputs(cohort, trained_model, tmp_path, capsys):
+    """Issue 13.1: --reference S/prm.nii.gz --out S would replace the reference PRM: refused, input untouched."""
+    import shutil
+
+    root, _, _ = cohort
+    subject = tmp_path / "S"
+    shutil.copytree(root / "mri004", subject)
+    before = (subject / "prm.nii.gz").read_bytes()
+    rc = main(["prm", "predict", "--vibe", str(subject / "vibe.nii.gz"), "--lung-mask",
+               str(subject / "lung_mask.nii.gz"), "--reference", str(subject / "prm.nii.gz"),
+               "--model", str(trained_model), "--out", str(subject), "--device", "cpu", "--progress", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "prm.nii.gz" in err and len(err.strip().splitlines()) == 1
+    assert (subject / "prm.nii.gz").read_bytes() == before
+    assert not (subject / "summary.json").exists()
+
+
+def test_predict_refuses_nan_inside_the_lung_naming_the_file(cohort, trained_model, tmp_path, capsys):
+    """Issue 13.8: NaN voxels inside the lung were labelled (most as emphysema); now refused by file name.
+    NaN outside the lung is never used and is accepted."""
+    root, _, phantoms = cohort
+    sub = root / "mri004"
+    vibe = read_volume(sub / "vibe.nii.gz")
+    lung = phantoms[4].lung_labels > 0
+    arr = vibe.array.astype(np.float32).copy()
+    inside = np.argwhere(lung)[:302]
+    arr[tuple(inside.T)] = np.nan
+    bad = tmp_path / "vibe_nan.nii.gz"
+    write_volume(arr, vibe.geometry, bad)
+    out = tmp_path / "out"
+    rc = main(["prm", "predict", "--vibe", str(bad), "--lung-mask", str(sub / "lung_mask.nii.gz"),
+               "--model", str(trained_model), "--out", str(out), "--device", "cpu", "--progress", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(bad) in err and "302 NaN" in err and not out.exists()
+    outside_nan = vibe.array.astype(np.float32).copy()
+    outside_nan[~lung] = np.nan
+    ok = tmp_path / "vibe_nan_outside.nii.gz"
+    write_volume(outside_nan, vibe.geometry, ok)
+    rc = main(["prm", "predict", "--vibe", str(ok), "--lung-mask", str(sub / "lung_mask.nii.gz"),
+               "--model", str(trained_model), "--out", str(out), "--device", "cpu", "--progress", "none"])
+    assert rc == 0
+    assert set(np.unique(read_volume(out / "prm.nii.gz").array[lung])) <= {1, 2, 3}
+
+
+def test_predict_names_the_mask_file_that_is_on_another_grid(cohort, trained_model, tmp_path, capsys):
+    """Issue 13.13: a lung mask on another grid is named (it used to blame --vibe)."""
+    root, _, phantoms = cohort
+    sub = root / "mri004"
+    mask = tmp_path / "mask_other_grid.nii.gz"
+    g = phantoms[4].geometry
+    shifted = Geometry(g.shape, g.spacing, tuple(o + 7.0 for o in g.origin), g.direction)
+    write_volume(phantoms[4].lung_labels.astype(np.uint8), shifted, mask)
+    rc = main(["prm", "predict", "--vibe", str(sub / "vibe.nii.gz"), "--lung-mask", str(mask),
+               "--model", str(trained_model), "--out", str(tmp_path / "o"), "--device", "cpu", "--progress", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: {mask}:" in err  # the message starts with the mask's file name
+    assert "lung mask is not on the grid of the VIBE" in err and str(sub / "vibe.nii.gz") in err
+
+
+@pytest.fixture(scope="module")
+def phantom_cohort_csv(tmp_path_factory):
+    cohort_dir = tmp_path_factory.mktemp("prm_phantom_cmd") / "mri_cohort"
+    assert main(["prm", "phantom", "--mri-cohort", "--subjects", "5", "--out", str(cohort_dir),
+                 "--progress", "none"]) == 0
+    return cohort_dir / "cohort.csv"
+
+
+def test_mri_cohort_phantom_feeds_predict_and_ablation_as_written(phantom_cohort_csv, trained_model, tmp_path):
+    """Issue 16: 'prm phantom --mri-cohort' writes a cohort that the MRI verbs accept as written
+    (training on it: the slow test below; the cohort is read by training's own reader here)."""
+    from perfusionai.prm.mri_training import is_phantom_cohort, load_split
+
+    cases = load_split(phantom_cohort_csv, "all")
+    assert len(cases) == 5 and {c.split for c in cases} == {"train", "val", "test"}
+    assert is_phantom_cohort(phantom_cohort_csv)
+    subject = phantom_cohort_csv.parent / cases[0].subject
+    assert main(["prm", "predict", "--vibe", str(subject / "vibe.nii.gz"), "--lung-mask",
+                 str(subject / "lung_mask.nii.gz"), "--lobes", str(subject / "lobes.nii.gz"), "--reference",
+                 str(subject / "prm.nii.gz"), "--model", str(trained_model), "--out", str(tmp_path / "pred"),
+                 "--device", "cpu", "--progress", "none"]) == 0
+    assert main(["prm", "ablation", "--cohort", str(phantom_cohort_csv), "--model", str(trained_model),
+                 "--out", str(tmp_path / "ablation"), "--device", "cpu", "--progress", "none"]) == 0
+    assert "All 4" in (tmp_path / "ablation" / "ablation.txt").read_text()
+    evaluation = json.loads((tmp_path / "ablation" / "evaluation.json").read_text())
+    assert evaluation["trained_on_phantoms"] is True
+    assert evaluation["subjects"] == [c.subject for c in cases if c.split == "test"]
+
+
+@pytest.mark.slow
+def test_mri_cohort_phantom_trains_as_written(phantom_cohort_csv, tmp_path):
+    model = tmp_path / "model"
+    assert main(["prm", "train", "--cohort", str(phantom_cohort_csv), "--out", str(model), "--epochs", "1",
+                 "--batch-size", "2", "--shape", "16", "28", "32", "--kernel-size", "3", "--device", "cpu",
+                 "--progress", "none"]) == 0
+    assert json.loads((model / "model.json").read_text())["trained_on_phantoms"] is True

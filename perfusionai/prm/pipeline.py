@@ -158,15 +158,11 @@ class PRMFit:
 PRMResult = PRMFit
 
 
-def _output_dir(folder, inputs):
-    """``io.atomic_output_dir`` with the inputs guard when the io module has it."""
-    import inspect
-
+def _output_dir(folder, inputs=()):
+    """``io.atomic_output_dir`` refusing to overwrite any of ``inputs`` (the run's input files)."""
     from ..io import atomic_output_dir
 
-    if inputs and "inputs" in inspect.signature(atomic_output_dir).parameters:
-        return atomic_output_dir(folder, inputs=[str(p) for p in inputs if p])
-    return atomic_output_dir(folder)
+    return atomic_output_dir(folder, inputs=[str(p) for p in inputs if p])
 
 
 # ------------------------------------------------------------------------------ input checks
