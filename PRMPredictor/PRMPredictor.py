@@ -52,7 +52,14 @@ _makePerfusionAIImportable()
 from perfusionai import mrml  # noqa: E402
 from perfusionai import slicer_support  # noqa: E402
 from perfusionai.errors import PerfusionAIError  # noqa: E402
-from PerfusionAISlicerLib import BackgroundRun, RunPanel, computeDevice, ensureDependencies, moduleRequirements  # noqa: E402
+from PerfusionAISlicerLib import (  # noqa: E402
+    BackgroundRun,
+    RunPanel,
+    computeDevice,
+    ensureDependencies,
+    moduleRequirements,
+    workDirectory,
+)
 from perfusionai.labels import PRM_LABELS  # noqa: E402
 from perfusionai.prm.lobes_import import CONVENTIONS  # noqa: E402
 
@@ -343,7 +350,7 @@ class PRMPredictorLogic(ScriptedLoadableModuleLogic):
         options = PRMOptions(registration=RegistrationOptions(threads=settings["threads"]),
                              register=settings["register"])
         result = compute_prm(insp, exp, lobes=lobeLabels, options=options, progress=progressCallback)
-        workDir = slicer.util.tempDirectory("PRMPredictor")
+        workDir = workDirectory("PRMPredictor")
         try:
             try:
                 write_prm_outputs(result, workDir)

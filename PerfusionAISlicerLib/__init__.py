@@ -128,6 +128,14 @@ def computeDevice(choice="auto"):
 # background runs
 
 
+def workDirectory(name) -> str:
+    """A new, unique folder under Slicer's temporary folder (``slicer.app.temporaryPath``)."""
+    import tempfile
+
+    os.makedirs(slicer.app.temporaryPath, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"{name}-", dir=slicer.app.temporaryPath)
+
+
 class BackgroundRun:
     """A ``perfusionai`` command run in a background process of the Slicer application.
 
@@ -171,7 +179,7 @@ class BackgroundRun:
 
     def newWorkDir(self) -> str:
         """A fresh temporary folder for this run's inputs and outputs (removed when the run ends)."""
-        self.workDir = slicer.util.tempDirectory(self.name)
+        self.workDir = workDirectory(self.name)
         return self.workDir
 
     def start(self, command, readOutputs, progressCallback=None, completedCallback=None, waitForCompletion=False,

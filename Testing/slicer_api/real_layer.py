@@ -14,6 +14,9 @@ What is *not* Slicer's code here, and why:
   placeholder has no methods, so any code that really uses a widget fails loudly.
 * ``slicer.qMRML*`` / ``slicer.qSlicer*`` widget classes named at import time are placeholders
   the same way.
+* ``slicer.modules.sequences.logic()`` and ``slicer.modules.plots.logic()`` are slicer-core's real
+  ``vtkSlicerSequencesLogic`` (the ``scene`` fixture's) and ``vtkSlicerPlotsLogic``, as the
+  application's Sequences and Plots modules provide them.
 * ``slicer.app`` is :class:`HeadlessApplication`: the few application calls the non-GUI code
   makes (``translate``, ``testingEnabled``, ``layoutManager() -> None`` as with
   ``--no-main-window``, ``temporaryPath``, ``startupEnvironment``, ``connect`` of application
@@ -241,6 +244,12 @@ def slicer_layer(version: str, scene, testing: bool = True):
         slicer.app = app
         slicer.mrmlScene = scene
         slicer.modules = types.SimpleNamespace()
+        if getattr(scene, "sequences_logic", None) is not None:
+            # the Sequences module's logic, as slicer.modules.sequences.logic() gives it in the application
+            slicer.modules.sequences = types.SimpleNamespace(logic=lambda: scene.sequences_logic)
+        plots = slicer.vtkSlicerPlotsLogic()
+        plots.SetMRMLScene(scene)
+        slicer.modules.plots = types.SimpleNamespace(logic=lambda: plots)
         slicer.selfTests = {}
         layer_names: set[str] = set()
 
@@ -276,4 +285,6 @@ def slicer_layer(version: str, scene, testing: bool = True):
         for k in [k for k in slicer.__dict__ if k not in saved_attrs]:
             del slicer.__dict__[k]
         slicer.__dict__.update(saved_attrs)
+        if "plots" in locals():
+            plots.SetMRMLScene(None)
         tmp.cleanup()

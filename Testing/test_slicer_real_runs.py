@@ -1,0 +1,186 @@
+"""The modules' bridges on Slicer's REAL Python layer (5.10.0 and 5.12.3) with real files and processes.
+
+Logic classes of our module files run on ``slicer-core``'s MRML with Slicer's own ``util.py`` of
+each version (``launchConsoleProcess``, ``startupEnvironment``, ``tempDirectory``...): the inputs
+are written from scene nodes, ``perfusionai <job argv> --progress lines`` runs in a real
+subprocess, and the outputs are read back into nodes. No widget behaviour is checked: the
+``qt.QTimer`` that polls a run inside Slicer is replaced by calling ``BackgroundRun.poll()`` here
+(see ``Testing/slicer_api/real_layer.py`` for the placeholders), and ``slicer.app`` is the
+headless stand-in (``aboutToQuit()`` is emitted by the test as the application would).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "slicer_api"))
+import real_layer  # noqa: E402
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML classes for Python) is not installed")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+if not real_layer.available():
+    pytest.skip(real_layer.SKIP_REASON, allow_module_level=True)
+
+
+@pytest.fixture(params=real_layer.VERSIONS)
+def layer(request, scene, monkeypatch):
+    with real_layer.slicer_layer(request.param, scene) as loaded:
+        lib = sys.modules.get("PerfusionAISlicerLib") or __import__("PerfusionAISlicerLib")
+        # Inside Slicer a qt.QTimer calls poll(); here the test calls it.
+        monkeypatch.setattr(lib.BackgroundRun, "_startPolling", lambda self: None)
+        yield loaded
+
+
+def _follow(run, timeout=120.0):
+    deadline = time.time() + timeout
+    while not run.poll():
+        assert time.time() < deadline, "the background run did not finish"
+        time.sleep(0.05)
+
+
+def test_diffusion_relaxation_background_run_matches_in_process(layer):
+    mod = layer.load_module("DiffusionRelaxation")
+    scene = mod.loadDRPhantom(shape=(2, 6, 6), snr=None)
+    logic = mod.DiffusionRelaxationLogic()
+    outcomes, progress, log = [], [], []
+    assert logic.process(scene["series"], mode="Fit", model="clinical", maskNode=scene["body"],
+                         waitForCompletion=False, progressCallback=lambda f, m: progress.append(f),
+                         completedCallback=outcomes.append, logCallback=log.append) is None
+    assert logic.isRunning
+    _follow(logic._run)
+    assert len(outcomes) == 1 and "nodes" in outcomes[0], outcomes
+    assert progress and progress[-1] == 1.0
+    here = logic.process(scene["series"], mode="Fit", model="clinical", maskNode=scene["body"])
+    body = scene["phantom"].body
+    assert sorted(outcomes[0]["nodes"]["maps"]) == sorted(here["maps"])
+    for name, node in here["maps"].items():
+        a, ga = layer.slicer.util.arrayFromVolume(node), None
+        b = layer.slicer.util.arrayFromVolume(outcomes[0]["nodes"]["maps"][name])
+        np.testing.assert_allclose(b[body], a[body], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert outcomes[0]["nodes"]["table"].GetNumberOfRows() == here["table"].GetNumberOfRows()
+    assert logic._run.workDir is None  # the run's temporary folder is gone
+
+
+def test_dsc_background_run_matches_in_process(layer):
+    mod = layer.load_module("DSCDeconvolution")
+    built = mod.loadDSCPhantom(shape=(2, 8, 8), n_frames=40, snr=float("inf"), tumour=False, lesion=False)
+    logic = mod.DSCDeconvolutionLogic()
+    outcomes = []
+    kwargs = dict(te=built["phantom"].te, aifNode=built["aifMask"], maskNode=built["brainMask"], method="Tikhonov")
+    logic.process(built["series"], waitForCompletion=False, completedCallback=outcomes.append, **kwargs)
+    _follow(logic._run)
+    assert len(outcomes) == 1 and "nodes" in outcomes[0], outcomes
+    here = logic.process(built["series"], waitForCompletion=True, **kwargs)
+    mask = built["phantom"].brain_mask.astype(bool)
+    for name in ("cbf", "cbv", "mtt"):
+        a = layer.slicer.util.arrayFromVolume(here["maps"][name])
+        b = layer.slicer.util.arrayFromVolume(outcomes[0]["nodes"]["maps"][name])
+        np.testing.assert_allclose(b[mask], a[mask], rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def _slow_run(layer, name="Slow"):
+    lib = sys.modules["PerfusionAISlicerLib"]
+    run = lib.BackgroundRun(name)
+    outcomes = []
+    command = [sys.executable, "-c", "import time\nprint('PROGRESS 0.1 started', flush=True)\ntime.sleep(60)"]
+    run.start(command, lambda: pytest.fail("outputs read after a kill"), completedCallback=outcomes.append)
+    deadline = time.time() + 30
+    while not run._output and time.time() < deadline:
+        run.poll()
+        time.sleep(0.02)
+    return run, outcomes
+
+
+def test_scene_close_kills_the_background_run(layer, scene):
+    run, outcomes = _slow_run(layer)
+    process = run.process
+    scene.Clear(0)  # what File > Close Scene does: StartCloseEvent first
+    _follow(run, timeout=20)
+    assert outcomes == [{"cancelled": True}]
+    assert process.poll() is not None
+
+
+def test_application_exit_kills_the_background_run(layer):
+    run, outcomes = _slow_run(layer)
+    process = run.process
+    layer.app.emit("aboutToQuit()")
+    _follow(run, timeout=20)
+    assert outcomes == [{"cancelled": True}] and process.poll() is not None
+
+
+def test_an_exception_reading_outputs_becomes_an_error_outcome(layer):
+    lib = sys.modules["PerfusionAISlicerLib"]
+    run = lib.BackgroundRun("Broken")
+    outcomes, progress = [], []
+
+    def readOutputs():
+        raise KeyError("maps")  # not a PerfusionAIError: must not escape the timer callback
+
+    run.start([sys.executable, "-c", "print('PROGRESS 0.5 half', flush=True)"], readOutputs,
+              progressCallback=lambda f, m: progress.append((f, m)), completedCallback=outcomes.append)
+    _follow(run)
+    assert progress == [(0.5, "half")]
+    assert len(outcomes) == 1 and "KeyError" in outcomes[0]["error"], outcomes
+    assert not run.isRunning
+
+
+def test_a_failing_command_reports_its_error_line(layer):
+    lib = sys.modules["PerfusionAISlicerLib"]
+    run = lib.BackgroundRun("Failing")
+    outcomes = []
+    run.start([sys.executable, "-m", "perfusionai", "dr", "fit", "--dwi", "/nonexistent.nii.gz", "--bvals",
+               "/nonexistent", "--out", "/tmp/never-written-by-this-test"], lambda: None,
+              completedCallback=outcomes.append)
+    _follow(run)
+    assert len(outcomes) == 1 and "nonexistent" in outcomes[0]["error"], outcomes
+
+
+def test_declining_the_install_is_not_an_error(layer, monkeypatch):
+    lib = sys.modules["PerfusionAISlicerLib"]
+    asked = []
+    monkeypatch.setattr(layer.util, "confirmOkCancelDisplay", lambda text, *a, **k: asked.append(text) or False)
+    monkeypatch.setattr(layer.util, "pip_install", lambda *a, **k: pytest.fail("installed after a decline"))
+    assert lib.ensureDependencies("Test", ["surely-not-installed-pkg-3141>=1"]) is False
+    assert len(asked) == 1 and "surely-not-installed-pkg-3141" in asked[0]
+    assert lib.ensureDependencies("Test", ["numpy"]) is True  # nothing missing: no question
+    assert len(asked) == 1
+
+
+def test_one_confirmation_lists_torch_and_the_pip_packages(layer, monkeypatch):
+    """torch comes through the PyTorch extension, in the same single confirmation, without its own prompt."""
+    import types
+
+    lib = sys.modules["PerfusionAISlicerLib"]
+    calls = []
+
+    class FakeTorchLogic:  # the PyTorch extension's PyTorchUtilsLogic (not shipped here)
+        @staticmethod
+        def torchInstalled():
+            return False
+
+        def installTorch(self, askConfirmation=False, torchVersionRequirement=None):
+            calls.append(("torch", askConfirmation, torchVersionRequirement))
+            return object()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=FakeTorchLogic))
+    asked = []
+    monkeypatch.setattr(layer.util, "confirmOkCancelDisplay", lambda text, *a, **k: asked.append(text) or True)
+    installed = []
+    if layer.packaging is not None:
+        monkeypatch.setattr(layer.packaging, "pip_ensure", lambda reqs, **k: installed.append((reqs, k)))
+    else:
+        monkeypatch.setattr(layer.util, "pip_install", lambda reqs: installed.append((reqs, {})))
+    monkeypatch.setattr(lib.slicer_support, "missing_requirements",
+                        lambda reqs, _calls=[]: (_calls.append(1), list(reqs) if len(_calls) == 1 else [])[1])
+    assert lib.ensureDependencies("Test", ["some-package>=1"], torchNeededBy="Test models") is True
+    assert len(asked) == 1 and "some-package>=1" in asked[0] and lib.TORCH_LISTING in asked[0]
+    assert calls == [("torch", False, lib.slicer_support.TORCH_VERSION_REQUIREMENT)]
+    assert installed and installed[0][0] == ["some-package>=1"]
+    if layer.packaging is not None:
+        assert installed[0][1]["prompt_install"] is False and installed[0][1]["skip_in_testing"] is False
