@@ -34,8 +34,7 @@ def run_pair(name: str, threads: int, syn_metric: str = "CC", quality: str = "fa
 
     from perfusionai.phantoms.prm import make_prm_phantom
     from perfusionai.metrics import dice
-    from perfusionai.prm.pipeline import PRMOptions, compute_prm
-    from perfusionai.prm.registration import registration_recipe
+    from perfusionai.prm import PRMModel, PRMOptions, registration_recipe
 
     spec = PAIRS[name]
     t0 = time.perf_counter()
@@ -44,13 +43,12 @@ def run_pair(name: str, threads: int, syn_metric: str = "CC", quality: str = "fa
     options = PRMOptions(registration=registration_recipe(quality, threads=threads, syn_metric=syn_metric))
     t0 = time.perf_counter()
     c0 = time.process_time()
-    result = compute_prm(phantom.insp, phantom.exp, options=options)
+    result = PRMModel(options).fit(phantom.insp, phantom.exp)
     cpu = time.process_time() - c0
     total = time.perf_counter() - t0
     timings = dict(result.info["timings_s"])
     timings["total_pipeline"] = total
     dice_classes = {c: dice(result.prm == v, phantom.truth_prm == v) for c, v in (("normal", 1), ("fsad", 2), ("emph", 3))}
-    result.cleanup()
     return {"pair": name, "shape_kji": spec["shape"], "spacing_mm": spec["spacing_mm"], "threads": threads, "registration_quality": quality,
             "phantom_build_s": t_phantom, "timings_s": timings, "target_s": spec["target_s"],
             "ratio_to_target": total / spec["target_s"], "cpu_s": cpu,
