@@ -44,16 +44,20 @@ def pearson(x, y) -> tuple[float, float]:
     y = np.asarray(y, dtype=float).ravel()
     if x.size < 3:
         raise ValueError("Pearson r needs at least 3 pairs")
+    if np.ptp(x) == 0 or np.ptp(y) == 0:  # undefined for a constant sample (scipy warns and gives NaN)
+        return float("nan"), float("nan")
     res = stats.pearsonr(x, y)
     return float(res[0]), float(res[1])
 
 
 def spearman(x, y) -> float:
-    """Spearman rank correlation of two 1D samples."""
+    """Spearman rank correlation of two 1D samples (NaN when either is constant)."""
     from scipy import stats
 
     x = np.asarray(x, dtype=float).ravel()
     y = np.asarray(y, dtype=float).ravel()
+    if x.size and (np.ptp(x) == 0 or np.ptp(y) == 0):
+        return float("nan")
     return float(stats.spearmanr(x, y)[0])
 
 
