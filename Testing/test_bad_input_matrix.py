@@ -106,7 +106,7 @@ def plain_nifti(ctx, array_kji_t, name, dtype):
     return path
 
 
-def write_nrrd_time_last(path: Path, array_kjit, geometry: io.Geometry, encoding="raw"):
+def write_nrrd_time_last(path: Path, array_kjit, geometry: io.Geometry, encoding="raw", kind="time"):
     """A 4D NRRD as pynrrd and teem write it: four domain axes, the time axis with direction ``none``."""
     data = np.ascontiguousarray(np.moveaxis(array_kjit, -1, 0).astype(np.float32))  # (t, k, j, i)
     nk, nj, ni, nt = array_kjit.shape
@@ -115,7 +115,7 @@ def write_nrrd_time_last(path: Path, array_kjit, geometry: io.Geometry, encoding
     header = ("NRRD0005\n# Complete NRRD file format specification at:\n"
               "# http://teem.sourceforge.net/nrrd/format.html\ntype: float\ndimension: 4\n"
               "space: left-posterior-superior\n"
-              f"sizes: {ni} {nj} {nk} {nt}\nspace directions: {dirs}\nkinds: domain domain domain time\n"
+              f"sizes: {ni} {nj} {nk} {nt}\nspace directions: {dirs}\nkinds: domain domain domain {kind}\n"
               f"endian: little\nencoding: {encoding}\n"
               "space origin: (" + ",".join(repr(float(v)) for v in geometry.origin) + ")\n\n")
     blob = data.tobytes() if encoding == "raw" else gzip.compress(data.tobytes())
@@ -458,6 +458,60 @@ def _(ctx):
         np.testing.assert_allclose(vol.geometry.ijk_to_ras()[:3, 3], [115.0, 135.028779, -78.710481], atol=1e-3)
 
     return run
+
+
+@case("Siemens MOSAIC time series (one file per frame, shuffled names): frames in acquisition order", "ok")
+def _(ctx):
+    folder = ctx.case_dir / "mosaic4d"
+    write_mosaic_series(folder, n_frames=3, tr_s=1.5)
+
+    def run():
+        s = io.read_series(folder)
+        assert s.array.shape == (48, 128, 128, 3)
+        np.testing.assert_allclose(s.frame_times(), [0.0, 1.5, 3.0], atol=1e-3)
+        inside = s.array[..., 0] > 0
+        np.testing.assert_allclose(s.array[..., 1][inside] - s.array[..., 0][inside], 10.0)
+        np.testing.assert_allclose(s.array[..., 2][inside] - s.array[..., 0][inside], 20.0)
+
+    return run
+
+
+def write_mosaic_series(folder: Path, n_frames: int, tr_s: float) -> None:
+    """Frames of a Siemens MOSAIC series from nibabel's siemens_dwi_1000 file: frame t has its pixels
+    raised by 10 t and its acquisition time moved by t * tr_s; file names do not follow time."""
+    import nibabel
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    data_dir = Path(nibabel.__file__).parent / "nicom" / "tests" / "data"
+    folder.mkdir(parents=True)
+    for t in range(n_frames):
+        ds = pydicom.dcmread(gzip.open(data_dir / "siemens_dwi_1000.dcm.gz"))
+        pixels = ds.pixel_array.astype(np.uint16)
+        pixels[pixels > 0] += 10 * t
+        ds.PixelData = pixels.tobytes()
+        hh, mm, ss = 10, 0, 5.0 + t * tr_s
+        ds.AcquisitionTime = f"{hh:02d}{mm:02d}{ss:09.6f}"
+        ds.InstanceNumber = t + 1
+        ds.SOPInstanceUID = generate_uid()
+        ds.save_as(folder / f"IM{(n_frames - t) * 7:04d}.dcm")
+
+
+@case("pynrrd-style 4D NRRD with a 'list' time axis last", "ok", check=maps_equal_baseline)
+def _(ctx):
+    s = io.read_series(ctx.ph / "dsc.nii.gz")
+    path = write_nrrd_time_last(ctx.case_dir / "dsc.nrrd", s.array, s.geometry, kind="list")
+    return dsc_argv(ctx, dsc=path, extra=["--tr", "1.5"])
+
+
+@case("time-last 4D NRRD with a detached header (.nhdr + raw)", "ok", check=maps_equal_baseline)
+def _(ctx):
+    s = io.read_series(ctx.ph / "dsc.nii.gz")
+    attached = write_nrrd_time_last(ctx.case_dir / "whole.nrrd", s.array, s.geometry)
+    header, _sep, data = attached.read_bytes().partition(b"\n\n")
+    (ctx.case_dir / "dsc.raw").write_bytes(data)
+    (ctx.case_dir / "dsc.nhdr").write_bytes(header + b"\ndata file: dsc.raw\n\n")
+    return dsc_argv(ctx, dsc=ctx.case_dir / "dsc.nhdr", extra=["--tr", "1.5"])
 
 
 @case("Siemens MOSAIC whose CSA header does not fit (nibabel's 0.dcm)", "refused", "MOSAIC",
