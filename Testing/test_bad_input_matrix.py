@@ -672,3 +672,6 @@ def test_bad_input_matrix(phantom, tmp_path, capsys, monkeypatch):
         print(f"\nbad-input matrix: {len(CASES)} cases, {behave} behave")
     assert not failures, "\n".join(failures)
     assert len(CASES) >= 30
+    # the README's reliability section reports this count
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"bad-input matrix: {len(CASES)} cases, {behave} behave" in readme
