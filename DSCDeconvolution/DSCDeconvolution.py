@@ -86,23 +86,50 @@ Built on the PerfusionAI library. Deconvolution after Ostergaard et al. 1996 and
 #
 
 
+#: The files of the DSC phantom sample as ``SampleData.downloadSample("DSCPhantom")`` loads them.
+DSC_PHANTOM_FILES = (("DSCPhantom.seq.nrrd", "DSCPhantom", "SequenceFile"),
+                     ("DSCPhantom-brain.seg.nrrd", "DSCPhantom brain", "SegmentationFile"),
+                     ("DSCPhantom-arteries.seg.nrrd", "DSCPhantom arteries", "SegmentationFile"))
+
+
 def registerSampleData():
-    """Add the DSC phantom to the Sample Data module (built from perfusionai.phantoms when clicked)."""
-    import SampleData
+    """Add the DSC phantom to the Sample Data module: built in the scene by the Sample Data button,
+    written once to files and loaded by SampleData's own path from a script
+    (``SampleData.downloadSample("DSCPhantom")`` returns the 4D sequence)."""
+    from PerfusionAISlicerLib import registerGeneratedSample
 
     iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="PerfusionAI",
-        sampleName="DSCPhantom",
-        thumbnailFileName=os.path.join(iconsPath, "DSCDeconvolution.png"),
-        uris="perfusionai://phantoms/dsc",
-        fileNames="DSCPhantom.seq.nrrd",
-        nodeNames="DSCPhantom",
-        customDownloader=loadDSCPhantom,
-    )
+    registerGeneratedSample("PerfusionAI", "DSCPhantom", os.path.join(iconsPath, "DSCDeconvolution.png"),
+                            DSC_PHANTOM_FILES, writeDSCPhantomFiles, customDownloader=loadDSCPhantom)
 
 
-def loadDSCPhantom(source=None, **phantomOptions):
+def writeDSCPhantomFiles(folder):
+    """Write the default DSC phantom as the files of :data:`DSC_PHANTOM_FILES` into ``folder``."""
+    from PerfusionAISlicerLib import writeNodeFile
+    from perfusionai.labels import LabelInfo
+
+    built = loadDSCPhantom(show=False)
+    phantom = built["phantom"]
+    created = [built["series"], built["browser"], built["brainMask"], built["aifMask"]]
+    proxy = built["browser"].GetProxyNode(built["series"]) if built["browser"] is not None else None
+    created.append(proxy)
+    try:
+        writeNodeFile(built["series"], os.path.join(folder, DSC_PHANTOM_FILES[0][0]),
+                      "vtkMRMLVolumeSequenceStorageNode")
+        for (fileName, nodeName, _type), mask, color in ((DSC_PHANTOM_FILES[1], phantom.brain_mask, (0.9, 0.8, 0.5)),
+                                                       (DSC_PHANTOM_FILES[2], phantom.aif_mask, (0.85, 0.1, 0.1))):
+            segment = nodeName.split(" ", 1)[1]
+            segmentation = mrml.segmentation_node_from_labels(
+                (mask > 0).astype("uint8"), phantom.geometry, {1: LabelInfo(segment, segment, color)}, nodeName)
+            created.append(segmentation)
+            writeNodeFile(segmentation, os.path.join(folder, fileName), "vtkMRMLSegmentationStorageNode")
+    finally:
+        for node in created:
+            if node is not None and node.GetScene() is not None:
+                slicer.mrmlScene.RemoveNode(node)
+
+
+def loadDSCPhantom(source=None, show=True, **phantomOptions):
     """Build the DSC phantom in the scene: a 4D sequence, its brain mask and its arterial voxels.
 
     ``source`` is the Sample Data entry (unused); ``phantomOptions`` go to
@@ -121,7 +148,7 @@ def loadDSCPhantom(source=None, **phantomOptions):
     brain = mrml.volume_node_from_array(phantom.brain_mask, phantom.geometry, "DSCPhantom brain", label=True)
     aif = mrml.volume_node_from_array(phantom.aif_mask, phantom.geometry, "DSCPhantom arteries", label=True)
     proxy = browser.GetProxyNode(sequence)
-    if proxy is not None:
+    if proxy is not None and show:
         slicer.util.setSliceViewerLayers(background=proxy, fit=slicer.app.layoutManager() is not None)
     return {"series": sequence, "browser": browser, "brainMask": brain, "aifMask": aif, "phantom": phantom}
 
@@ -529,3 +556,16 @@ class DSCDeconvolutionTest(ScriptedLoadableModuleTest):
         self.assertTrue(seen and seen[-1] == 1.0)
         self._assertMatchesTruth(outcomes[0]["nodes"], phantom)
         self.delayDisplay("Background-process DSC maps match the phantom truth")
+
+    def test_DSCDeconvolution_SampleDataScriptedPath(self):
+        """``SampleData.downloadSample("DSCPhantom")`` from a script loads the phantom files (no download)."""
+        import SampleData
+
+        registerSampleData()
+        series = SampleData.downloadSample("DSCPhantom")
+        self.assertTrue(series is not None and series.IsA("vtkMRMLSequenceNode"))
+        brain = slicer.util.getNode("DSCPhantom brain")
+        arteries = slicer.util.getNode("DSCPhantom arteries")
+        nodes = DSCDeconvolutionLogic().process(series, te=0.03, aifNode=arteries, maskNode=brain, method="oSVD")
+        self.assertEqual(nodes["table"].GetNumberOfRows(), 5)
+        self.delayDisplay("DSC phantom loaded by SampleData.downloadSample and processed")

@@ -10,7 +10,9 @@
   exception while reading the outputs becomes an ``{"error": ...}`` outcome;
 * :class:`RunPanel` -- the Apply / progress / log (with elapsed time) / Cancel / completion
   handling of a module panel, shared by the four widgets;
-* :func:`computeDevice` -- the CPU/GPU choice of the learned methods.
+* :func:`computeDevice` -- the CPU/GPU choice of the learned methods;
+* :func:`registerGeneratedSample` -- a phantom in the Sample Data module that also loads from a
+  script (``SampleData.downloadSample(name)``), through SampleData's own download-and-load path.
 
 The Qt-free parts (command lines, progress parsing, process-tree killing, requirement checks)
 live in :mod:`perfusionai.slicer_support` and are tested there. The extension installs this
@@ -122,6 +124,70 @@ def computeDevice(choice="auto"):
     if choice == "cuda":
         return "cpu", _("No GPU found: running on the CPU instead (slower).")
     return "cpu", _("No GPU found: running on the CPU.")
+
+
+# --------------------------------------------------------------------------------------
+# sample data generated on the fly
+
+#: URI scheme of generated samples; a SampleData URL rewrite rule turns it into a file:// URL.
+PHANTOM_URI_PREFIX = "perfusionai://phantoms/"
+
+
+def registerGeneratedSample(category, sampleName, thumbnailFileName, files, writeFiles, customDownloader=None):
+    """Register a phantom that is generated, not downloaded, for the Sample Data button *and* for scripts.
+
+    The Sample Data button calls ``customDownloader(source)``; ``SampleData.downloadSample(sampleName)``
+    from a script ignores it (SampleData's ``downloadFromSource`` downloads ``uris``), so the sample
+    also has one ``perfusionai://phantoms/<sampleName>/<file>`` URI per file and a URL rewrite rule
+    (``SampleDataLogic.registerUrlRewriteRule``) that writes the files once with ``writeFiles(folder)``
+    into ``slicer.app.cachePath`` and returns their ``file://`` URL; SampleData then copies them into
+    its cache and loads them with the given file types.
+
+    ``files``: ``[(fileName, nodeName, fileType), ...]`` (fileType e.g. "SequenceFile", "SegmentationFile").
+    """
+    import pathlib
+
+    import SampleData
+
+    prefix = PHANTOM_URI_PREFIX + sampleName + "/"
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category=category,
+        sampleName=sampleName,
+        thumbnailFileName=thumbnailFileName,
+        uris=[prefix + fileName for fileName, _n, _t in files],
+        fileNames=[fileName for fileName, _n, _t in files],
+        nodeNames=[nodeName for _f, nodeName, _t in files],
+        loadFileTypes=[fileType for _f, _n, fileType in files],
+        customDownloader=customDownloader,
+    )
+
+    def generatedFileUrl(url):
+        if not str(url).startswith(prefix):
+            return url
+        folder = os.path.join(slicer.app.cachePath, "PerfusionAI", sampleName)
+        if not all(os.path.isfile(os.path.join(folder, fileName)) for fileName, _n, _t in files):
+            stage = workDirectory(sampleName)
+            try:
+                writeFiles(stage)
+                os.makedirs(os.path.dirname(folder), exist_ok=True)
+                shutil.rmtree(folder, ignore_errors=True)
+                shutil.move(stage, folder)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+        return pathlib.Path(folder, str(url)[len(prefix):]).as_uri()
+
+    SampleData.SampleDataLogic.registerUrlRewriteRule("PerfusionAI" + sampleName, generatedFileUrl)
+
+
+def writeNodeFile(node, path, storageClassName) -> None:
+    """Write ``node`` to ``path`` with a storage node of ``storageClassName`` (removed again)."""
+    storage = slicer.mrmlScene.AddNewNodeByClass(storageClassName)
+    try:
+        storage.SetFileName(path)
+        if not storage.WriteData(node):
+            raise PerfusionAIError(f"{path}: writing {node.GetName()} failed")
+    finally:
+        slicer.mrmlScene.RemoveNode(storage)
 
 
 # --------------------------------------------------------------------------------------

@@ -260,3 +260,65 @@ def test_binding_check_fails_on_a_keyword_that_5_10_lacks(scene, tmp_path):
             _bind(layer.util.launchConsoleProcess, call.node)
     with real_layer.slicer_layer("v5.12.3", scene) as layer:
         _bind(layer.util.launchConsoleProcess, call.node)
+
+
+# --------------------------------------------------------------------------------------
+# sample data through SampleData's scripted path
+
+
+def test_dsc_phantom_loads_through_sampledata_download_sample(layer, scene):
+    """``SampleData.downloadSample("DSCPhantom")`` from a script: Slicer's own SampleData code of each
+    version downloads the registered URIs (our rewrite rule turns them into generated files) and
+    loads them with the real MRML storage nodes; the custom downloader of the button is not used."""
+    sample_data = layer.sample_data()
+    mod = layer.load_module("DSCDeconvolution")
+    mod.registerSampleData()
+    series = sample_data.downloadSample("DSCPhantom")
+    assert series is not None and series.IsA("vtkMRMLSequenceNode"), series
+    assert series.GetNumberOfDataNodes() == 50
+    assert [t for t, _f in layer.app.loadedFiles] == ["SequenceFile", "SegmentationFile", "SegmentationFile"]
+    brain = scene.GetFirstNodeByName("DSCPhantom brain")
+    arteries = scene.GetFirstNodeByName("DSCPhantom arteries")
+    assert brain.IsA("vtkMRMLSegmentationNode") and arteries.IsA("vtkMRMLSegmentationNode")
+    # the loaded sample is a valid input of the module (the maps come out on the phantom's grid)
+    nodes = mod.DSCDeconvolutionLogic().process(series, te=0.03, aifNode=arteries, maskNode=brain,
+                                                method="oSVD", showResults=False)
+    values = layer.util.arrayFromVolume(nodes["maps"]["cbf"])
+    assert values.shape == (8, 32, 32) and float(values.max()) > 0
+    # a second call reuses the generated files (no regeneration), as a cached download
+    files = sorted(layer.app.loadedFiles)
+    assert sample_data.downloadSample("DSCPhantom") is not None
+    assert len(layer.app.loadedFiles) == 2 * len(files)
+
+
+def _sampledata_calls(path: Path):
+    """Calls ``SampleData.<f>(...)`` and ``SampleData.SampleDataLogic.<m>(...)`` in a file."""
+    calls = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            chain = ast.unparse(node.func).split(".")
+            if chain[0] == "SampleData" and len(chain) in (2, 3):
+                calls.append((chain, node))
+    return calls
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_sampledata_call_binds(scene, version):
+    with real_layer.slicer_layer(version, scene) as layer:
+        sample_data = layer.sample_data()
+        problems, seen = [], set()
+        for path in SLICER_SIDE_FILES:
+            for chain, node in _sampledata_calls(path):
+                owner = sample_data if len(chain) == 2 else getattr(sample_data, chain[1], None)
+                function = getattr(owner, chain[-1], None)
+                where = f"{path.relative_to(REPO)}:{node.lineno} {'.'.join(chain)}"
+                if function is None:
+                    problems.append(f"{where}: not in SampleData.py of {version}")
+                    continue
+                seen.add(chain[-1])
+                try:
+                    _bind(function, node)
+                except TypeError as exc:
+                    problems.append(f"{where}{inspect.signature(function)}: {exc}")
+        assert not problems, "\n".join(problems)
+        assert {"registerCustomSampleDataSource", "registerUrlRewriteRule", "downloadSample"} <= seen, seen

@@ -243,6 +243,12 @@ def slicer_layer(version: str, scene, testing: bool = True):
         app = HeadlessApplication(tmp.name, testing=testing)
         slicer.app = app
         slicer.mrmlScene = scene
+        saved_cache_manager = scene.GetCacheManager()
+        if saved_cache_manager is None:  # the application gives its scene one (SampleData's download cache)
+            cache_manager = slicer.vtkCacheManager()
+            cache_manager.SetRemoteCacheDirectory(os.path.join(tmp.name, "RemoteIO"))
+            os.makedirs(os.path.join(tmp.name, "RemoteIO"), exist_ok=True)
+            scene.SetCacheManager(cache_manager)
         slicer.modules = types.SimpleNamespace()
         if getattr(scene, "sequences_logic", None) is not None:
             # the Sequences module's logic, as slicer.modules.sequences.logic() gives it in the application
@@ -285,6 +291,8 @@ def slicer_layer(version: str, scene, testing: bool = True):
         for k in [k for k in slicer.__dict__ if k not in saved_attrs]:
             del slicer.__dict__[k]
         slicer.__dict__.update(saved_attrs)
+        if "saved_cache_manager" in locals():
+            scene.SetCacheManager(saved_cache_manager)
         if "plots" in locals():
             plots.SetMRMLScene(None)
         tmp.cleanup()
