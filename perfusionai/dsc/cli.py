@@ -32,14 +32,6 @@ def _method(text: str) -> str:
         raise argparse.ArgumentTypeError(exc.problem) from None
 
 
-def _fraction(text: str) -> float:
-    value = positive_float(text)
-    if not value < 1:
-        raise argparse.ArgumentTypeError(f"must lie between 0 and 1 (a fraction of the largest singular value), "
-                                         f"got {text}")
-    return value
-
-
 def register(subparsers) -> None:
     dsc = subparsers.add_parser("dsc", help="DSC-MRI perfusion: CBV, CBF, MTT, Tmax, TTP maps",
                                 description="DSC-MRI perfusion maps (Ostergaard deconvolution and learned methods).")
@@ -70,7 +62,7 @@ def register(subparsers) -> None:
     maps.add_argument("--mask", default=None, help="brain mask (maps are computed inside it; default: whole image)")
     maps.add_argument("--method", type=_method, default=DEFAULT_METHOD,
                       help=" | ".join(METHODS) + " (case-insensitive; see the description)")
-    maps.add_argument("--threshold", type=_fraction, default=None,
+    maps.add_argument("--threshold", type=float, default=None,
                       help="SVD truncation threshold relative to the largest singular value, in (0, 1) "
                            "(default: sSVD 0.2, cSVD 0.1)")
     maps.add_argument("--oi", dest="oi_threshold", type=positive_float,

@@ -52,6 +52,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import special
 
+from ..dsc.acquisition import PHANTOM_MARK
 from ..io import Geometry, atomic_output_dir, write_json, write_series, write_volume
 
 #: Hematocrit factor and brain density the phantom is simulated with by default
@@ -222,12 +223,16 @@ class DSCPhantom:
         }
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``dsc.nii.gz`` (4D, TR in pixdim[4]), masks, ``rois.nii.gz``,
-        ``truth_<map>.nii.gz``, ``aif_truth.csv`` and ``truth.json`` into ``out_dir``
-        (atomically). Returns the folder."""
+        """Write ``dsc.nii.gz`` (4D, TR in pixdim[4]) with its sidecar ``dsc.json`` marking it as a
+        digital phantom (models trained on it are labelled "trained on phantoms"), masks,
+        ``rois.nii.gz``, ``truth_<map>.nii.gz``, ``aif_truth.csv`` and ``truth.json`` into
+        ``out_dir`` (atomically). Returns the folder."""
         out = Path(out_dir)
         with atomic_output_dir(out) as stage:
             write_series(self.signal, self.geometry, stage / "dsc.nii.gz", tr=self.tr)
+            # BIDS-style sidecar: only the phantom mark (TE stays out, as a scanner export may omit it)
+            write_json({PHANTOM_MARK: True, "GeneratedBy": [{"Name": "perfusionai.phantoms.dsc"}]},
+                       stage / "dsc.json")
             write_volume(self.brain_mask.astype(np.uint8), self.geometry, stage / "brain_mask.nii.gz")
             write_volume(self.aif_mask.astype(np.uint8), self.geometry, stage / "aif_mask.nii.gz")
             write_volume(self.rois.astype(np.int16), self.geometry, stage / "rois.nii.gz")
