@@ -8,7 +8,8 @@
     the core names parameters (:class:`perfusionai.errors.ParameterError`);
 (d) ``perfusionai dsc maps`` with a classical method runs, in a fresh interpreter, with every
     optional package (torch, antspyx, scikit-learn, scikit-image, matplotlib, nnunetv2, dask)
-    made unimportable, as on ``pip install perfusionai`` without extras;
+    made unimportable, as on ``pip install perfusionai`` without extras; a learned method there
+    ends in one line naming the extra to install;
 (e) the core dependencies in ``pyproject.toml`` hold no optional package, and every extra named
     by :data:`perfusionai.deps.PACKAGES` exists there with that package.
 """
@@ -264,14 +265,27 @@ def test_classical_dsc_maps_without_optional_packages(tmp_path):
                      "--mask", {str(tmp_path / 'ph' / 'brain_mask.nii.gz')!r}, "--method", "oSVD",
                      "--out", {str(out)!r}, "--progress", "none"])
         print("attempted optional imports:", sorted(set(a.split(".")[0] for a in ATTEMPTS)))
-        sys.exit(code)
+        print("CLASSICAL", code, flush=True)
+        print("----", file=sys.stderr, flush=True)
+        # a learned method without torch: one line naming the extra to install
+        code = main(["dsc", "maps", "--dsc", {str(tmp_path / 'ph' / 'dsc.nii.gz')!r}, "--te", "0.03",
+                     "--aif-mask", {str(tmp_path / 'ph' / 'aif_mask.nii.gz')!r},
+                     "--mask", {str(tmp_path / 'ph' / 'brain_mask.nii.gz')!r}, "--method", "phae",
+                     "--out", {str(tmp_path / 'out_phae')!r}, "--progress", "none"])
+        print("LEARNED", code, flush=True)
+        sys.exit(0)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
                           timeout=300)
     print(proc.stdout, proc.stderr[-3000:])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "CLASSICAL 0" in proc.stdout, proc.stderr[-3000:]
     for name in ("cbv", "cbf", "mtt", "tmax", "ttp"):
         assert (out / f"{name}.nii.gz").is_file()
+    learned_err = proc.stderr.split("----\n", 1)[1]
+    lines = [ln for ln in learned_err.splitlines() if ln.strip()]
+    assert "LEARNED 2" in proc.stdout, learned_err[-3000:]
+    assert len(lines) == 1 and "perfusionai[learned]" in lines[0] and "torch" in lines[0], learned_err[-3000:]
+    assert not (tmp_path / "out_phae").exists()
 
 
 def test_blocker_blocks(tmp_path):
