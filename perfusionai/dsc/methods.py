@@ -15,6 +15,7 @@ sSVD       deconvolution  threshold 0.2 (relative to the largest singular value)
 cSVD       deconvolution  threshold 0.1 (block-circulant, delay-insensitive)      core
 oSVD       deconvolution  oscillation-index limit 0.035 (per-voxel threshold)     core
 Tikhonov   deconvolution  lambda chosen per voxel by GCV                          core
+parametric parametric     delayed gamma residue, one shape per volume (fitted)    core
 phae       learned        PHAE trained on the series itself without a model       torch
 tmax-net   learned        a trained model is required                             torch
 ========== ============== ======================================================= =========
@@ -181,6 +182,10 @@ register_method(DSCMethod(
     "Tikhonov", "deconvolution", "Tikhonov-regularised SVD, lambda per voxel by GCV (or fixed with tikhonov_lambda)",
     aliases=("tikh",), defaults={"tikhonov_criterion": "gcv", "tikhonov_lambda": None, "fixed_lambda": 0.1},
     options=("tikhonov_lambda", "tikhonov_criterion") + _DISCRETISATION, solver="tikhonov"))
+register_method(DSCMethod(
+    "parametric", "parametric", "delay-aware model fit: delayed gamma-distributed transit times (Mouridsen 2006), "
+    "Tmax = fitted delay, CBV by the integral ratio; adds fit_r2 and converged maps",
+    aliases=("model-based",), label="Parametric"))
 register_method(DSCMethod(
     "phae", "learned", "physics-informed autoencoder (Fayolle 2025): MTT learned, CBV by the integral ratio, "
     "Tmax from oSVD; trains on the series itself without a model",

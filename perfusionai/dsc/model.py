@@ -49,6 +49,7 @@ from . import leakage as leakage_mod
 from . import learned as learned_mod
 from . import maps as maps_mod
 from .methods import DEFAULT_METHOD, DSCMethod, resolve_method
+from .parametric import run_parametric
 
 
 @dataclass
@@ -312,6 +313,7 @@ def run_learned(problem: FitProblem, progress) -> MethodOutput:
 RUNNERS: Dict[str, Callable[[FitProblem, Any], MethodOutput]] = {
     "deconvolution": run_deconvolution,
     "learned": run_learned,
+    "parametric": run_parametric,
 }
 
 

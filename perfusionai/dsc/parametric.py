@@ -731,3 +731,26 @@ def fit_parametric(
     }
     return ParametricResult(cbf=f, delay=delay, mtt_residue=mtt_r, shape=shape, cbv_model=f * mtt_r, r2=r2,
                             nrmse=nrmse, converged=converged, at_bound=at_bound, dt=float(dt), info=info)
+
+
+# --------------------------------------------------------------------------------------
+# the runner of the method registry (perfusionai.dsc.methods, kind "parametric")
+
+
+def run_parametric(problem, progress):
+    """Runner of kind ``"parametric"`` (:data:`perfusionai.dsc.model.RUNNERS`): the five maps of
+    ``problem`` (a :class:`perfusionai.dsc.model.FitProblem`) plus ``fit_r2`` (1 - SSR/SST of each
+    voxel's fitted curve) and ``converged`` (1 where the fit converged, 0 where not; the count is in
+    the summary's ``regularisation.n_not_converged``)."""
+    from . import maps as maps_mod
+    from .model import MethodOutput
+
+    o = problem.options
+    result = fit_parametric(problem.curves, problem.aif, problem.dt, progress=progress)
+    window = maps_mod.cbv_window_frames(problem.aif, o.cbv_window)
+    cbv = maps_mod.cbv_map(problem.curves, problem.aif, problem.dt, o.kh, o.rho, o.cbv_integration, window)
+    cbf = maps_mod.cbf_map(result.cbf, o.kh, o.rho)
+    maps = {"cbv": cbv, "cbf": cbf, "mtt": maps_mod.mtt_map(cbv, cbf), "tmax": result.tmax,
+            "ttp": maps_mod.ttp_map(problem.curves, problem.times)}
+    extra = {"fit_r2": result.r2, "converged": result.converged.astype(np.float32)}
+    return MethodOutput(maps=maps, regularisation=dict(result.info), extra_maps=extra)
