@@ -87,10 +87,14 @@ class Geometry:
             and np.allclose(self.direction, other.direction, rtol=0, atol=_DIRECTION_ATOL)
         )
 
-    def describe(self, with_direction: bool = False) -> str:
-        """One line: shape, spacing and origin (and the direction cosines when asked)."""
+    def describe(self, with_direction: Optional[bool] = None) -> str:
+        """One line: shape, spacing and origin, and the direction cosines when they are not the
+        identity (or when ``with_direction`` is True), so two grids that differ only in direction
+        never read the same. For a mismatch message prefer :meth:`differences`."""
         text = (f"shape (k,j,i) {tuple(self.shape)}, spacing {tuple(round(s, 4) for s in self.spacing)} mm, "
                 f"origin {tuple(round(o, 3) for o in self.origin)} mm")
+        if with_direction is None:
+            with_direction = not np.allclose(self.direction, np.eye(3).ravel(), rtol=0, atol=_DIRECTION_ATOL)
         if with_direction:
             text += f", direction {tuple(round(d, 4) for d in self.direction)}"
         return text
