@@ -1,5 +1,5 @@
 """Figures (matplotlib, PNG) and the HTML report that the demo and the CLI write."""
 
-from .html import ReportSection, write_report
+from .html import Figure, ReportSection, fmt, write_report
 
-__all__ = ["ReportSection", "write_report"]
+__all__ = ["Figure", "ReportSection", "fmt", "write_report"]
