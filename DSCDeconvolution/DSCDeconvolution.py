@@ -446,10 +446,18 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
         result = compute_dsc_maps(inputs.series.array, inputs.times, options, mask=inputs.mask,
                                   aif_mask=inputs.aif_mask, aif_auto=inputs.aif_mask is None,
                                   progress=progressCallback)
-        output = slicer_support.output_from_result(result, inputs.series.geometry)
-        return mrml.dsc_output_to_nodes(output, seriesNode, prefix=f"DSC {settings['method']}",
-                                        show=settings["showResults"], opacity=settings["overlayOpacity"],
-                                        attributes=self._attributes(settings), series=inputs.series)
+        return self._outputToNodes(seriesNode, slicer_support.output_from_result(result, inputs.series.geometry),
+                                   inputs, settings)
+
+    def _outputToNodes(self, seriesNode, output, inputs, settings):
+        """The result nodes of a run, the same for the in-process and the background route; every
+        node records the perfusionai version and all options."""
+        nodes = mrml.dsc_output_to_nodes(output, seriesNode, prefix=f"DSC {settings['method']}",
+                                         show=settings["showResults"], opacity=settings["overlayOpacity"],
+                                         attributes=self._attributes(settings), series=inputs.series)
+        mrml.record_provenance(list(nodes["maps"].values()) + [nodes["table"], nodes["chart"]],
+                               {k: v for k, v in settings.items() if k != "showResults"})
+        return nodes
 
     def _startBackgroundProcess(self, seriesNode, inputs, settings, waitForCompletion, progressCallback,
                                 completedCallback, logCallback=None):
@@ -464,10 +472,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
             leakage_correction=settings["leakageCorrection"], model_path=settings["modelPath"])
 
         def readOutputs():
-            return mrml.dsc_output_to_nodes(
-                slicer_support.read_dsc_outputs(outDir), seriesNode, prefix=f"DSC {settings['method']}",
-                show=settings["showResults"], opacity=settings["overlayOpacity"],
-                attributes=self._attributes(settings), series=inputs.series)
+            return self._outputToNodes(seriesNode, slicer_support.read_dsc_outputs(outDir), inputs, settings)
 
         return self._run.start(command, readOutputs, progressCallback, completedCallback,
                                waitForCompletion=waitForCompletion,

@@ -492,6 +492,9 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
         if settings["showResults"] and overlayName in mapNodes:
             background = mrml.frame_volume_node(seriesNode, 0, f"{seriesNode.GetName()} b0", series=series)
             mrml.show_overlay(background, mapNodes[overlayName], opacity=settings["overlayOpacity"])
+        created = list(mapNodes.values()) + [table, signalsNode]
+        mrml.group_results(created, seriesNode, f"{prefix} results")
+        mrml.record_provenance(created, {k: v for k, v in settings.items() if k != "showResults"})
         return {"maps": mapNodes, "table": table, "signals": signalsNode}
 
     def _startBackgroundProcess(self, seriesNode, series, protocol, mask, roi, settings, progressCallback,
@@ -522,6 +525,7 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
             job = DRFitJob(dwi=dwi, bvals=bvals, out=outDir, tes=tes, mask=maskPath, model=settings["model"],
                            noise_sigma=settings["noiseSigma"])
         command = [slicer_support.python_launcher(), "-m", "perfusionai", *job.to_argv(), "--progress", "lines"]
+        settings = dict(settings, job=job.to_json())
 
         def readOutputs():
             maps, signals, info = slicer_support.read_dr_outputs(outDir)

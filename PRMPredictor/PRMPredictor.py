@@ -388,6 +388,9 @@ class PRMPredictorLogic(ScriptedLoadableModuleLogic):
             shutil.copyfile(scatterSource, scatterPng)
         if settings["showResults"]:
             slicer.util.setSliceViewerLayers(background=inspNode, fit=slicer.app.layoutManager() is not None)
+        mrml.group_results([segmentation, registeredNode, table], inspNode, f"{name} PRM results")
+        mrml.record_provenance([segmentation, registeredNode, table],
+                               {k: v for k, v in settings.items() if k != "showResults"})
         return {"segmentation": segmentation, "registered": registeredNode, "table": table, "stats": stats,
                 "scatterPng": scatterPng}
 
@@ -553,6 +556,8 @@ class PRMPredictorMRILogic(ScriptedLoadableModuleLogic):
             if node is not None:
                 mrml.set_attributes(node, attributes)
         slicer.util.setSliceViewerLayers(background=referenceNode, fit=slicer.app.layoutManager() is not None)
+        mrml.group_results([segmentation, lobesNode, table, comparison], referenceNode, f"{name} PRM from MRI results")
+        mrml.record_provenance([segmentation, lobesNode, table, comparison], summary.get("options") or summary)
         return {"segmentation": segmentation, "lobes": lobesNode, "table": table, "comparison": comparison,
                 "summary": summary, "model": model}
 

@@ -378,6 +378,11 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
             evaluationTable = mrml.table_node_from_rows(rows, f"{name} DL-CTPM vs {spectNode.GetName()}")
         if settings["showResults"]:
             mrml.show_overlay(ctNode, perfusionNode, opacity=settings["overlayOpacity"])
+        created = [perfusionNode, segmentation, table, evaluationTable]
+        mrml.group_results(created, ctNode, f"{name} DL-CTPM results")
+        mrml.record_provenance(created, {"modelPath": settings["modelPath"], "modelLabel": result.model_label,
+                                         "overlayOpacity": settings["overlayOpacity"],
+                                         "spect": spectNode.GetName() if spectNode is not None else None})
         return {"perfusion": perfusionNode, "segmentation": segmentation, "table": table,
                 "evaluationTable": evaluationTable, "evaluation": evaluation, "modelLabel": result.model_label}
 

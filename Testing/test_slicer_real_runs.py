@@ -65,6 +65,22 @@ def test_diffusion_relaxation_background_run_matches_in_process(layer):
         np.testing.assert_allclose(b[body], a[body], rtol=1e-5, atol=1e-6, err_msg=name)
     assert outcomes[0]["nodes"]["table"].GetNumberOfRows() == here["table"].GetNumberOfRows()
     assert logic._run.workDir is None  # the run's temporary folder is gone
+    # every result node records the perfusionai version and all options (the job, for the background run)
+    import json
+
+    import perfusionai
+
+    adc = outcomes[0]["nodes"]["maps"]["adc"]
+    assert adc.GetAttribute("PerfusionAI.Version") == perfusionai.__version__
+    options = json.loads(adc.GetAttribute("PerfusionAI.Options"))
+    assert options["job"]["verb"] == "fit" and options["job"]["options"]["model"] == "clinical"
+    assert json.loads(here["maps"]["adc"].GetAttribute("PerfusionAI.Options"))["model"] == "clinical"
+    # the results sit in a subject-hierarchy folder beside the input
+    sh = layer.slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(layer.scene)
+    folder = sh.GetItemParent(sh.GetItemByDataNode(adc))
+    assert sh.GetItemName(folder) == "DR clinical results"
+    inputItem = sh.GetItemByDataNode(scene["series"])
+    assert sh.GetItemParent(folder) == (sh.GetItemParent(inputItem) if inputItem else sh.GetSceneItemID())
 
 
 def test_dsc_background_run_matches_in_process(layer):
@@ -82,6 +98,11 @@ def test_dsc_background_run_matches_in_process(layer):
         a = layer.slicer.util.arrayFromVolume(here["maps"][name])
         b = layer.slicer.util.arrayFromVolume(outcomes[0]["nodes"]["maps"][name])
         np.testing.assert_allclose(b[mask], a[mask], rtol=1e-4, atol=1e-4, err_msg=name)
+    cbf = outcomes[0]["nodes"]["maps"]["cbf"]
+    assert '"method": "Tikhonov"' in cbf.GetAttribute("PerfusionAI.Options")
+    # the overlaid map has a colour legend titled with its units
+    legend = layer.slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(cbf)
+    assert legend is not None and legend.GetTitleText() == "CBF [mL/100 g/min]"
 
 
 def _slow_run(layer, name="Slow"):

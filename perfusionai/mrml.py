@@ -713,20 +713,60 @@ def show_map(volume_node, map_type: str, window: Optional[tuple[float, float]] =
         volume_node.SetAttribute("PerfusionAI.Units", units)
 
 
-def show_overlay(background_node, foreground_node, opacity: float = 0.6, fit: bool = False) -> None:
+def show_overlay(background_node, foreground_node, opacity: float = 0.6, fit: bool = False,
+                 legend: bool = True) -> None:
     """Show ``foreground_node`` over ``background_node`` in every slice view.
 
-    ``fit`` resets the slice views to the volume (only meaningful with a layout).
+    ``fit`` resets the slice views to the volume (only meaningful with a layout); ``legend`` adds
+    a colour legend (title: map type and units) to the overlaid map (:func:`add_color_legend`).
     """
     slicer = _slicer()
     slicer.util.setSliceViewerLayers(background=background_node, foreground=foreground_node,
                                      foregroundOpacity=float(opacity), fit=fit)
+    if legend:
+        add_color_legend(foreground_node)
+
+
+def add_color_legend(volume_node, title: Optional[str] = None):
+    """A colour legend for a parametric map (Slicer's color legend display node), titled with its units.
+
+    ``title`` defaults to ``"<MAP TYPE> [<units>]"`` from the attributes :func:`show_map` set.
+    Returns the ``vtkMRMLColorLegendDisplayNode`` (None when the node has no display).
+    """
+    slicer = _slicer()
+    legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(volume_node)
+    if legend is None:
+        return None
+    if title is None:
+        map_type = volume_node.GetAttribute("PerfusionAI.MapType") or volume_node.GetName()
+        units = volume_node.GetAttribute("PerfusionAI.Units")
+        title = f"{map_type.upper()} [{units}]" if units else map_type.upper()
+    legend.SetTitleText(title)
+    return legend
 
 
 def set_attributes(node, attributes: Mapping[str, object], prefix: str = "PerfusionAI.") -> None:
     """Record small metadata (method, options, model) on a node; saved with the scene."""
     for key, value in attributes.items():
         node.SetAttribute(prefix + key, "" if value is None else str(value))
+
+
+def record_provenance(nodes: Sequence, options: Mapping[str, object]) -> None:
+    """Record the perfusionai version (``PerfusionAI.Version``) and every option of the run
+    (``PerfusionAI.Options``, JSON; e.g. ``job.to_json()``) on each result node (None entries skipped)."""
+    import json
+
+    from . import __version__
+
+    text = json.dumps(options, sort_keys=True, default=str)
+    for node in nodes:
+        if node is not None:
+            set_attributes(node, {"Version": __version__, "Options": text})
+
+
+def group_results(nodes: Sequence, input_node, folder_name: str) -> None:
+    """Put result nodes in a subject-hierarchy folder ``folder_name`` beside ``input_node``."""
+    _parent_with_input([n for n in nodes if n is not None], input_node, folder_name)
 
 
 # --------------------------------------------------------------------------------------
@@ -826,6 +866,8 @@ def _parent_with_input(nodes: Sequence, input_node, folder_name: str) -> None:
         item = hierarchy.GetItemByDataNode(node)
         if item:
             hierarchy.SetItemParent(item, folder)
+        else:  # the application adds items for new nodes itself; slicer-core does not
+            hierarchy.CreateItem(folder, node)
 
 
 def dsc_output_to_nodes(output, series_node, prefix: str = "DSC", show: bool = True,
