@@ -155,3 +155,19 @@ def test_prm_help_has_a_description_and_every_option_help():
         for action in verb._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, (name, action.option_strings)
+
+
+def test_prm_ct_never_overwrites_its_inputs(aligned, tmp_path, capsys):
+    """Issue 13.1 for prm ct: a lung mask named like an output (lungs.nii.gz) in the --out folder."""
+    case = tmp_path / "C"
+    case.mkdir()
+    write_volume(aligned.insp.array, aligned.insp.geometry, case / "insp.nii.gz")
+    write_volume(aligned.exp.array, aligned.exp.geometry, case / "exp.nii.gz")
+    write_volume((aligned.lung_labels > 0).astype(np.uint8) * 255, aligned.insp.geometry, case / "lungs.nii.gz")
+    before = (case / "lungs.nii.gz").read_bytes()
+    rc = main(["prm", "ct", "--insp", str(case / "insp.nii.gz"), "--exp", str(case / "exp.nii.gz"), "--lung-mask",
+               str(case / "lungs.nii.gz"), "--no-registration", "--no-figures", "--out", str(case),
+               "--progress", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "lungs.nii.gz" in err and len(err.strip().splitlines()) == 1
+    assert (case / "lungs.nii.gz").read_bytes() == before and not (case / "prm.nii.gz").exists()
