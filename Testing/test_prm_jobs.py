@@ -171,3 +171,16 @@ def test_prm_ct_never_overwrites_its_inputs(aligned, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "lungs.nii.gz" in err and len(err.strip().splitlines()) == 1
     assert (case / "lungs.nii.gz").read_bytes() == before and not (case / "prm.nii.gz").exists()
+
+
+def test_prm_ct_refuses_inf_and_nan_naming_the_file(aligned, tmp_path, capsys):
+    """Issue 13.3: Inf/-Inf in a CT were read as 0 HU; now restored by the reader and refused by file name."""
+    arr = aligned.insp.array.astype(np.float32).copy()
+    arr[20, 28, 20:23] = [np.inf, -np.inf, np.nan]
+    bad = tmp_path / "insp_inf.nii.gz"
+    write_volume(arr, aligned.insp.geometry, bad)
+    write_volume(aligned.exp.array, aligned.exp.geometry, tmp_path / "exp.nii.gz")
+    rc = main(["prm", "ct", "--insp", str(bad), "--exp", str(tmp_path / "exp.nii.gz"), "--no-registration",
+               "--out", str(tmp_path / "o"), "--progress", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(bad) in err and "3 NaN or infinite" in err and not (tmp_path / "o").exists()
