@@ -97,6 +97,11 @@ def register(subparsers) -> None:
                            "this series first, about 4 min on 2 CPU cores)")
     maps.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                       help="device of the learned methods (auto: CUDA when present)")
+    maps.add_argument("--aif-gamma-fit", action="store_true",
+                      help="replace the AIF by a gamma-variate fit of its first pass (recirculation removed; "
+                           "use with --cbv-window first_pass, as the tissue curves keep theirs)")
+    maps.add_argument("--fwhm-map", action="store_true",
+                      help="also write fwhm.nii.gz: full width at half maximum of each concentration curve (s)")
     maps.add_argument("--out", required=True, help="output folder")
     add_common_options(maps)
     maps.set_defaults(handler=run_maps, job_class=DSCMapsJob)

@@ -76,6 +76,8 @@ class DSCMapsJob(Job):
     refine_tmax: bool = option(False, help="parabolic sub-sample Tmax")
     allow_unusual_tr: bool = option(False, help="accept a frame interval outside 0.1-10 s")
     device: str = option("auto", help="learned methods: auto, cpu or cuda")
+    aif_gamma_fit: bool = option(False, help="replace the AIF by a gamma-variate fit of its first pass")
+    fwhm_map: bool = option(False, help="also write fwhm.nii.gz (s), the width of each concentration curve")
 
     def options(self, te: float) -> DSCOptions:
         """The :class:`DSCOptions` of this job with echo time ``te`` (s)."""

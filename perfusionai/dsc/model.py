@@ -43,6 +43,7 @@ from ..io import Geometry, atomic_output_dir, check_finite_values, write_json, w
 from ..progress import ProgressCallback, as_progress
 from . import acquisition
 from . import aif as aif_mod
+from . import aif_fit as aif_fit_mod
 from . import concentration as conc_mod
 from . import deconvolution as dec
 from . import leakage as leakage_mod
@@ -70,7 +71,9 @@ class DSCOptions:
     "cuda" for the learned methods; seed, phae_epochs, phae_max_seconds (-1: 240 s on CPU),
     phae_residue, phae_estimate_delay: PHAE training on the series itself. series_is_phantom: the
     series is a digital phantom (a PHAE trained on it is marked "trained on phantoms"; set by
-    :class:`perfusionai.dsc.DSCMapsJob` from the mark ``dsc phantom`` writes).
+    :class:`perfusionai.dsc.DSCMapsJob` from the mark ``dsc phantom`` writes). aif_gamma_fit: replace
+    the AIF by a gamma-variate fit of its first pass (recirculation removed, :mod:`.aif_fit`).
+    fwhm_map: add the map ``fwhm`` (s), the full width at half maximum of each concentration curve.
     """
 
     te: Optional[float] = None
@@ -97,6 +100,8 @@ class DSCOptions:
     phae_estimate_delay: bool = False
     series_is_phantom: bool = False
     chunk_voxels: int = dec.DEFAULT_CHUNK_VOXELS
+    aif_gamma_fit: bool = False
+    fwhm_map: bool = False
 
 
 def validate_options(options: DSCOptions) -> DSCOptions:
@@ -431,6 +436,10 @@ class DSCModel:
         prepared = prepare_concentration_and_aif(s, t, o.te, brain, arterial, o.baseline_frames, aif,
                                                  source=source, aif_source=aif_source)
         concentration = prepared.concentration
+        if o.aif_gamma_fit:
+            gamma = aif_fit_mod.fit_gamma_variate(prepared.aif, t, name=aif_source if arterial is not None else "AIF")
+            prepared.aif = _validate_aif(gamma.first_pass, "gamma-variate AIF fit")
+            prepared.aif_info["gamma_fit"] = gamma.to_dict()
         report(0.2, "AIF")
 
         extra: Dict[str, np.ndarray] = {}
@@ -441,6 +450,10 @@ class DSCModel:
             extra["k2"] = np.where(brain, corrected.k2, 0.0)
             extra["k1"] = np.where(brain, corrected.k1, 0.0)
         curves = concentration[brain]  # (n_voxels, t)
+        if o.fwhm_map:
+            fwhm = aif_mod.curve_features(curves, t, prepared.baseline_frames)["fwhm_s"]
+            extra["fwhm"] = np.zeros(shape3)
+            extra["fwhm"][brain] = fwhm
         problem = FitProblem(curves, prepared.aif, t, self.tr, concentration, brain, o, self.method)
         runner = RUNNERS.get(self.method.kind)
         if runner is None:
