@@ -51,7 +51,13 @@ _makePerfusionAIImportable()
 from perfusionai import mrml  # noqa: E402
 from perfusionai import slicer_support  # noqa: E402
 from perfusionai.errors import PerfusionAIError  # noqa: E402
-from PerfusionAISlicerLib import BackgroundRun, RunPanel, ensureDependencies, moduleRequirements  # noqa: E402
+from PerfusionAISlicerLib import (  # noqa: E402
+    BackgroundRun,
+    RunPanel,
+    addFolderBrowseButton,
+    ensureDependencies,
+    moduleRequirements,
+)
 
 METHOD_CHOICES = list(slicer_support.DSC_METHODS)
 AIF_MODES = ["Automatic", "Region"]
@@ -229,6 +235,7 @@ class DSCDeconvolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.aifSegmentSelector.connect("currentSegmentChanged(QString)", self.onAifSegmentChanged)
         self.ui.brainMaskSegmentSelector.connect("currentSegmentChanged(QString)", self.onBrainMaskSegmentChanged)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        addFolderBrowseButton(self.ui.modelPathLineEdit, _("PHAE / tmax-net model folder"))
         self.initializeParameterNode()
 
     def cleanup(self) -> None:

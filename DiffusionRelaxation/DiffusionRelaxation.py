@@ -53,7 +53,13 @@ from perfusionai import mrml  # noqa: E402
 from perfusionai import slicer_support  # noqa: E402
 from perfusionai.dr import models as drmodels  # noqa: E402
 from perfusionai.errors import PerfusionAIError  # noqa: E402
-from PerfusionAISlicerLib import BackgroundRun, RunPanel, ensureDependencies, moduleRequirements  # noqa: E402
+from PerfusionAISlicerLib import (  # noqa: E402
+    BackgroundRun,
+    RunPanel,
+    addFolderBrowseButton,
+    ensureDependencies,
+    moduleRequirements,
+)
 
 MODES = ["Fit", "Predict"]
 FIT_MODELS = list(drmodels.MODELS)
@@ -216,6 +222,7 @@ class DiffusionRelaxationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         for field, widgetName in PATH_FIELDS:
             getattr(self.ui, widgetName).connect("currentPathChanged(QString)",
                                                  lambda path, field=field: self.onPathChanged(field, path))
+        addFolderBrowseButton(self.ui.modelPathLineEdit, _("Trained model folder"))
         self.initializeParameterNode()
 
     def cleanup(self) -> None:

@@ -55,6 +55,8 @@ from perfusionai.errors import PerfusionAIError  # noqa: E402
 from PerfusionAISlicerLib import (  # noqa: E402
     BackgroundRun,
     RunPanel,
+    Show3DButton,
+    addFolderBrowseButton,
     computeDevice,
     ensureDependencies,
     moduleRequirements,
@@ -176,6 +178,9 @@ class PRMPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for field, widgetName in PATH_FIELDS:
             getattr(self.ui, widgetName).connect("currentPathChanged(QString)",
                                                  lambda path, field=field: self.onPathChanged(field, path))
+        addFolderBrowseButton(self.ui.mriLobeModelPathLineEdit, _("nnU-Net lobe model folder"))
+        addFolderBrowseButton(self.ui.mriPrmModelPathLineEdit, _("MRI -> PRM model folder"))
+        self.show3D = Show3DButton(self.layout)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -253,6 +258,7 @@ class PRMPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showResults(self, nodes) -> str:
         self.ui.resultsTableView.setMRMLTableNode(nodes["table"])
+        self.show3D.setSegmentations([nodes["segmentation"]])
         if nodes.get("scatterPng"):
             self.ui.scatterLabel.setPixmap(qt.QPixmap(nodes["scatterPng"]))
         return _("Done: PRM segmentation, registered expiratory CT and table added.")
@@ -267,6 +273,7 @@ class PRMPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showMriResults(self, nodes) -> str:
         self.ui.resultsTableView.setMRMLTableNode(nodes["table"])
+        self.show3D.setSegmentations([nodes["segmentation"], nodes.get("lobes")])
         self.ui.mriComparisonTableView.setMRMLTableNode(nodes.get("comparison"))
         return _("Done: predicted PRM ({model}) and table added.").format(model=nodes["model"])
 

@@ -11,6 +11,8 @@
 * :class:`RunPanel` -- the Apply / progress / log (with elapsed time) / Cancel / completion
   handling of a module panel, shared by the four widgets;
 * :func:`computeDevice` -- the CPU/GPU choice of the learned methods;
+* :class:`Show3DButton` -- the result segmentations in 3D; :func:`addFolderBrowseButton` -- a
+  *Folder...* button beside a path field (a ctkPathLineEdit browses files only);
 * :func:`registerGeneratedSample` -- a phantom in the Sample Data module that also loads from a
   script (``SampleData.downloadSample(name)``), through SampleData's own download-and-load path.
 
@@ -522,3 +524,50 @@ class RunPanel:
             logging.exception("showing the results failed")
             self.ui.statusLabel.text = _("Failed.")
             slicer.util.errorDisplay(_("{task}: showing the results failed:").format(task=self.describe) + f"\n{exc}")
+
+
+# --------------------------------------------------------------------------------------
+# small panel helpers
+
+
+class Show3DButton:
+    """A checkable *Show 3D* button for the result segmentations (closed surfaces built when first shown)."""
+
+    def __init__(self, layout) -> None:
+        self.segmentations = []
+        self.button = qt.QPushButton(_("Show 3D"))
+        self.button.checkable = True
+        self.button.enabled = False
+        self.button.toolTip = _("Show the result segmentation(s) in the 3D view")
+        self.button.connect("toggled(bool)", self.onToggled)
+        layout.addWidget(self.button)
+
+    def setSegmentations(self, nodes) -> None:
+        self.segmentations = [n for n in nodes if n is not None]
+        self.button.enabled = bool(self.segmentations)
+        if self.button.checked:
+            self.onToggled(True)
+
+    def onToggled(self, checked) -> None:
+        from perfusionai import mrml
+
+        for node in self.segmentations:
+            if node.GetScene() is not None:
+                mrml.show_segmentation_3d(node, bool(checked))
+
+
+def addFolderBrowseButton(pathLineEdit, title):
+    """Add a *Folder...* button to a ctkPathLineEdit, for models stored as folders (the field's own
+    browse button picks files, e.g. a model .zip)."""
+    button = qt.QToolButton()
+    button.text = _("Folder...")
+    button.toolTip = _("Choose a model folder")
+
+    def choose():
+        folder = qt.QFileDialog.getExistingDirectory(pathLineEdit, title, pathLineEdit.currentPath)
+        if folder:
+            pathLineEdit.currentPath = folder
+
+    button.connect("clicked()", choose)
+    pathLineEdit.layout().addWidget(button)
+    return button

@@ -52,7 +52,14 @@ _makePerfusionAIImportable()
 from perfusionai import mrml  # noqa: E402
 from perfusionai import slicer_support  # noqa: E402
 from perfusionai.errors import PerfusionAIError  # noqa: E402
-from PerfusionAISlicerLib import BackgroundRun, RunPanel, ensureDependencies, moduleRequirements  # noqa: E402
+from PerfusionAISlicerLib import (  # noqa: E402
+    BackgroundRun,
+    RunPanel,
+    Show3DButton,
+    addFolderBrowseButton,
+    ensureDependencies,
+    moduleRequirements,
+)
 
 
 #
@@ -183,6 +190,8 @@ class PerfusionTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.lungMaskSegmentSelector.connect("currentSegmentChanged(QString)", self.onLungMaskSegmentChanged)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        addFolderBrowseButton(self.ui.modelPathLineEdit, _("DL-CTPM model folder"))
+        self.show3D = Show3DButton(self.layout)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -265,6 +274,7 @@ class PerfusionTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
     def showResults(self, nodes) -> str:
         self.ui.resultsTableView.setMRMLTableNode(nodes["table"])
+        self.show3D.setSegmentations([nodes["segmentation"]])
         if nodes.get("evaluationTable") is not None:
             self.ui.evaluationTableView.setMRMLTableNode(nodes["evaluationTable"])
         return _("Done: perfusion overlay, high/low function segmentation and volumes added "

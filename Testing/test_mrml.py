@@ -349,3 +349,34 @@ def test_dsc_inputs_refuse_missing_or_millisecond_te(scene):
         mrml.dsc_inputs_from_nodes(sequence)
     with pytest.raises(PerfusionAIError, match="looks like milliseconds"):
         mrml.dsc_inputs_from_nodes(sequence, te=30.0)
+
+
+def test_lobe_segments_carry_standard_terminology_and_show_in_3d(scene):
+    import vtk
+
+    # the application's Segmentations module registers the conversion rules; slicer-core does not
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    rules = [type(r).__name__ for r in factory.GetConverterRules()] if factory.GetConverterRules() else []
+    if "vtkBinaryLabelmapToClosedSurfaceConversionRule" not in rules:
+        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+    labels = np.zeros((6, 8, 8), dtype=np.uint8)
+    for value in LOBE_LABELS:
+        labels[value - 1, 2:6, 2:6] = value
+    seg = mrml.segmentation_node_from_labels(labels, Geometry(labels.shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)),
+                                             LOBE_LABELS, "lobes")
+    segmentation = seg.GetSegmentation()
+    tags = {}
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        value = vtk.reference("")
+        assert segment.GetTag(segment.GetTerminologyEntryTagName(), value)
+        tags[segment.GetName()] = str(value)
+    assert "~SCT^45653009^Upper lobe of lung~SCT^24028007^Right~" in tags["Right upper lobe"]
+    assert "~SCT^90572001^Lower lobe of lung~SCT^7771000^Left~" in tags["Left lower lobe"]
+    assert tags["Right middle lobe"].startswith("Segmentation category and type - 3D Slicer General Anatomy list")
+    assert mrml.terminology_entry("Lingula") is None and mrml.terminology_entry("Emphysema") is None
+    mrml.show_segmentation_3d(seg)
+    assert seg.GetSegmentation().ContainsRepresentation("Closed surface")
+    assert seg.GetDisplayNode().GetVisibility3D()
+    mrml.show_segmentation_3d(seg, visible=False)
+    assert not seg.GetDisplayNode().GetVisibility3D()

@@ -533,7 +533,8 @@ def segmentation_node_from_labels(
 
     Each label value present in ``labels`` and listed in ``table`` becomes one
     segment named and coloured from ``table``; labels missing from ``table`` are
-    refused (they would get meaningless names). The segmentation's reference
+    refused (they would get meaningless names). Lobe and lung segments get Slicer's
+    standard terminology entry (:func:`terminology_entry`). The segmentation's reference
     geometry is ``reference_volume_node`` (e.g. the source image) or the label grid.
     """
     slicer = _slicer()
@@ -555,10 +556,58 @@ def segmentation_node_from_labels(
         ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
         if not ok:
             raise PerfusionAIError(f"label map '{name}' could not be imported as a segmentation")
+        _tag_standard_terminology(segmentation)
     finally:
         scene.RemoveNode(labelmap)
         scene.RemoveNode(color_node)
     return segmentation
+
+
+#: Standard terminology of lung structures: Slicer's "3D Slicer General Anatomy list" entries
+#: (SNOMED CT codes, as SlicerTotalSegmentator tags its lung segments), keyed by segment name.
+_RIGHT, _LEFT = ("24028007", "Right"), ("7771000", "Left")
+_ANATOMY_TERMS = {
+    "Right upper lobe": ("45653009", "Upper lobe of lung", _RIGHT),
+    "Right middle lobe": ("72481006", "Middle lobe of lung", _RIGHT),
+    "Right lower lobe": ("90572001", "Lower lobe of lung", _RIGHT),
+    "Left upper lobe": ("45653009", "Upper lobe of lung", _LEFT),
+    "Left lower lobe": ("90572001", "Lower lobe of lung", _LEFT),
+    "Right lung": ("39607008", "Lung", _RIGHT),
+    "Left lung": ("39607008", "Lung", _LEFT),
+}
+
+
+def terminology_entry(segment_name: str) -> Optional[str]:
+    """Slicer's terminology entry string for a lung/lobe segment name, or None (no standard term)."""
+    term = _ANATOMY_TERMS.get(segment_name)
+    if term is None:
+        return None
+    code, meaning, (side_code, side) = term
+    return ("Segmentation category and type - 3D Slicer General Anatomy list"
+            "~SCT^123037004^Anatomical Structure"
+            f"~SCT^{code}^{meaning}"
+            f"~SCT^{side_code}^{side}"
+            "~Anatomic codes - DICOM master list~^^~^^")
+
+
+def _tag_standard_terminology(segmentation_node) -> None:
+    segmentation = segmentation_node.GetSegmentation()
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        entry = terminology_entry(segment.GetName())
+        if entry is not None:
+            segment.SetTag(segment.GetTerminologyEntryTagName(), entry)
+
+
+def show_segmentation_3d(segmentation_node, visible: bool = True) -> None:
+    """Show (building the closed-surface representation once) or hide a segmentation in 3D views."""
+    if visible:
+        segmentation_node.CreateClosedSurfaceRepresentation()
+    display = segmentation_node.GetDisplayNode()
+    if display is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+        display = segmentation_node.GetDisplayNode()
+    display.SetVisibility3D(bool(visible))
 
 
 def segments_of(segmentation_node) -> list[tuple[str, str, tuple[float, float, float]]]:
