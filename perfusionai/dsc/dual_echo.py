@@ -39,6 +39,7 @@ class DualEchoResult:
     r2star_baseline: np.ndarray
     baseline_frames: int
     invalid_voxels: int
+    clipped_samples: int = 0
 
 
 def dual_echo_delta_r2star(echo1: np.ndarray, echo2: np.ndarray, te1: float, te2: float, baseline_frames: int,

@@ -78,6 +78,8 @@ class DSCMapsJob(Job):
     device: str = option("auto", help="learned methods: auto, cpu or cuda")
     aif_gamma_fit: bool = option(False, help="replace the AIF by a gamma-variate fit of its first pass")
     fwhm_map: bool = option(False, help="also write fwhm.nii.gz (s), the width of each concentration curve")
+    dsc_echo2: Optional[str] = option(None, help="second echo of a dual-echo series (same grid and frames)")
+    te2: Optional[float] = option(None, help="echo time of the second echo in seconds (None: from its header)")
 
     def options(self, te: float) -> DSCOptions:
         """The :class:`DSCOptions` of this job with echo time ``te`` (s)."""
@@ -101,14 +103,27 @@ class DSCMapsJob(Job):
         source = series.path or str(self.dsc)
         times = series.frame_times()
         te = acquisition.series_te(self.te, series)
+        echo2 = None
+        if self.dsc_echo2:
+            second = read_series(self.dsc_echo2, tr=self.tr, name="second echo", min_frames=acquisition.MIN_FRAMES)
+            if second.array.shape != series.array.shape:
+                raise ParameterError("dsc_echo2", f"{second.path or self.dsc_echo2}: shape {second.array.shape} differs "
+                                                  f"from the first echo's {series.array.shape}")
+            echo2 = second.array
+            te2 = acquisition.series_te(self.te2, second) if self.te2 is None else float(self.te2)
+        elif self.te2 is not None:
+            raise ParameterError("te2", "te2 needs the second echo (dsc_echo2)")
         options = self.options(te)
+        if echo2 is not None:
+            options = dataclasses.replace(options, te2=te2)
         if options.method.lower() == "phae" and acquisition.is_marked_phantom(self.dsc):
             options = dataclasses.replace(options, series_is_phantom=True)
         model = DSCModel.from_options(options, times, timing_source=None if self.tr is not None else source)
         mask = read_mask(self.mask, series.geometry, "brain mask") if self.mask else None
         aif_mask = read_mask(self.aif_mask, series.geometry, "AIF mask") if self.aif_mask else None
         fit = model.fit(series.array, mask=mask, aif_mask=aif_mask, progress=progress, source=source,
-                        mask_source=str(self.mask or "brain mask"), aif_source=str(self.aif_mask or "AIF mask"))
+                        mask_source=str(self.mask or "brain mask"), aif_source=str(self.aif_mask or "AIF mask"),
+                        echo2=echo2)
         fit.save(self.out, series.geometry, job=self,
                  extra_summary={"runtime_s": round(time.perf_counter() - started, 3)})
         return DSCMapsResult(fit=fit, out=Path(self.out), geometry=series.geometry)

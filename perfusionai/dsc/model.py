@@ -44,6 +44,7 @@ from ..progress import ProgressCallback, as_progress
 from . import acquisition
 from . import aif as aif_mod
 from . import aif_fit as aif_fit_mod
+from . import dual_echo as dual_echo_mod
 from . import concentration as conc_mod
 from . import deconvolution as dec
 from . import leakage as leakage_mod
@@ -74,6 +75,7 @@ class DSCOptions:
     :class:`perfusionai.dsc.DSCMapsJob` from the mark ``dsc phantom`` writes). aif_gamma_fit: replace
     the AIF by a gamma-variate fit of its first pass (recirculation removed, :mod:`.aif_fit`).
     fwhm_map: add the map ``fwhm`` (s), the full width at half maximum of each concentration curve.
+    te2: echo time [s] of a second echo passed to :meth:`DSCModel.fit` (``echo2``): dual-echo delta R2*.
     """
 
     te: Optional[float] = None
@@ -102,6 +104,7 @@ class DSCOptions:
     chunk_voxels: int = dec.DEFAULT_CHUNK_VOXELS
     aif_gamma_fit: bool = False
     fwhm_map: bool = False
+    te2: Optional[float] = None
 
 
 def validate_options(options: DSCOptions) -> DSCOptions:
@@ -179,7 +182,8 @@ def _validate_aif(aif: np.ndarray, source: str) -> np.ndarray:
 def prepare_concentration_and_aif(s: np.ndarray, t: np.ndarray, te: float, brain: np.ndarray,
                                   arterial: Optional[np.ndarray] = None,
                                   baseline_frames: Optional[int] = None, aif_curve: Optional[np.ndarray] = None,
-                                  source: str = "DSC series", aif_source: str = "AIF mask") -> PreparedDSC:
+                                  source: str = "DSC series", aif_source: str = "AIF mask",
+                                  echo2: Optional[np.ndarray] = None, te2: Optional[float] = None) -> PreparedDSC:
     """Signal ``[k, j, i, t]`` -> delta R2* and the AIF, the one way every DSC path does it.
 
     The baseline ends before the *earliest* bolus arrival in the brain or the arteries (unless
@@ -196,8 +200,14 @@ def prepare_concentration_and_aif(s: np.ndarray, t: np.ndarray, te: float, brain
         baseline = bolus.baseline_frames
         arrival_s = float(t[bolus.arrival_index] - t[0])
     convert = brain if arterial is None else (brain | arterial)
-    converted = conc_mod.signal_to_concentration(s, te, baseline, convert, name=source, check_frames=False)
-    concentration = converted.concentration  # float32 [k, j, i, t]
+    if echo2 is not None:  # dual echo: delta R2* from the two echoes (T1 effects cancel), dsc.dual_echo
+        if te2 is None:
+            raise ParameterError("te2", "give the echo time of the second echo (seconds)")
+        converted = dual_echo_mod.dual_echo_delta_r2star(s, echo2, te, te2, baseline, convert)
+        concentration = converted.delta_r2star
+    else:
+        converted = conc_mod.signal_to_concentration(s, te, baseline, convert, name=source, check_frames=False)
+        concentration = converted.concentration  # float32 [k, j, i, t]
 
     warnings: list = []
     aif_voxels = None
@@ -398,7 +408,7 @@ class DSCModel:
     def fit(self, signal: np.ndarray, mask: Optional[np.ndarray] = None, aif_mask: Optional[np.ndarray] = None,
             aif: Optional[np.ndarray] = None, progress: Optional[ProgressCallback] = None, *,
             source: str = "DSC series", mask_source: str = "brain mask",
-            aif_source: str = "AIF mask") -> "DSCFit":
+            aif_source: str = "AIF mask", echo2: Optional[np.ndarray] = None) -> "DSCFit":
         """Fit the model to a DSC signal.
 
         Parameters
@@ -413,6 +423,9 @@ class DSCModel:
             image when None); the search region must contain arteries.
         progress
             ``progress(fraction, message)``; may raise :class:`perfusionai.errors.Cancelled`.
+        echo2
+            The second echo ``[k, j, i, t]`` of a dual-echo series (echo time ``te2``): delta R2* by
+            :func:`perfusionai.dsc.dual_echo.dual_echo_delta_r2star` instead of ``-ln(S/S0)/TE``.
         source, mask_source, aif_source
             Names of the inputs (file paths) for messages.
         """
@@ -433,8 +446,11 @@ class DSCModel:
         acquisition.check_signal_dropout(s, brain, source)
 
         report(0.0, "concentration and AIF")
+        if echo2 is not None:
+            echo2 = np.asarray(echo2)
+            check_finite_values(echo2, used, "second echo", "the second echo")
         prepared = prepare_concentration_and_aif(s, t, o.te, brain, arterial, o.baseline_frames, aif,
-                                                 source=source, aif_source=aif_source)
+                                                 source=source, aif_source=aif_source, echo2=echo2, te2=o.te2)
         concentration = prepared.concentration
         if o.aif_gamma_fit:
             gamma = aif_fit_mod.fit_gamma_variate(prepared.aif, t, name=aif_source if arterial is not None else "AIF")
