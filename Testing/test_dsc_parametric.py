@@ -207,3 +207,19 @@ def test_command_line_writes_fit_quality_and_true_tmax(tmp_path):
     details = summary.get("details", summary)
     assert details["method"] == "parametric"
     assert details["regularisation"]["n_not_converged"] == int((io.read_volume(out / "converged.nii.gz").array[phantom.brain_mask] == 0).sum())
+
+
+def test_parametric_shape_option_fixes_the_residue_shape():
+    from perfusionai.dsc import DSCModel
+    from perfusionai.dsc.job import DSCMapsJob
+
+    dro = make_dsc_dro(200, residue="exponential", snr=np.inf, seed=114)
+    signal, tissue_mask, _ = dro.as_series(width=20)
+    _, aif = _curves(dro)
+    fit = DSCModel(dro.te, tr=dro.tr, method="parametric", parametric_shape=1.0, kh=dro.analysis_kh, rho=dro.rho,
+                   baseline_frames=dro.baseline_frames).fit(signal, mask=tissue_mask, aif=aif)
+    info = fit.summary()["regularisation"]
+    assert info["shape_mode"] == "fixed" and info["shape"] == 1.0
+    assert np.median(np.abs(fit.cbf[tissue_mask] / dro.truth["cbf"] - 1)) < 0.02
+    job = DSCMapsJob.from_argv(["--dsc", "x.nii.gz", "--out", "o", "--method", "parametric", "--parametric-shape", "2"])
+    assert job.parametric_shape == 2.0 and DSCMapsJob.from_argv(job.to_argv()) == job

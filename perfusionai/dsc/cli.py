@@ -102,6 +102,9 @@ def register(subparsers) -> None:
                            "use with --cbv-window first_pass, as the tissue curves keep theirs)")
     maps.add_argument("--fwhm-map", action="store_true",
                       help="also write fwhm.nii.gz: full width at half maximum of each concentration curve (s)")
+    maps.add_argument("--parametric-shape", type=positive_float, default=None,
+                      help="--method parametric: fix the residue's gamma shape (1 = exponential; default: one shape "
+                           "fitted to the volume)")
     maps.add_argument("--dsc-echo2", default=None,
                       help="second echo of a dual-echo series (same grid and frames as --dsc): delta R2* = "
                            "ln((S1/S1,0)/(S2/S2,0))/(TE2-TE1), free of T1 leakage effects")

@@ -80,6 +80,7 @@ class DSCMapsJob(Job):
     fwhm_map: bool = option(False, help="also write fwhm.nii.gz (s), the width of each concentration curve")
     dsc_echo2: Optional[str] = option(None, help="second echo of a dual-echo series (same grid and frames)")
     te2: Optional[float] = option(None, help="echo time of the second echo in seconds (None: from its header)")
+    parametric_shape: Optional[float] = option(None, help="parametric method: fixed gamma shape (None: fitted)")
 
     def options(self, te: float) -> DSCOptions:
         """The :class:`DSCOptions` of this job with echo time ``te`` (s)."""

@@ -76,6 +76,8 @@ class DSCOptions:
     the AIF by a gamma-variate fit of its first pass (recirculation removed, :mod:`.aif_fit`).
     fwhm_map: add the map ``fwhm`` (s), the full width at half maximum of each concentration curve.
     te2: echo time [s] of a second echo passed to :meth:`DSCModel.fit` (``echo2``): dual-echo delta R2*.
+    parametric_shape: the parametric method's gamma shape alpha (1 = exponential residue; None: fitted,
+    one shape per volume).
     """
 
     te: Optional[float] = None
@@ -105,6 +107,7 @@ class DSCOptions:
     aif_gamma_fit: bool = False
     fwhm_map: bool = False
     te2: Optional[float] = None
+    parametric_shape: Optional[float] = None
 
 
 def validate_options(options: DSCOptions) -> DSCOptions:

@@ -773,7 +773,7 @@ def run_parametric(problem, progress):
     from .model import MethodOutput
 
     o = problem.options
-    result = fit_parametric(problem.curves, problem.aif, problem.dt, progress=progress)
+    result = fit_parametric(problem.curves, problem.aif, problem.dt, shape=o.parametric_shape, progress=progress)
     window = maps_mod.cbv_window_frames(problem.aif, o.cbv_window)
     cbv = maps_mod.cbv_map(problem.curves, problem.aif, problem.dt, o.kh, o.rho, o.cbv_integration, window)
     cbf = maps_mod.cbf_map(result.cbf, o.kh, o.rho)
