@@ -1,9 +1,9 @@
 """DSCDeconvolution: CBV, CBF, MTT, Tmax and TTP maps from a 4D DSC-MRI series in 3D Slicer.
 
-The module binds widgets and calls the Logic; the Logic converts nodes with
-``perfusionai.mrml``, runs one core function (``perfusionai.dsc.pipeline.compute_dsc_maps``
-in-process, or the same computation as ``PythonSlicer -m perfusionai dsc maps`` in a
-background process) and converts the results back to nodes. All numerics live in
+The module binds widgets and calls the Logic; the Logic writes the input nodes to files with
+``perfusionai.mrml`` / ``slicer_support``, builds the job (``perfusionai.dsc.job.DSCMapsJob``), runs it
+in-process (``job.run()``) or as ``PythonSlicer -m perfusionai dsc maps`` in a background process,
+and reads the output folder back into nodes the same way for both. All numerics live in
 the ``perfusionai`` package, which the extension installs next to this file.
 """
 
@@ -430,11 +430,11 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
         settings = {"method": key, "te": inputs.te, "threshold": threshold, "kh": kh, "rho": rho,
                     "leakageCorrection": leakageCorrection, "modelPath": modelPath,
                     "overlayOpacity": overlayOpacity, "showResults": showResults}
-        trainFirst = key == "phae" and not modelPath
-        if waitForCompletion and not trainFirst:
-            return self._processInThisProcess(seriesNode, inputs, settings, progressCallback)
-        return self._startBackgroundProcess(seriesNode, inputs, settings, waitForCompletion,
-                                            progressCallback, completedCallback, logCallback)
+        if key == "tmax-net" and not modelPath:
+            raise PerfusionAIError(_("tmax-net needs a model file; choose one or use PHAE."))
+        return self._runJob(seriesNode, inputs, settings, inBackground=not waitForCompletion,
+                            progressCallback=progressCallback, completedCallback=completedCallback,
+                            logCallback=logCallback)
 
     def _attributes(self, settings):
         attributes = {"Method": settings["method"], "EchoTime_s": settings["te"], "kh": settings["kh"],
@@ -443,18 +443,6 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
             attributes["Model"] = settings["modelPath"] or "PHAE trained on this series"
             attributes["ModelNote"] = slicer_support.model_note(settings["modelPath"])
         return attributes
-
-    def _processInThisProcess(self, seriesNode, inputs, settings, progressCallback):
-        from perfusionai.dsc.pipeline import DSCOptions, compute_dsc_maps
-
-        options = DSCOptions(te=settings["te"], method=settings["method"], threshold=settings["threshold"],
-                             kh=settings["kh"], rho=settings["rho"],
-                             leakage_correction=settings["leakageCorrection"], model_path=settings["modelPath"])
-        result = compute_dsc_maps(inputs.series.array, inputs.times, options, mask=inputs.mask,
-                                  aif_mask=inputs.aif_mask, aif_auto=inputs.aif_mask is None,
-                                  progress=progressCallback)
-        return self._outputToNodes(seriesNode, slicer_support.output_from_result(result, inputs.series.geometry),
-                                   inputs, settings)
 
     def _outputToNodes(self, seriesNode, output, inputs, settings):
         """The result nodes of a run, the same for the in-process and the background route; every
@@ -466,24 +454,31 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
                                {k: v for k, v in settings.items() if k != "showResults"})
         return nodes
 
-    def _startBackgroundProcess(self, seriesNode, inputs, settings, waitForCompletion, progressCallback,
-                                completedCallback, logCallback=None):
+    def _runJob(self, seriesNode, inputs, settings, inBackground, progressCallback=None, completedCallback=None,
+                logCallback=None):
+        """The DSC bridge: the nodes' arrays to files, ``DSCMapsJob`` (``dsc maps``) run here or in the
+        background, its output folder read back into nodes the same way for both routes."""
+        from perfusionai.dsc.job import DSCMapsJob
+
         workDir = self._run.newWorkDir()
         files = slicer_support.write_dsc_inputs(os.path.join(workDir, "inputs"), inputs.series.array,
                                                 inputs.series.geometry, inputs.times, mask=inputs.mask,
                                                 aif_mask=inputs.aif_mask)
         outDir = os.path.join(workDir, "maps")
-        command = slicer_support.build_dsc_maps_command(
-            slicer_support.python_launcher(), files, outDir, te=settings["te"], method=settings["method"],
-            threshold=settings["threshold"], kh=settings["kh"], rho=settings["rho"],
-            leakage_correction=settings["leakageCorrection"], model_path=settings["modelPath"])
+        job = DSCMapsJob(dsc=str(files.series), out=outDir, te=float(settings["te"]), tr=float(files.tr),
+                         aif_mask=str(files.aif_mask) if files.aif_mask is not None else None,
+                         aif_auto=files.aif_mask is None, mask=str(files.mask) if files.mask is not None else None,
+                         method=settings["method"], threshold=settings["threshold"], kh=float(settings["kh"]),
+                         rho=float(settings["rho"]), leakage_correction=bool(settings["leakageCorrection"]),
+                         model_path=str(settings["modelPath"]) if settings["modelPath"] else None)
+        settings = dict(settings, job=job.to_json())
 
         def readOutputs():
             return self._outputToNodes(seriesNode, slicer_support.read_dsc_outputs(outDir), inputs, settings)
 
-        return self._run.start(command, readOutputs, progressCallback, completedCallback,
-                               waitForCompletion=waitForCompletion,
-                               cpuOnly=not slicer_support.is_learned(settings["method"]), logCallback=logCallback)
+        return self._run.runJob(job, readOutputs, inBackground=inBackground, progressCallback=progressCallback,
+                                completedCallback=completedCallback, logCallback=logCallback,
+                                cpuOnly=not slicer_support.is_learned(settings["method"]))
 
     def cancel(self) -> None:
         """Stop a running background computation (the launcher and the Python process it started)."""

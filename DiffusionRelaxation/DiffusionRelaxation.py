@@ -1,8 +1,9 @@
 """DiffusionRelaxation: clinical ADC/IVIM/T2-IVIM-Kurtosis fits and learned advanced-protocol maps in 3D Slicer.
 
-The module binds widgets and calls the Logic; the Logic converts nodes with ``perfusionai.mrml``,
-calls one core function (``perfusionai.dr.pipeline.fit_series`` or ``predict_series``) and
-converts the maps back to volume nodes with colour tables, plus a table of ROI statistics.
+The module binds widgets and calls the Logic; the Logic writes the input nodes to files, builds the
+domain's job (``perfusionai.dr.jobs.DRFitJob`` / ``DRPredictJob``), runs it in-process (``job.run()``)
+or as ``PythonSlicer -m perfusionai dr fit|predict`` in a background process, and reads the output
+folder back into volume nodes with colour tables, plus a table of ROI statistics, the same way for both.
 All numerics live in the ``perfusionai`` package, which the extension installs next to this file.
 Units: b s/mm2, TE and T2 ms, diffusivities um2/ms (= 1e-3 mm2/s).
 """
@@ -430,8 +431,6 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
             ``completedCallback(outcome)``.
         :return: ``{"maps": {name: volume node}, "table": table node, "signals": sequence node or None}``.
         """
-        from perfusionai.dr import pipeline
-
         if self.isRunning:
             raise PerfusionAIError(_("A diffusion-relaxation computation is already running; cancel it first."))
         series = mrml.series_from_node(seriesNode)
@@ -446,19 +445,9 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
             if roiNode is not None else None
         settings = {"mode": mode, "model": model, "modelPath": modelPath, "noiseSigma": noiseSigma,
                     "overlayOpacity": overlayOpacity, "showResults": showResults}
-        if waitForCompletion:
-            if mode == "Predict":
-                from perfusionai.dr.learners import load_model
-
-                maps, signals, info = pipeline.predict_series(series.array, protocol, load_model(modelPath), mask,
-                                                              progress=progressCallback, source=seriesNode.GetName())
-            else:
-                maps, _status, info = pipeline.fit_series(series.array, protocol, model, mask, noiseSigma,
-                                                          progress=progressCallback, source=seriesNode.GetName())
-                signals = None
-            return self._resultsToNodes(seriesNode, series, maps, signals, info, roi, settings)
-        return self._startBackgroundProcess(seriesNode, series, protocol, mask, roi, settings, progressCallback,
-                                            completedCallback, logCallback)
+        return self._runJob(seriesNode, series, protocol, mask, roi, settings, inBackground=not waitForCompletion,
+                            progressCallback=progressCallback, completedCallback=completedCallback,
+                            logCallback=logCallback)
 
     def _resultsToNodes(self, seriesNode, series, maps, signals, info, roi, settings):
         """Map volumes (colour tables, units), the ROI statistics table and predicted signals: the same for
@@ -504,9 +493,11 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
         mrml.record_provenance(created, {k: v for k, v in settings.items() if k != "showResults"})
         return {"maps": mapNodes, "table": table, "signals": signalsNode}
 
-    def _startBackgroundProcess(self, seriesNode, series, protocol, mask, roi, settings, progressCallback,
-                                completedCallback, logCallback=None):
-        """``perfusionai dr fit|predict`` (the job's own command line) on files written from the nodes."""
+    def _runJob(self, seriesNode, series, protocol, mask, roi, settings, inBackground, progressCallback=None,
+                completedCallback=None, logCallback=None):
+        """The diffusion-relaxation bridge: the series, protocol and mask to files, ``DRFitJob`` /
+        ``DRPredictJob`` run here or in the background (``perfusionai dr fit|predict``), the output folder
+        read back into nodes the same way for both routes."""
         from perfusionai.dr.jobs import DRFitJob, DRPredictJob
         from perfusionai.io import write_series, write_volume
 
@@ -531,15 +522,15 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
         else:
             job = DRFitJob(dwi=dwi, bvals=bvals, out=outDir, tes=tes, mask=maskPath, model=settings["model"],
                            noise_sigma=settings["noiseSigma"])
-        command = [slicer_support.python_launcher(), "-m", "perfusionai", *job.to_argv(), "--progress", "lines"]
         settings = dict(settings, job=job.to_json())
 
         def readOutputs():
             maps, signals, info = slicer_support.read_dr_outputs(outDir)
             return self._resultsToNodes(seriesNode, series, maps, signals, info, roi, settings)
 
-        return self._run.start(command, readOutputs, progressCallback, completedCallback,
-                               cpuOnly=settings["mode"] != "Predict", logCallback=logCallback)
+        return self._run.runJob(job, readOutputs, inBackground=inBackground, progressCallback=progressCallback,
+                                completedCallback=completedCallback, logCallback=logCallback,
+                                cpuOnly=settings["mode"] != "Predict")
 
 
 #

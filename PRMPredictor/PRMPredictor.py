@@ -1,9 +1,9 @@
 """PRMPredictor: parametric response mapping (PRM) of the lungs from inspiratory/expiratory CT in 3D Slicer.
 
-The module binds widgets and calls the Logic; the Logic converts nodes with
-``perfusionai.mrml``, runs one core function (``perfusionai.prm.pipeline.compute_prm``
-in-process, or the same computation as ``PythonSlicer -m perfusionai prm ct`` in a
-background process) and converts the results back to nodes: the PRM map as a
+The module binds widgets and calls the Logic; the Logic writes the input nodes to files, builds
+the job (``perfusionai.prm.jobs.PRMCTJob``), runs it in-process (``job.run()``) or as
+``PythonSlicer -m perfusionai prm ct`` in a background process, and reads the output folder
+back into nodes the same way for both: the PRM map as a
 segmentation with the standard colours over the inspiratory CT, the expiratory CT
 registered onto it, a table of %PRM per lung and lobe and the PRM scatter plot.
 All numerics live in the ``perfusionai`` package, installed next to this file.
@@ -343,29 +343,9 @@ class PRMPredictorLogic(ScriptedLoadableModuleLogic):
                                        "resample it onto the inspiratory CT first")
             lobes = (lobeArray, lobeConvention)
         settings = {"register": register, "threads": threads, "showResults": showResults}
-        if waitForCompletion:
-            return self._processInThisProcess(inspNode, insp, exp, lobes, settings, progressCallback)
-        return self._startBackgroundProcess(inspNode, insp, exp, lobes, settings, progressCallback,
-                                            completedCallback, logCallback)
-
-    def _processInThisProcess(self, inspNode, insp, exp, lobes, settings, progressCallback):
-        from perfusionai.prm.lobes_import import import_lobes
-        from perfusionai.prm.pipeline import PRMOptions, compute_prm, write_prm_outputs
-        from perfusionai.prm.registration import RegistrationOptions
-
-        lobeLabels = import_lobes(lobes[0], lobes[1], "lobes") if lobes is not None else None
-        options = PRMOptions(registration=RegistrationOptions(threads=settings["threads"]),
-                             register=settings["register"])
-        result = compute_prm(insp, exp, lobes=lobeLabels, options=options, progress=progressCallback)
-        workDir = workDirectory("PRMPredictor")
-        try:
-            try:
-                write_prm_outputs(result, workDir)
-            finally:
-                result.cleanup()
-            return self._outputsToNodes(inspNode, workDir, settings)
-        finally:  # the nodes hold their own copies of everything read from the folder
-            shutil.rmtree(workDir, ignore_errors=True)
+        return self._runJob(inspNode, insp, exp, lobes, settings, inBackground=not waitForCompletion,
+                            progressCallback=progressCallback, completedCallback=completedCallback,
+                            logCallback=logCallback)
 
     def _outputsToNodes(self, inspNode, outDir, settings):
         """Read a PRM output folder into the scene."""
@@ -401,23 +381,25 @@ class PRMPredictorLogic(ScriptedLoadableModuleLogic):
         return {"segmentation": segmentation, "registered": registeredNode, "table": table, "stats": stats,
                 "scatterPng": scatterPng}
 
-    def _startBackgroundProcess(self, inspNode, insp, exp, lobes, settings, progressCallback, completedCallback,
-                                logCallback=None):
+    def _runJob(self, inspNode, insp, exp, lobes, settings, inBackground, progressCallback=None,
+                completedCallback=None, logCallback=None):
+        """The PRM bridge: the CT pair (and lobes) to files, ``PRMCTJob`` (``prm ct``) run here or in the
+        background, its output folder read back into nodes the same way for both routes."""
         from perfusionai.io import write_volume
+        from perfusionai.prm.jobs import PRMCTJob
 
         workDir = self._run.newWorkDir()
         inputs = os.path.join(workDir, "inputs")
         inspPath = str(write_volume(insp.array, insp.geometry, os.path.join(inputs, "insp.nii.gz")))
         expPath = str(write_volume(exp.array, exp.geometry, os.path.join(inputs, "exp.nii.gz")))
-        outDir = os.path.join(workDir, "prm")
-        command = [slicer_support.python_launcher(), "-m", "perfusionai", "prm", "ct", "--insp", inspPath,
-                   "--exp", expPath, "--out", outDir, "--threads", str(int(settings["threads"])),
-                   "--progress", "lines"]
+        lobesPath = None
         if lobes is not None:
             lobesPath = str(write_volume(lobes[0], insp.geometry, os.path.join(inputs, "lobes.nii.gz")))
-            command += ["--lobes", lobesPath, "--lobe-convention", lobes[1]]
-        if not settings["register"]:
-            command.append("--no-registration")
+        outDir = os.path.join(workDir, "prm")
+        job = PRMCTJob(insp=inspPath, exp=expPath, out=outDir, lobes=lobesPath,
+                       lobe_convention=lobes[1] if lobes is not None else "project",
+                       no_registration=not settings["register"], threads=int(settings["threads"]))
+        settings = dict(settings, job=job.to_json())
 
         def readOutputs():
             nodes = self._outputsToNodes(inspNode, outDir, settings)
@@ -425,7 +407,8 @@ class PRMPredictorLogic(ScriptedLoadableModuleLogic):
                 progressCallback(1.0, _("PRM done"))
             return nodes
 
-        return self._run.start(command, readOutputs, progressCallback, completedCallback, logCallback=logCallback)
+        return self._run.runJob(job, readOutputs, inBackground=inBackground, progressCallback=progressCallback,
+                                completedCallback=completedCallback, logCallback=logCallback)
 
     def cancel(self) -> None:
         """Stop a running background computation (the launcher and the Python process it started)."""

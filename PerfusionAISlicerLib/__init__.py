@@ -3,7 +3,9 @@
 * :func:`ensureDependencies` -- one confirmation listing every package a run needs (torch through
   the PyTorch extension, without a second prompt), then the install through ``slicer.packaging``
   (5.12) or ``slicer.util.pip_install`` (5.10); declining returns False, it is not an error;
-* :class:`BackgroundRun` -- one ``PythonSlicer -m perfusionai ...`` run, the same on Slicer 5.10 and
+* :class:`BackgroundRun` -- the one execution path of every module (:meth:`BackgroundRun.runJob`):
+  the domain's job (``perfusionai.jobs``) on files written from the nodes, run by ``job.run()`` here
+  or as ``PythonSlicer -m perfusionai <job.to_argv()> --progress lines``, the same on Slicer 5.10 and
   5.12: ``slicer.util.launchConsoleProcess`` (the signature both versions share), a reader thread
   and a ``qt.QTimer`` that polls it; ``PROGRESS`` lines to a progress callback, every other line
   to a log callback; Cancel, scene close and application exit kill the process tree; any
@@ -287,6 +289,32 @@ class BackgroundRun:
             return self.outcome.get("nodes")
         self._startPolling()
         return None
+
+    def runJob(self, job, readOutputs, inBackground=True, waitForCompletion=False, progressCallback=None,
+               completedCallback=None, logCallback=None, cpuOnly=True):
+        """Run a job specification (``perfusionai.jobs.Job``) whose inputs lie in :meth:`newWorkDir`.
+
+        ``inBackground`` False: ``job.run(progressCallback)`` in this process, then ``readOutputs()``
+        (returns the nodes). True: ``PythonSlicer -m perfusionai <job.to_argv()> --progress lines`` as
+        :meth:`start` runs it. Either way ``readOutputs()`` reads the job's ``out`` folder into nodes,
+        so both routes give the same nodes.
+        """
+        if not inBackground:
+            if self.isRunning:
+                raise PerfusionAIError(_("{name}: a computation is already running; cancel it first.").format(
+                    name=self.name))
+            logging.info(self.name + ": in process: " + " ".join(job.to_argv()))
+            self.startTime = time.time()
+            try:
+                job.run(progress=progressCallback)
+                return readOutputs()
+            finally:
+                if self.workDir and os.path.isdir(self.workDir):
+                    shutil.rmtree(self.workDir, ignore_errors=True)
+                self.workDir = None
+        command = [slicer_support.python_launcher(), "-m", "perfusionai", *job.to_argv(), "--progress", "lines"]
+        return self.start(command, readOutputs, progressCallback, completedCallback,
+                          waitForCompletion=waitForCompletion, cpuOnly=cpuOnly, logCallback=logCallback)
 
     def cancel(self) -> None:
         """Stop the running process (the launcher and the Python process it started)."""

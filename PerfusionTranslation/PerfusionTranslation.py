@@ -1,9 +1,9 @@
 """PerfusionTranslation: SPECT-like lung perfusion predicted from a chest CT (DL-CTPM) in 3D Slicer.
 
-The module binds widgets and calls the Logic; the Logic converts nodes with
-``perfusionai.mrml``, runs one core function (``perfusionai.ctpm.predict.predict_perfusion``
-in-process, or ``PythonSlicer -m perfusionai ctpm predict`` in a background process) and
-converts the results back to nodes: the perfusion map as a colour overlay on the CT, the
+The module binds widgets and calls the Logic; the Logic writes the input nodes to files, builds
+the job (``perfusionai.ctpm.jobs.CTPMPredictJob``), runs it in-process (``job.run()``) or as
+``PythonSlicer -m perfusionai ctpm predict`` in a background process, and reads the output folder
+back into nodes the same way for both: the perfusion map as a colour overlay on the CT, the
 high/low functional lung as a segmentation, a volumes table, and -- when a SPECT is selected --
 the evaluation numbers (Spearman R, SSIM, Dice). All numerics live in the ``perfusionai``
 package, which the extension installs next to this file.
@@ -355,14 +355,9 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
         labels = self._lungLabels(lungMaskNode, lungMaskSegmentId, geometry)
         settings = {"modelPath": str(modelPath), "overlayOpacity": overlayOpacity, "showResults": showResults,
                     "spectNode": spectNode}
-        if waitForCompletion:
-            from perfusionai.ctpm.predict import load_ctpm_model, predict_perfusion
-
-            model = load_ctpm_model(settings["modelPath"])
-            result = predict_perfusion(ctHU, geometry, model, labels, progress=progressCallback)
-            return self._resultsToNodes(ctNode, result, geometry, settings)
-        return self._startBackgroundProcess(ctNode, ctHU, geometry, labels, settings, progressCallback,
-                                            completedCallback, logCallback)
+        return self._runJob(ctNode, ctHU, geometry, labels, settings, inBackground=not waitForCompletion,
+                            progressCallback=progressCallback, completedCallback=completedCallback,
+                            logCallback=logCallback)
 
     def _resultsToNodes(self, ctNode, result, geometry, settings):
         from perfusionai.ctpm.evaluation import evaluate_arrays
@@ -391,27 +386,30 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
         created = [perfusionNode, segmentation, table, evaluationTable]
         mrml.group_results(created, ctNode, f"{name} DL-CTPM results")
         mrml.record_provenance(created, {"modelPath": settings["modelPath"], "modelLabel": result.model_label,
-                                         "overlayOpacity": settings["overlayOpacity"],
+                                         "overlayOpacity": settings["overlayOpacity"], "job": settings.get("job"),
                                          "spect": spectNode.GetName() if spectNode is not None else None})
         return {"perfusion": perfusionNode, "segmentation": segmentation, "table": table,
                 "evaluationTable": evaluationTable, "evaluation": evaluation, "modelLabel": result.model_label}
 
-    def _startBackgroundProcess(self, ctNode, ctHU, geometry, labels, settings, progressCallback, completedCallback,
-                                logCallback=None):
-        from perfusionai.ctpm.predict import build_predict_command, read_prediction, write_predict_inputs
+    def _runJob(self, ctNode, ctHU, geometry, labels, settings, inBackground, progressCallback=None,
+                completedCallback=None, logCallback=None):
+        """The CT-to-perfusion bridge: the CT (and lung labels) to files, ``CTPMPredictJob`` (``ctpm predict``)
+        run here or in the background, its output folder read back into nodes the same way for both routes."""
+        from perfusionai.ctpm.jobs import CTPMPredictJob
+        from perfusionai.ctpm.predict import read_prediction, write_predict_inputs
 
         workDir = self._run.newWorkDir()
         ctPath, maskPath = write_predict_inputs(os.path.join(workDir, "inputs"), ctHU, geometry, labels)
         outDir = os.path.join(workDir, "prediction")
-        command = build_predict_command(slicer_support.python_launcher(), ctPath, settings["modelPath"], outDir,
-                                        maskPath)
+        job = CTPMPredictJob(ct=str(ctPath), model=settings["modelPath"], out=outDir,
+                             lung_mask=str(maskPath) if maskPath is not None else None)
 
         def readOutputs():
             result, resultGeometry, _summary = read_prediction(outDir)
-            return self._resultsToNodes(ctNode, result, resultGeometry, settings)
+            return self._resultsToNodes(ctNode, result, resultGeometry, dict(settings, job=job.to_json()))
 
-        return self._run.start(command, readOutputs, progressCallback, completedCallback, cpuOnly=False,
-                               logCallback=logCallback)
+        return self._run.runJob(job, readOutputs, inBackground=inBackground, progressCallback=progressCallback,
+                                completedCallback=completedCallback, logCallback=logCallback, cpuOnly=False)
 
     def cancel(self) -> None:
         """Stop a running background prediction (the launcher and the Python process it started)."""

@@ -105,6 +105,28 @@ def test_dsc_background_run_matches_in_process(layer):
     assert legend is not None and legend.GetTitleText() == "CBF [mL/100 g/min]"
 
 
+def test_prm_background_run_matches_in_process(layer):
+    """PRMCTJob (``prm ct --no-registration``) on an aligned phantom, in a subprocess and in-process."""
+    from perfusionai.phantoms.prm import make_prm_phantom
+
+    mod = layer.load_module("PRMPredictor")
+    phantom = make_prm_phantom(shape=(16, 24, 28), spacing_mm=6.0, noise_hu=0.0, deform=False)
+    from perfusionai import mrml
+
+    insp = mrml.volume_node_from_array(phantom.insp.array, phantom.geometry, "insp")
+    exp = mrml.volume_node_from_array(phantom.exp.array, phantom.geometry, "exp")
+    logic = mod.PRMPredictorLogic()
+    outcomes = []
+    logic.process(insp, exp, register=False, waitForCompletion=False, completedCallback=outcomes.append)
+    _follow(logic._run)
+    assert len(outcomes) == 1 and "nodes" in outcomes[0], outcomes
+    here = logic.process(insp, exp, register=False)
+    assert outcomes[0]["nodes"]["stats"]["whole_lung"] == here["stats"]["whole_lung"]
+    names = [s[1] for s in mrml.segments_of(here["segmentation"])]
+    assert "Emphysema" in names
+    assert '"no_registration": true' in here["segmentation"].GetAttribute("PerfusionAI.Options")
+
+
 def _slow_run(layer, name="Slow"):
     lib = sys.modules["PerfusionAISlicerLib"]
     run = lib.BackgroundRun(name)
