@@ -42,7 +42,7 @@ def _add_ct(verbs) -> None:
     p = verbs.add_parser("ct", help="PRM from inspiratory and expiratory CT (HU)",
                          description="Register the expiratory CT to the inspiratory CT (ANTs SyN, lungs masked), "
                                      "classify every lung voxel (normal, fSAD, emphysema, uncategorized; Galban 2012) "
-                                     "and report %%PRM per lung and lobe. Outputs: prm.nii.gz (inspiratory grid), "
+                                     "and report %PRM per lung and lobe. Outputs: prm.nii.gz (inspiratory grid), "
                                      "exp_registered.nii.gz (insp_registered.nii.gz with --direction insp_to_exp), "
                                      "lungs.nii.gz, transforms, prm_stats.json, prm_stats.csv, "
                                      "prm_scatter.png, prm_overlay.png. Refused: scans not in HU (--allow-non-hu), "
@@ -90,7 +90,7 @@ def _add_ct(verbs) -> None:
 
 def _add_evaluate(verbs) -> None:
     p = verbs.add_parser("evaluate", help="agreement of a PRM map with a reference (one case or a cohort)",
-                         description="One case: --pred P --ref R [--lobes L]: Dice per class and %%PRM differences. "
+                         description="One case: --pred P --ref R [--lobes L]: Dice per class and %PRM differences. "
                                      "Cohort: --cohort CSV (columns patient, pred, ref[, lobes]; PRM maps or "
                                      "prm_stats.json files): Pearson r per class at patient and lobe level, "
                                      "Bland-Altman, figure (Xu et al. Fig. 3).")
@@ -110,7 +110,7 @@ def _add_phantom(verbs) -> None:
         "phantom", help="write a CT phantom pair with known PRM and lobes (or an MRI-PRM cohort)",
         description="Write a paired chest CT phantom (HU) with known truth: OUT/insp.nii.gz, OUT/exp.nii.gz "
                     "(deformed by breathing), OUT/lung_mask.nii.gz (1 right, 2 left), OUT/lobes.nii.gz (1-6), "
-                    "OUT/truth_prm.nii.gz (0-4) on the inspiratory grid and OUT/truth.json (%%PRM per lung and "
+                    "OUT/truth_prm.nii.gz (0-4) on the inspiratory grid and OUT/truth.json (%PRM per lung and "
                     "lobe). Then: perfusionai prm ct --insp OUT/insp.nii.gz --exp OUT/exp.nii.gz "
                     "--lobes OUT/lobes.nii.gz --out prm/. With --mri-cohort: an MRI-PRM phantom cohort "
                     "(VIBE, post-contrast VIBE, IRmax, PBF, lung mask, lobes and reference CT PRM per subject) "

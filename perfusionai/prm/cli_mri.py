@@ -86,7 +86,7 @@ def register_verbs(verbs) -> None:
 
     p = verbs.add_parser("ablation", help="paper evaluation and Table-1 ablation over input combinations",
                          description="Evaluate a trained model on one split of a cohort CSV (Dice of emphysema "
-                                     "and abnormal, Pearson r of %%PRM at patient and lobe level, Bland-Altman) "
+                                     "and abnormal, Pearson r of %PRM at patient and lobe level, Bland-Altman) "
                                      "and rerun it with each input combination of the paper's Table 1.")
     p.add_argument("--cohort", required=True, help="cohort CSV with reference PRM")
     p.add_argument("--model", required=True, help="MRI -> PRM model folder or zip")

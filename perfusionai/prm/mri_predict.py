@@ -54,7 +54,7 @@ def check_sequences(volumes: Mapping[str, Optional[np.ndarray]], card: dict, lun
         raise ParameterError(unknown[0], f"unknown sequence; the network takes {', '.join(SEQUENCES)}")
     given = [s for s in SEQUENCES if volumes.get(s) is not None]
     if not given:
-        raise ParameterError("vibe", "no MRI sequence given; give at least one of vibe, post_vibe, irmax, pbf")
+        raise ParameterError("vibe", "no MRI sequence given; give at least one of VIBE, post-contrast VIBE, IRmax, PBF")
     trained_with = card.get("inputs", {}).get("trained_with", list(SEQUENCES))
     not_trained = [s for s in given if s not in trained_with]
     if not_trained:

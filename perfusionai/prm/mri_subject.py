@@ -141,7 +141,7 @@ def predict_subject(
     paths = {"vibe": vibe, "post_vibe": post_vibe, "irmax": irmax, "pbf": pbf}
     given = [k for k in SEQUENCE_KEYS if paths[k]]
     if not given:
-        raise ParameterError("vibe", "no MRI sequence given; give at least one of vibe, post_vibe, irmax, pbf")
+        raise ParameterError("vibe", "no MRI sequence given; give at least one of VIBE, post-contrast VIBE, IRmax, PBF")
     if lung_mask is None and lobe_model is None:
         raise ParameterError("lung_mask", "give a lung mask or a lobe model")
     if lobe_model is not None and not vibe:
