@@ -85,7 +85,8 @@ def register(subparsers) -> None:
                       help="number of pre-bolus frames for S0 (default: detected automatically)")
     maps.add_argument("--leakage-correction", action="store_true",
                       help="Boxerman-Schmainda-Weisskoff leakage correction (contrast-enhancing tumours); "
-                           "adds k2.nii.gz (leakage, 1/s) and k1.nii.gz (scaling of the reference curve)")
+                           "adds k2.nii.gz (leakage, 1/s), k1.nii.gz (scaling of the reference curve) and "
+                           "k2_cv.nii.gz (coefficient of variation of K2)")
     maps.add_argument("--cbv-integration", choices=INTEGRATIONS, default="trapezoid",
                       help="rule for the CBV integrals of tissue and AIF")
     maps.add_argument("--cbv-window", choices=CBV_WINDOWS, default="full",
@@ -102,6 +103,10 @@ def register(subparsers) -> None:
                            "use with --cbv-window first_pass, as the tissue curves keep theirs)")
     maps.add_argument("--fwhm-map", action="store_true",
                       help="also write fwhm.nii.gz: full width at half maximum of each concentration curve (s)")
+    maps.add_argument("--leakage-max-k2-cv", type=positive_float, default=None,
+                      help="with --leakage-correction: correct only voxels whose K2 is reliable (coefficient of "
+                           "variation = standard error / |K2| at most this, e.g. 0.5); k2_cv.nii.gz is written "
+                           "either way (default: correct every voxel)")
     maps.add_argument("--parametric-shape", type=positive_float, default=None,
                       help="--method parametric: fix the residue's gamma shape (1 = exponential; default: one shape "
                            "fitted to the volume)")

@@ -65,6 +65,12 @@ class LeakageResult:
         ``(t,)`` mean delta-R2* of the reference (non-enhancing) voxels, 1/s.
     reference_mask
         ``[k, j, i]`` bool, the reference voxels used.
+    k2_cv
+        ``[k, j, i]`` coefficient of variation of K2 (its least-squares standard error over |K2|,
+        from the residual variance of each voxel's fit); inf where K2 = 0, 0 outside the mask.
+    corrected_mask
+        ``[k, j, i]`` bool, the voxels whose curves were corrected (all masked voxels, or those with
+        ``k2_cv <= max_k2_cv`` when that is given).
     """
 
     corrected: np.ndarray
@@ -72,6 +78,8 @@ class LeakageResult:
     k2: np.ndarray
     reference_curve: np.ndarray
     reference_mask: np.ndarray
+    k2_cv: Optional[np.ndarray] = None
+    corrected_mask: Optional[np.ndarray] = None
 
     def summary(self, mask: Optional[np.ndarray] = None) -> dict:
         """Median and 5/95 percentiles of K2 (1/s) inside ``mask`` and the reference size."""
@@ -138,6 +146,7 @@ def bsw_correct(
     model: str = "bsw-transit",
     delays_s: Sequence[float] = (0.0, 2.0, 4.0),
     dispersions_s: Sequence[float] = (0.0, 4.0, 10.0),
+    max_k2_cv: Optional[float] = None,
 ) -> LeakageResult:
     """Fit the BSW model in every masked voxel and return the corrected curves.
 
@@ -158,6 +167,10 @@ def bsw_correct(
     model, delays_s, dispersions_s
         ``"bsw"`` (classic) or ``"bsw-transit"`` with the reference delayed by
         ``delays_s`` and dispersed by ``dispersions_s`` (module doc).
+    max_k2_cv
+        Correct only the voxels whose K2 is reliable: coefficient of variation (standard error /
+        |K2|) at most this value (e.g. 0.5); None corrects every masked voxel. K1, K2 and ``k2_cv``
+        are reported for every voxel either way.
 
     Returns
     -------
@@ -205,10 +218,25 @@ def bsw_correct(
     coeffs[finite] = curves[finite, start:] @ pinv.T
     corrected = np.array(concentration, copy=True)
     k2_vox = coeffs[:, -1]
-    corrected[mask] = (curves + k2_vox[:, None] * ref_integral[None, :]).astype(corrected.dtype)
+    # standard error of K2: residual variance x the K2 diagonal of (D^T D)^-1 = |last row of pinv|^2
+    dof = max(design.shape[0] - design.shape[1], 1)
+    residual = np.zeros(curves.shape[0])
+    residual[finite] = np.sum((curves[finite, start:] - coeffs[finite] @ design.T) ** 2, axis=1)
+    se_k2 = np.sqrt(residual / dof * float(np.sum(pinv[-1] ** 2)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cv_vox = np.where(k2_vox != 0, se_k2 / np.abs(k2_vox), np.inf)
+    if max_k2_cv is not None and not (np.isfinite(max_k2_cv) and max_k2_cv > 0):
+        raise ParameterError("leakage_max_k2_cv", f"must be a positive number, got {max_k2_cv}")
+    apply = finite if max_k2_cv is None else finite & (cv_vox <= max_k2_cv)
+    k2_applied = np.where(apply, k2_vox, 0.0)
+    corrected[mask] = (curves + k2_applied[:, None] * ref_integral[None, :]).astype(corrected.dtype)
     k1 = np.zeros(mask.shape)
     k2 = np.zeros(mask.shape)
+    k2_cv = np.zeros(mask.shape)
+    corrected_mask = np.zeros(mask.shape, bool)
     k1[mask] = coeffs[:, :-1].sum(axis=1)
     k2[mask] = k2_vox
+    k2_cv[mask] = cv_vox
+    corrected_mask[mask] = apply
     return LeakageResult(corrected=corrected, k1=k1, k2=k2, reference_curve=reference,
-                         reference_mask=reference_mask)
+                         reference_mask=reference_mask, k2_cv=k2_cv, corrected_mask=corrected_mask)

@@ -76,6 +76,8 @@ class DSCOptions:
     the AIF by a gamma-variate fit of its first pass (recirculation removed, :mod:`.aif_fit`).
     fwhm_map: add the map ``fwhm`` (s), the full width at half maximum of each concentration curve.
     te2: echo time [s] of a second echo passed to :meth:`DSCModel.fit` (``echo2``): dual-echo delta R2*.
+    leakage_max_k2_cv: with leakage correction, correct only voxels whose K2 coefficient of variation
+    is at most this (None: every voxel); the ``k2_cv`` map is written either way.
     parametric_shape: the parametric method's gamma shape alpha (1 = exponential residue; None: fitted,
     one shape per volume).
     """
@@ -108,6 +110,7 @@ class DSCOptions:
     fwhm_map: bool = False
     te2: Optional[float] = None
     parametric_shape: Optional[float] = None
+    leakage_max_k2_cv: Optional[float] = None
 
 
 def validate_options(options: DSCOptions) -> DSCOptions:
@@ -464,10 +467,11 @@ class DSCModel:
         extra: Dict[str, np.ndarray] = {}
         if o.leakage_correction:
             report(0.3, "leakage correction")
-            corrected = leakage_mod.bsw_correct(concentration, brain, t)
+            corrected = leakage_mod.bsw_correct(concentration, brain, t, max_k2_cv=o.leakage_max_k2_cv)
             concentration = np.where(brain[..., None], corrected.corrected, concentration).astype(np.float32)
             extra["k2"] = np.where(brain, corrected.k2, 0.0)
             extra["k1"] = np.where(brain, corrected.k1, 0.0)
+            extra["k2_cv"] = np.where(brain, np.minimum(corrected.k2_cv, 1e6), 0.0)
         curves = concentration[brain]  # (n_voxels, t)
         if o.fwhm_map:
             fwhm = aif_mod.curve_features(curves, t, prepared.baseline_frames)["fwhm_s"]
