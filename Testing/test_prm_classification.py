@@ -10,8 +10,7 @@ from perfusionai.io import Geometry
 from perfusionai.metrics import dice
 from perfusionai.phantoms.prm import make_prm_phantom, truth_statistics
 from perfusionai.prm.classification import ClassificationOptions, classify_prm
-from perfusionai.prm.lobes_import import import_lobes
-from perfusionai.prm.lungmask import segment_lungs
+from perfusionai.lung import import_lobes, lung_labels_of, lungs_from_lobes, segment_lungs
 from perfusionai.prm.pipeline import PRMOptions, compute_prm
 from perfusionai.prm.stats import prm_statistics
 
@@ -159,3 +158,19 @@ def test_aligned_noisy_pair_with_median_stays_within_truth(phantom):
     truth = truth_statistics(ph, use_lobes=False)["whole_lung"]
     for key in ("normal", "fsad", "emph"):
         assert abs(result.stats["whole_lung"][key] - truth[key]) < 2.0
+
+
+def test_lobe_to_lung_grouping_and_lung_labels_for_statistics():
+    """One grouping (labels.RIGHT_LOBES/LEFT_LOBES): lobes 1-3 right (1), 4-6 left (2); a 1-6 lobe map given
+    as the lung mask is read as lobes, a binary mask is split into its two lungs."""
+    from perfusionai.io import Geometry
+
+    lobes = np.zeros((2, 4, 12), np.uint8)
+    lobes[:, :, 0:2], lobes[:, :, 2:4], lobes[:, :, 4:6] = 1, 2, 3      # right lung: small LPS x
+    lobes[:, :, 7:9], lobes[:, :, 9:10], lobes[:, :, 10:12] = 4, 5, 6
+    expected = np.where(lobes == 0, 0, np.where(lobes <= 3, 1, 2))
+    assert np.array_equal(lungs_from_lobes(lobes), expected)
+    g = Geometry(lobes.shape)
+    assert np.array_equal(lung_labels_of(lobes, g), expected)                   # the mask is a lobe map
+    assert np.array_equal(lung_labels_of(lobes > 0, g), expected)               # binary: its two components
+    assert np.array_equal(lung_labels_of(lobes > 0, g, lobes=lobes), expected)  # lobes win
