@@ -5,7 +5,8 @@
 (b) no ``importlib.import_module``/``__import__`` of the project's own modules: the only dynamic
     import is :func:`perfusionai.deps.require`, for optional third-party packages;
 (c) no error or warning message outside the command-line files names a flag (``--lambda``):
-    the core names parameters (:class:`perfusionai.errors.ParameterError`);
+    the core names parameters (:class:`perfusionai.errors.ParameterError`); a suggested command
+    line (``run 'perfusionai lobes import-model --nnunet-folder X'``) may show its own flags;
 (d) ``perfusionai dsc maps`` with a classical method runs, in a fresh interpreter, with every
     optional package (torch, antspyx, scikit-learn, scikit-image, matplotlib, nnunetv2, dask)
     made unimportable, as on ``pip install perfusionai`` without extras; a learned method there
@@ -195,10 +196,38 @@ def _is_cli_file(path: Path) -> bool:
     return path.name in ("cli.py", "cli_common.py") or path.name.startswith("cli")
 
 
+def _joined(node: ast.AST, members: set):
+    """``node`` as one text when it is a string, an f-string or a ``+`` of strings, else None."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        members.add(id(node))
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        members.add(id(node))
+        return "".join(_joined(v, members) or "{}" for v in node.values)
+    if isinstance(node, ast.FormattedValue):
+        members.add(id(node))
+        return "{}"
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _joined(node.left, set()), _joined(node.right, set())
+        if left is not None or right is not None:
+            members.add(id(node))
+            return (_joined(node.left, members) or "{}") + (_joined(node.right, members) or "{}")
+    return None
+
+
 def _strings(node: ast.AST):
+    """The message texts in ``node``: each string, f-string or ``+`` of strings as one text."""
+    members: set = set()
     for sub in ast.walk(node):
-        if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
-            yield sub.value
+        if id(sub) in members:
+            continue
+        text = _joined(sub, members)
+        if text is not None:
+            yield text
+
+
+#: a suggested command line ("run 'perfusionai lobes import-model --nnunet-folder X'") may show its flags
+_COMMAND = re.compile(r"perfusionai(?: [a-z][a-z-]*)*")
 
 
 def _flag_messages(path: Path, root: Path = REPO) -> list[str]:
@@ -215,7 +244,9 @@ def _flag_messages(path: Path, root: Path = REPO) -> list[str]:
                 candidates.append(node)
         for c in candidates:
             for text in _strings(c):
-                flag = _FLAG.search(text)
+                commands = [m.end() for m in _COMMAND.finditer(text)]
+                flag = next((f for f in _FLAG.finditer(text)
+                             if not any(end <= f.start() for end in commands)), None)
                 if flag:
                     found.append(f"{path.relative_to(root)}:{c.lineno}: {flag.group(0)} in {text[:80]!r}")
     return sorted(set(found))
@@ -231,7 +262,8 @@ def test_flag_scanner_finds_a_flag(tmp_path):
     bad = tmp_path / "x.py"
     bad.write_text('def f(p):\n    raise input_error("--tikhonov-lambda", "unknown criterion")\n'
                    'def g():\n    raise ValueError(f"use --aif-auto or {1}")\n'
-                   'def h():\n    raise input_error(p, "a 1-- b, x--y and -1 are fine")\n')
+                   'def h():\n    raise input_error(p, "a 1-- b, x--y and -1 are fine")\n'
+                   'def k(x):\n    raise input_error(x, f"convert it: perfusionai lobes import-model --nnunet-folder {x}")\n')
     hits = _flag_messages(bad, tmp_path)
     assert [h.split(": ", 1)[1].split(" in ")[0] for h in hits] == ["--tikhonov-lambda", "--aif-auto"]
 
