@@ -193,3 +193,12 @@ def test_disk_full_through_the_cli_is_one_line(tmp_path, capsys, monkeypatch):
     assert code == 2 and len(err.splitlines()) == 1 and "No space left on device" in err, err
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_every_help_page_renders():
+    pages = 0
+    for path, sub, _help in cli.iter_parsers(cli.build_parser()):
+        text = sub.format_help()
+        assert text.startswith("usage: perfusionai"), path
+        pages += 1
+    assert pages > 30
