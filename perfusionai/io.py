@@ -325,8 +325,14 @@ def _read_nrrd_fallback(p: Path, itk_error: Exception):
     except (KeyError, ValueError):
         raise refuse from None
     vectors = []
-    for token in re.findall(r"\([^)]*\)|none", dirs_text):
-        vectors.append(None if token == "none" else [float(v) for v in token.strip("()").split(",")])
+    try:
+        for token in re.findall(r"\([^)]*\)|none", dirs_text):
+            vectors.append(None if token == "none" else [float(v) for v in token.strip("()").split(",")])
+    except ValueError:
+        raise refuse from None
+    if any(fields.get(k, "0").strip() not in ("0", "") for k in ("byte skip", "line skip")):
+        raise input_error(p, "NRRD 'byte skip'/'line skip' is not supported for a 4D time-last file; "
+                             "write it without a skip")
     if dim != 4 or len(sizes) != 4 or len(vectors) != 4 or sum(v is None for v in vectors) != 1:
         raise refuse
     t_axis = next(n for n, v in enumerate(vectors) if v is None)
