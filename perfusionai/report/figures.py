@@ -94,6 +94,36 @@ def difference_window(arrays: Sequence[np.ndarray], mask: Optional[np.ndarray] =
     return -top, top
 
 
+def scale_windows(maps: Mapping[str, np.ndarray], mask: Optional[np.ndarray] = None,
+                  labels: Optional[Mapping[str, str]] = None, scales: Optional[Mapping[str, str]] = None,
+                  differences: Collection[str] = (), ranges: Optional[Mapping[str, tuple[float, float]]] = None,
+                  cmaps: Optional[Mapping[str, str]] = None):
+    """The colour scales of a :func:`montage_png`: ``(scale_of, groups, window, cmap_of)`` with
+    ``scale_of[row] -> scale``, ``groups[scale] -> rows``, ``window[scale] -> (lo, hi)`` and
+    ``cmap_of[scale] -> colour map name`` (arguments as :func:`montage_png`)."""
+    names = list(maps)
+    labels, scales, ranges, cmaps = dict(labels or {}), dict(scales or {}), dict(ranges or {}), dict(cmaps or {})
+    mask_b = None if mask is None else np.asarray(mask, bool)
+    scale_of = {n: scales.get(n, labels.get(n, n)) for n in names}
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(scale_of[n], []).append(n)
+    window, cmap_of = {}, {}
+    for scale, members in groups.items():
+        diff = any(m in differences for m in members)
+        fixed = ranges.get(scale) or next((ranges[m] for m in members if m in ranges), None)
+        style = MAP_STYLE.get(members[0].lower(), MAP_STYLE.get(scale.lower(), ("viridis", None)))
+        if fixed is None and not diff:
+            fixed = style[1]
+        if fixed is None:
+            arrays = [maps[m] for m in members]
+            fixed = difference_window(arrays, mask_b) if diff else shared_window(arrays, mask_b)
+        window[scale] = (float(fixed[0]), float(fixed[1]))
+        cmap_of[scale] = cmaps.get(scale) or next((cmaps[m] for m in members if m in cmaps), None) or (
+            DIFFERENCE_CMAP if diff else style[0])
+    return scale_of, groups, window, cmap_of
+
+
 def montage_png(
     maps: Mapping[str, np.ndarray],
     path: str | Path,
@@ -152,23 +182,7 @@ def montage_png(
     first = np.asarray(maps[names[0]])
     shown = list(slices) if slices is not None else pick_slices(mask, n_slices, first.shape[0])
     mask_b = np.asarray(mask, bool) if mask is not None else np.ones(first.shape, bool)
-    scale_of = {n: scales.get(n, labels.get(n, n)) for n in names}
-    groups: dict[str, list[str]] = {}
-    for n in names:
-        groups.setdefault(scale_of[n], []).append(n)
-    window, cmap_of = {}, {}
-    for scale, members in groups.items():
-        diff = any(m in differences for m in members)
-        fixed = ranges.get(scale) or next((ranges[m] for m in members if m in ranges), None)
-        style = MAP_STYLE.get(members[0].lower(), MAP_STYLE.get(scale.lower(), ("viridis", None)))
-        if fixed is None and not diff:
-            fixed = style[1]
-        if fixed is None:
-            arrays = [maps[m] for m in members]
-            fixed = difference_window(arrays, mask_b) if diff else shared_window(arrays, mask_b)
-        window[scale] = (float(fixed[0]), float(fixed[1]))
-        cmap_of[scale] = cmaps.get(scale) or next((cmaps[m] for m in members if m in cmaps), None) or (
-            DIFFERENCE_CMAP if diff else style[0])
+    scale_of, groups, window, cmap_of = scale_windows(maps, mask_b, labels, scales, differences, ranges, cmaps)
     if background is not None:
         bg_all = np.asarray(background, dtype=float)
         bg_lo, bg_hi = background_window or (float(np.percentile(bg_all, 1)), float(np.percentile(bg_all, 99.5)))
