@@ -50,6 +50,7 @@ _makePerfusionAIImportable()
 
 from perfusionai import mrml  # noqa: E402
 from perfusionai import slicer_support  # noqa: E402
+from perfusionai.dsc import methods as dsc_methods  # noqa: E402
 from perfusionai.errors import PerfusionAIError  # noqa: E402
 from PerfusionAISlicerLib import (  # noqa: E402
     BackgroundRun,
@@ -59,7 +60,8 @@ from PerfusionAISlicerLib import (  # noqa: E402
     moduleRequirements,
 )
 
-METHOD_CHOICES = list(slicer_support.DSC_METHODS)
+#: The methods of the DSC registry (perfusionai.dsc.methods), by their canonical names.
+METHOD_CHOICES = list(dsc_methods.METHODS)
 AIF_MODES = ["Automatic", "Region"]
 
 
@@ -306,11 +308,12 @@ class DSCDeconvolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._syncingSegments = False
 
-        learned = slicer_support.is_learned(p.method)
+        method = dsc_methods.resolve_method(p.method)
+        learned = method.learned
         self.ui.modelPathLineEdit.enabled = learned and not p.trainPhaeOnSeries
-        self.ui.trainPhaeCheckBox.enabled = slicer_support.cli_method(p.method) == "phae"
+        self.ui.trainPhaeCheckBox.enabled = method.name == "phae"
         self.ui.learnedNoteLabel.setVisible(learned)
-        self.ui.svdThresholdSpinBox.enabled = slicer_support.cli_method(p.method) in ("sSVD", "cSVD")
+        self.ui.svdThresholdSpinBox.enabled = method.applies("threshold")
 
         running = self.logic.isRunning or self.runPanel.running
         ready = p.inputSeries is not None and (not regionMode or p.aifRegion is not None)
@@ -374,7 +377,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
 
         Returns False when the user declined.
         """
-        learned = slicer_support.is_learned(method)
+        learned = dsc_methods.is_learned(method)
         return ensureDependencies(_("DSC Deconvolution"), moduleRequirements(__file__, ["learned"] if learned else []),
                                   torchNeededBy=_("The learned methods (PHAE, tmax-net)") if learned else None)
 
@@ -397,7 +400,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
             kh=p.kh,
             rho=p.rho,
             leakageCorrection=p.leakageCorrection,
-            modelPath=None if (p.trainPhaeOnSeries and slicer_support.cli_method(p.method) == "phae") else model,
+            modelPath=None if (p.trainPhaeOnSeries and dsc_methods.resolve_method(p.method).name == "phae") else model,
             overlayOpacity=p.overlayOpacity,
             waitForCompletion=waitForCompletion,
             progressCallback=progressCallback,
@@ -426,7 +429,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
             raise PerfusionAIError(_("A DSC computation is already running; cancel it first."))
         inputs = mrml.dsc_inputs_from_nodes(seriesNode, te=te, tr=tr, aif_node=aifNode, aif_segment_id=aifSegmentId,
                                             mask_node=maskNode, mask_segment_id=maskSegmentId)
-        key = slicer_support.cli_method(method)
+        key = dsc_methods.resolve_method(method).name
         settings = {"method": key, "te": inputs.te, "threshold": threshold, "kh": kh, "rho": rho,
                     "leakageCorrection": leakageCorrection, "modelPath": modelPath,
                     "overlayOpacity": overlayOpacity, "showResults": showResults}
@@ -439,7 +442,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
     def _attributes(self, settings):
         attributes = {"Method": settings["method"], "EchoTime_s": settings["te"], "kh": settings["kh"],
                       "rho": settings["rho"], "LeakageCorrection": settings["leakageCorrection"]}
-        if slicer_support.is_learned(settings["method"]):
+        if dsc_methods.is_learned(settings["method"]):
             attributes["Model"] = settings["modelPath"] or "PHAE trained on this series"
             attributes["ModelNote"] = slicer_support.model_note(settings["modelPath"])
         return attributes
@@ -478,7 +481,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
 
         return self._run.runJob(job, readOutputs, inBackground=inBackground, progressCallback=progressCallback,
                                 completedCallback=completedCallback, logCallback=logCallback,
-                                cpuOnly=not slicer_support.is_learned(settings["method"]))
+                                cpuOnly=not dsc_methods.is_learned(settings["method"]))
 
     def cancel(self) -> None:
         """Stop a running background computation (the launcher and the Python process it started)."""

@@ -43,37 +43,6 @@ def test_error_message_prefers_the_cli_error_line():
         "Traceback\nValueError: boom"
 
 
-def test_method_names():
-    assert [support.cli_method(m) for m in support.DSC_METHODS] == \
-        ["sSVD", "cSVD", "oSVD", "Tikhonov", "phae", "tmax-net"]
-    assert support.cli_method("osvd") == "oSVD"
-    assert support.is_learned("PHAE") and support.is_learned("tmax-net") and not support.is_learned("Tikhonov")
-    with pytest.raises(PerfusionAIError, match="unknown DSC method 'fSVD'"):
-        support.cli_method("fSVD")
-
-
-def _inputs(tmp_path, **kw):
-    return support.DSCInputFiles(series=tmp_path / "dsc.nii.gz", tr=1.5, **kw)
-
-
-def test_command_line_options(tmp_path):
-    cmd = support.build_dsc_maps_command("PythonSlicer", _inputs(tmp_path, aif_mask=tmp_path / "a.nii.gz"),
-                                         tmp_path / "out", te=0.03, method="cSVD", threshold=0.15,
-                                         leakage_correction=True)
-    assert cmd[:5] == ["PythonSlicer", "-m", "perfusionai", "dsc", "maps"]
-    assert cmd[cmd.index("--te") + 1] == "0.03" and cmd[cmd.index("--tr") + 1] == "1.5"
-    assert cmd[cmd.index("--method") + 1] == "cSVD"
-    assert cmd[cmd.index("--aif-mask") + 1].endswith("a.nii.gz") and "--aif-auto" not in cmd
-    assert cmd[cmd.index("--threshold") + 1] == "0.15" and "--leakage-correction" in cmd
-    assert cmd[cmd.index("--progress") + 1] == "lines" and "--mask" not in cmd and "--model" not in cmd
-    auto = support.build_dsc_maps_command(["py", "-X", "utf8"], _inputs(tmp_path), tmp_path / "o", te=0.02,
-                                          method="PHAE")
-    assert auto[:3] == ["py", "-X", "utf8"] and "--aif-auto" in auto
-    assert auto[auto.index("--method") + 1] == "phae" and "--model" not in auto  # CLI trains PHAE first
-    with pytest.raises(PerfusionAIError, match="tmax-net needs a model"):
-        support.build_dsc_maps_command("py", _inputs(tmp_path), tmp_path / "o", te=0.02, method="tmax-net")
-
-
 def test_background_run_through_files_matches_truth(tmp_path):
     """Inputs written as the module writes them, the CLI run as a subprocess, outputs read back."""
     from perfusionai.phantoms.dsc import make_dsc_phantom
@@ -83,7 +52,11 @@ def test_background_run_through_files_matches_truth(tmp_path):
                                       mask=phantom.brain_mask, aif_mask=phantom.aif_mask)
     assert inputs.tr == pytest.approx(phantom.tr)
     out = tmp_path / "out"
-    cmd = support.build_dsc_maps_command(sys.executable, inputs, out, te=phantom.te, method="Tikhonov")
+    from perfusionai.dsc.job import DSCMapsJob
+
+    job = DSCMapsJob(dsc=str(inputs.series), out=str(out), te=phantom.te, tr=inputs.tr, aif_mask=str(inputs.aif_mask),
+                     mask=str(inputs.mask), method="Tikhonov")
+    cmd = [sys.executable, "-m", "perfusionai", *job.to_argv(), "--progress", "lines"]  # as BackgroundRun.runJob
     # Only what the module passes (plus this interpreter's own environment), run from another folder,
     # so the package is found through background_environment's PYTHONPATH.
     env = dict(os.environ)

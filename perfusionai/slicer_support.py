@@ -3,8 +3,9 @@
 The module files only bind widgets and call these; keeping the logic here makes
 it testable with plain pytest:
 
-* the background-process pattern: command lines for ``python -m perfusionai``,
-  parsing of ``PROGRESS <fraction> <message>`` lines, killing a process tree;
+* the background-process pattern: parsing of ``PROGRESS <fraction> <message>`` lines,
+  killing a process tree, the environment of ``python -m perfusionai`` (the command line itself
+  is the domain job's ``to_argv()``; method names come from ``perfusionai.dsc.methods``);
 * the file exchange with that process (inputs written, outputs read back);
 * the DSC result in one shape, whether it came from the in-process core or the CLI;
 * checks of which Python requirements are missing.
@@ -28,27 +29,9 @@ import numpy as np
 from .errors import PerfusionAIError, input_error
 from .io import Geometry, read_volume, write_series, write_volume
 
-#: Methods as the DSCDeconvolution GUI lists them, and the CLI's spelling of each.
-DSC_METHODS = ("sSVD", "cSVD", "oSVD", "Tikhonov", "PHAE", "tmax-net")
-_CLI_METHOD = {"ssvd": "sSVD", "csvd": "cSVD", "osvd": "oSVD", "tikhonov": "Tikhonov",
-               "phae": "phae", "tmax-net": "tmax-net"}
-LEARNED_METHODS = ("phae", "tmax-net")
 MAP_NAMES = ("cbv", "cbf", "mtt", "tmax", "ttp")
 
 _PROGRESS_LINE = re.compile(r"^\s*PROGRESS\s+([-+0-9.eE]+)\s*(.*?)\s*$")
-
-
-def cli_method(method: str) -> str:
-    """The CLI spelling of a method name (case-insensitive); refuses unknown names."""
-    key = _CLI_METHOD.get(str(method).strip().lower())
-    if key is None:
-        raise input_error("method", f"unknown DSC method {method!r}; choose from {', '.join(DSC_METHODS)}")
-    return key
-
-
-def is_learned(method: str) -> bool:
-    """True for methods that need torch and a model (PHAE, tmax-net)."""
-    return cli_method(method) in LEARNED_METHODS
 
 
 def parse_progress_line(line: str) -> Optional[tuple[float, str]]:
@@ -106,47 +89,6 @@ def write_dsc_inputs(work_dir: str | os.PathLike, signal_kjit: np.ndarray, geome
     if aif_mask is not None:
         files.aif_mask = write_volume(np.asarray(aif_mask).astype(np.uint8), geometry, work / "aif_mask.nii.gz")
     return files
-
-
-def build_dsc_maps_command(
-    python: str | Sequence[str],
-    inputs: DSCInputFiles,
-    out_dir: str | os.PathLike,
-    te: float,
-    method: str = "oSVD",
-    threshold: Optional[float] = None,
-    kh: float = 0.73,
-    rho: float = 1.04,
-    leakage_correction: bool = False,
-    model_path: Optional[str] = None,
-) -> list[str]:
-    """The ``python -m perfusionai dsc maps ...`` command line (``--progress lines``).
-
-    ``python`` is the interpreter (Slicer: the ``PythonSlicer`` launcher) or a list
-    of leading arguments. A learned method without ``model_path`` makes the CLI
-    train PHAE on this series first (tmax-net needs a model).
-    """
-    key = cli_method(method)
-    if key == "tmax-net" and not model_path:
-        raise input_error("model", "tmax-net needs a model file; choose one or use PHAE")
-    head = [python] if isinstance(python, str) else list(python)
-    command = head + ["-m", "perfusionai", "dsc", "maps", "--dsc", str(inputs.series),
-                      "--te", repr(float(te)), "--tr", repr(float(inputs.tr)), "--method", key,
-                      "--kh", repr(float(kh)), "--rho", repr(float(rho)), "--out", str(out_dir),
-                      "--progress", "lines"]
-    if inputs.aif_mask is not None:
-        command += ["--aif-mask", str(inputs.aif_mask)]
-    else:
-        command += ["--aif-auto"]
-    if inputs.mask is not None:
-        command += ["--mask", str(inputs.mask)]
-    if threshold is not None:
-        command += ["--threshold", repr(float(threshold))]
-    if leakage_correction:
-        command += ["--leakage-correction"]
-    if model_path:
-        command += ["--model", str(model_path)]
-    return command
 
 
 @dataclass
