@@ -460,6 +460,34 @@ def _(ctx):
     return run
 
 
+@case("Siemens MOSAIC given as one file, not a folder (was one 896x896 slice)", "ok")
+def _(ctx):
+    import nibabel
+
+    data_dir = Path(nibabel.__file__).parent / "nicom" / "tests" / "data"
+    path = ctx.case_dir / "dwi.dcm"
+    path.write_bytes(gzip.open(data_dir / "siemens_dwi_1000.dcm.gz").read())
+
+    def run():
+        vol = io.read_volume(path)
+        assert vol.array.shape == (48, 128, 128)
+        np.testing.assert_allclose(vol.geometry.ijk_to_ras()[:3, 3], [115.0, 135.028779, -78.710481], atol=1e-3)
+
+    return run
+
+
+@case("pydicom CT_small.dcm given as a file equals the folder reading", "ok")
+def _(ctx):
+    folder, src = _pydicom_folder(ctx, "CT_small.dcm")
+
+    def run():
+        one, whole = io.read_volume(folder / "CT_small.dcm"), io.read_volume(folder)
+        np.testing.assert_array_equal(one.array, whole.array)
+        assert one.geometry.same_grid(whole.geometry)
+
+    return run
+
+
 @case("Siemens MOSAIC time series (one file per frame, shuffled names): frames in acquisition order", "ok")
 def _(ctx):
     folder = ctx.case_dir / "mosaic4d"

@@ -68,9 +68,13 @@ def _list_files(folder: Path) -> list[Path]:
 
 
 def _read_headers(folder: Path):
+    return _read_header_list(_list_files(folder))
+
+
+def _read_header_list(files):
     pydicom = _pydicom()
     headers = []
-    for f in _list_files(folder):
+    for f in files:
         try:
             ds = pydicom.dcmread(str(f), stop_before_pixels=True)
         except Exception:  # not a DICOM file: ignored, like every viewer does
@@ -103,12 +107,36 @@ def _pixels(path: Path, folder: Path) -> np.ndarray:
     return arr * slope + intercept
 
 
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a DICOM Part 10 file (``DICM`` after the 128-byte preamble)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_dicom_file(path: str | os.PathLike) -> Series:
+    """Read one DICOM file (a slice, an enhanced multi-frame object or a Siemens MOSAIC) like a folder
+    holding only it, so a MOSAIC file given directly is unpacked too."""
+    path = Path(path)
+    headers = _read_header_list([path])
+    if not headers:
+        raise input_error(path, "is not a readable DICOM image file")
+    return _read_from_headers(headers, path)
+
+
 def read_dicom_folder(folder: str | os.PathLike) -> Series:
     """Read a DICOM folder as a :class:`~perfusionai.io.Series` ``[k, j, i, t]`` (t = 1 for a 3D volume)."""
     folder = Path(folder)
     headers = _read_headers(folder)
     if not headers:
         raise input_error(folder, "contains no readable DICOM image files")
+    return _read_from_headers(headers, folder)
+
+
+def _read_from_headers(headers, folder: Path) -> Series:
     multi = [(f, ds) for f, ds in headers if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1]
     if multi:
         if len(headers) != 1:

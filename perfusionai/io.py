@@ -462,8 +462,8 @@ def read_volume(path: str | os.PathLike, name: str = "image") -> Volume:
     an unreadable file, a 4D or vector image, or an empty image.
     """
     p = _check_exists(path, name)
-    if _is_dicom_dir(p):
-        series = dicom.read_dicom_folder(p)
+    if _is_dicom_dir(p) or dicom.is_dicom_file(p):
+        series = dicom.read_dicom_folder(p) if p.is_dir() else dicom.read_dicom_file(p)
         if series.array.ndim == 4 and series.array.shape[-1] > 1:
             raise input_error(p, f"is a 4D DICOM series with {series.array.shape[-1]} frames; "
                                  f"{_with_dims(name, '3D')} was expected")
@@ -518,6 +518,8 @@ def read_series(
         raise ParameterError("tr", f"must be a positive number of seconds, got {tr}")
     if _is_dicom_dir(p):
         series = dicom.read_dicom_folder(p)
+    elif dicom.is_dicom_file(p):
+        series = dicom.read_dicom_file(p)
     else:
         series = _read_series_file(p)
     if series.array.ndim != 4 or series.array.shape[-1] < 2:
