@@ -71,7 +71,8 @@ def test_evaluate_cli_handles_reference_orientation_and_convention(tmp_path, cap
     assert "not on the grid" in capsys.readouterr().err
 
 
-def _fake_model(root: Path, labels: dict, folds=(0,)) -> Path:
+def _fake_nnunet_folder(root: Path, labels: dict, folds=(0,)) -> Path:
+    """An nnU-Net trained-model folder whose checkpoints are never read by these checks."""
     root.mkdir(parents=True)
     (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "VIBE"}, "labels": labels,
                                                    "numTraining": 2, "file_ending": ".nii.gz"}))
@@ -83,36 +84,24 @@ def _fake_model(root: Path, labels: dict, folds=(0,)) -> Path:
 
 
 def test_wrong_label_set_and_missing_fold_are_refused(tmp_path, capsys):
-    from perfusionai.errors import PerfusionAIError
-    from perfusionai.lobes.nnunet import NNUNET_LABELS, open_lobe_model
+    from perfusionai.lobes.model import NNUNET_LABELS
 
-    image = tmp_path / "vibe.nii.gz"
-    write_volume(np.ones((4, 5, 6), np.float32), Geometry((4, 5, 6)), image)
-    wrong = _fake_model(tmp_path / "lungs_model", {"background": 0, "right lung": 1, "left lung": 2})
-    rc = main(["lobes", "segment", "--image", str(image), "--model", str(wrong), "--out", str(tmp_path / "o"),
+    wrong = _fake_nnunet_folder(tmp_path / "lungs_model", {"background": 0, "right lung": 1, "left lung": 2})
+    rc = main(["lobes", "import-model", "--nnunet-folder", str(wrong), "--out", str(tmp_path / "m"),
                "--progress", "none"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "wrong label set for a lobe model" in err and "right lung=1" in err
-    good = _fake_model(tmp_path / "lobe_model", dict(NNUNET_LABELS), folds=(0,))
-    rc = main(["lobes", "segment", "--image", str(image), "--model", str(good), "--folds", "0", "1",
-               "--out", str(tmp_path / "o"), "--progress", "none"])
+    good = _fake_nnunet_folder(tmp_path / "lobe_model", dict(NNUNET_LABELS), folds=(0,))
+    rc = main(["lobes", "import-model", "--nnunet-folder", str(good), "--folds", "0", "1", "--out",
+               str(tmp_path / "m"), "--progress", "none"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "fold 1 missing" in err and "available folds: 0" in err
-    assert not (tmp_path / "o").exists()
-    # the same checks on a zip
-    with zipfile.ZipFile(tmp_path / "m.zip", "w") as zf:
-        for p in good.rglob("*"):
-            if p.is_file():
-                zf.write(p, p.relative_to(good.parent).as_posix())
-    with pytest.raises(PerfusionAIError, match="fold 2 missing"):
-        open_lobe_model(tmp_path / "m.zip", folds=(2,))
-    opened = open_lobe_model(tmp_path / "m.zip", folds=(0,))
-    assert opened.folds == (0,)
-    opened.close()
-    with pytest.raises(PerfusionAIError, match="no folder with plans.json"):
-        open_lobe_model(tmp_path / "lungs_model" / "fold_0")
+    assert not (tmp_path / "m").exists()
+    rc = main(["lobes", "import-model", "--nnunet-folder", str(tmp_path / "lungs_model" / "fold_0"), "--out",
+               str(tmp_path / "m"), "--progress", "none"])
+    assert rc == 2 and "no folder with plans.json" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------- nnU-Net end to end
@@ -130,15 +119,21 @@ def nnunet_model(tmp_path_factory):
     assert main(["lobes", "export-nnunet", "--cohort", str(csv_path), "--out", str(root / "raw"),
                  "--dataset-id", "501", "--name", "PhantomLobes", "--progress", "none"]) == 0
     dataset = root / "raw" / "Dataset501_PhantomLobes"
+    # both configurations: 3d_fullres (the full recipe) and 3d_cpu (the CPU default)
     assert main(["lobes", "train", "--dataset", str(dataset), "--out", str(root / "model"), "--device", "cpu",
-                 "--epochs", "3", "--iterations-per-epoch", "6", "--patch-size", "16", "28", "32",
+                 "--configuration", "3d_fullres", "3d_cpu", "--epochs", "3", "--iterations-per-epoch", "6", "--patch-size", "16", "28", "32",
                  "--batch-size", "2", "--progress", "none"]) == 0
     return root, phantoms, splits, dataset
 
 
-def test_nnunet_export_train_segment_evaluate(nnunet_model, tmp_path, capsys):
-    from perfusionai.lobes.nnunet import _write_zip
+def _zip_model(model: Path, out: Path) -> Path:
+    with zipfile.ZipFile(out, "w") as zf:
+        for p in model.iterdir():
+            zf.write(p, p.name)
+    return out
 
+
+def test_nnunet_export_train_segment_evaluate(nnunet_model, tmp_path, capsys):
     root, phantoms, splits, dataset = nnunet_model
     ds = json.loads((dataset / "dataset.json").read_text())
     assert ds["labels"]["lingula"] == 5 and ds["numTraining"] == 5
@@ -147,31 +142,118 @@ def test_nnunet_export_train_segment_evaluate(nnunet_model, tmp_path, capsys):
     split = json.loads((dataset / "perfusionai_split.json").read_text())
     assert split["val"] == ["mri004"] and split["test"] == ["mri005"]
     model = root / "model"
-    meta = json.loads((model / "perfusionai_lobes.json").read_text())
-    assert meta["trained_on_phantoms"] is True
-    assert (model / "fold_0" / "checkpoint_final.pth").is_file()
+    # a project model file: safetensors + model.json, no pickle anywhere
+    assert sorted(p.name for p in model.iterdir()) == ["model.json", "weights.safetensors"]
+    card = json.loads((model / "model.json").read_text())
+    assert card["trained_on_phantoms"] is True and card["architecture"]["name"] == "lobes.nnunet"
+    assert card["architecture"]["hyperparameters"]["configurations"] == {"3d_fullres": ["0"], "3d_cpu": ["0"]}
     test = root / "cohort" / "mri005"
-    out = tmp_path / "seg"
-    assert main(["lobes", "segment", "--image", str(test / "vibe.nii.gz"), "--model", str(model), "--out", str(out),
-                 "--device", "cpu", "--progress", "none"]) == 0
-    capsys.readouterr()
-    seg = read_volume(out / "lobes.nii.gz")
-    assert seg.geometry.same_grid(phantoms[5].geometry)
-    assert set(np.unique(seg.array)) <= set(range(7))
-    assert main(["lobes", "evaluate", "--pred", str(out / "lobes.nii.gz"), "--ref", str(test / "lobes.nii.gz")]) == 0
-    dice = json.loads(capsys.readouterr().out)
-    print("nnU-Net (3 epochs x 6 iterations, phantoms) whole-lung Dice %.3f, lobes %s"
-          % (dice["whole_lung"], {k: round(v, 3) for k, v in dice["lobes"].items()}))
-    # 3 epochs of 6 iterations reach whole-lung Dice 0.56 here (measured); 0.3 catches an empty or
-    # misplaced segmentation (the orientation path is checked exactly by the test below)
-    assert dice["whole_lung"] > 0.3 and len(dice["lobes"]) == 6
-    assert np.any(seg.array > 0)
+    results = {}
+    for configuration in ("auto", "3d_fullres"):
+        out = tmp_path / f"seg_{configuration}"
+        assert main(["lobes", "segment", "--image", str(test / "vibe.nii.gz"), "--model", str(model), "--out",
+                     str(out), "--device", "cpu", "--configuration", configuration, "--progress", "none"]) == 0
+        capsys.readouterr()
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["configuration"] == ("3d_cpu" if configuration == "auto" else "3d_fullres")
+        assert "trained on phantoms" in summary["model"]
+        seg = read_volume(out / "lobes.nii.gz")
+        assert seg.geometry.same_grid(phantoms[5].geometry)
+        assert set(np.unique(seg.array)) <= set(range(7))
+        assert main(["lobes", "evaluate", "--pred", str(out / "lobes.nii.gz"), "--ref",
+                     str(test / "lobes.nii.gz")]) == 0
+        results[summary["configuration"]] = (json.loads(capsys.readouterr().out), seg)
+    for conf, (dice, seg) in results.items():
+        print("nnU-Net %s (3 epochs x 6 iterations, phantoms) whole-lung Dice %.3f, lobes %s"
+              % (conf, dice["whole_lung"], {k: round(v, 3) for k, v in dice["lobes"].items()}))
+        # 3 epochs of 6 iterations reach whole-lung Dice 0.56 (3d_fullres) here (measured); 0.3 catches an
+        # empty or misplaced segmentation (the orientation path is checked exactly by the test below)
+        assert dice["whole_lung"] > 0.3 and np.any(seg.array > 0)
+    assert len(results["3d_fullres"][0]["lobes"]) == 6
     # the zip form of the model predicts the same labels
-    _write_zip(model, tmp_path / "model.zip")
     out_zip = tmp_path / "seg_zip"
-    assert main(["lobes", "segment", "--image", str(test / "vibe.nii.gz"), "--model", str(tmp_path / "model.zip"),
+    assert main(["lobes", "segment", "--image", str(test / "vibe.nii.gz"), "--model",
+                 str(_zip_model(model, tmp_path / "model.zip")), "--configuration", "3d_fullres",
                  "--out", str(out_zip), "--device", "cpu", "--progress", "none"]) == 0
-    assert np.array_equal(read_volume(out_zip / "lobes.nii.gz").array, seg.array)
+    assert np.array_equal(read_volume(out_zip / "lobes.nii.gz").array, results["3d_fullres"][1].array)
+    # a fold or configuration the model does not hold: one line naming the flag
+    capsys.readouterr()
+    rc = main(["lobes", "segment", "--image", str(test / "vibe.nii.gz"), "--model", str(model), "--folds", "0", "1",
+               "--out", str(tmp_path / "o"), "--device", "cpu", "--progress", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--folds: fold 1 missing" in err and "available folds: 0" in err
+    rc = main(["lobes", "segment", "--image", str(test / "vibe.nii.gz"), "--model", str(model), "--configuration",
+               "2d", "--out", str(tmp_path / "o"), "--device", "cpu", "--progress", "none"])
+    assert rc == 2 and "--configuration:" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    # a tampered weights file is refused by the model-file checks
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    (tampered / "model.json").write_bytes((model / "model.json").read_bytes())
+    data = bytearray((model / "weights.safetensors").read_bytes())
+    data[-1] ^= 1
+    (tampered / "weights.safetensors").write_bytes(bytes(data))
+    rc = main(["lobes", "segment", "--image", str(test / "vibe.nii.gz"), "--model", str(tampered),
+               "--out", str(tmp_path / "o"), "--device", "cpu", "--progress", "none"])
+    assert rc == 2 and "sha256" in capsys.readouterr().err
+
+
+def test_import_model_converts_an_nnunet_folder_that_predicts_as_nnunet_does(nnunet_model, tmp_path, capsys):
+    """An nnU-Net trained-model folder (written here from the trained weights with nnU-Net's checkpoint
+    keys, numpy scalars in its log as nnU-Net writes them) converts to a model file whose prediction
+    equals nnU-Net's own initialize_from_trained_model_folder on that folder."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from perfusionai.lobes import load_lobe_model, segment_lobes
+
+    root, phantoms, _, _ = nnunet_model
+    lobe_model = load_lobe_model(root / "model")
+    hyper = lobe_model.hyper
+    folder = tmp_path / "results" / "Dataset501_PhantomLobes" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(hyper["plans"]))
+    (folder / "dataset.json").write_text(json.dumps(hyper["dataset_json"]))
+    state = lobe_model.networks["3d_fullres-fold_0"].state_dict()
+    torch.save({"network_weights": state, "optimizer_state": {}, "grad_scaler_state": None,
+                "logging": {"mean_fg_dice": [np.float64(0.4)], "dice_per_class_or_region": [[np.float32(0.3)]]},
+                "_best_ema": np.float64(0.4), "current_epoch": 3,
+                "init_args": {"plans": hyper["plans"], "configuration": "3d_fullres", "fold": 0,
+                              "dataset_json": hyper["dataset_json"], "device": torch.device("cpu")},
+                "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)},
+               str(folder / "fold_0" / "checkpoint_final.pth"))
+    with zipfile.ZipFile(tmp_path / "export.zip", "w") as zf:                 # nnU-Net's export layout
+        for p in folder.rglob("*"):
+            if p.is_file():
+                zf.write(p, p.relative_to(tmp_path / "results").as_posix())
+    image = root / "cohort" / "mri005" / "vibe.nii.gz"
+    predictions = []
+    for source in (folder, tmp_path / "export.zip"):
+        out = tmp_path / f"imported_{source.suffix or 'folder'}"
+        assert main(["lobes", "import-model", "--nnunet-folder", str(source), "--out", str(out),
+                     "--trained-on-phantoms", "--progress", "none"]) == 0
+        card = json.loads((out / "model.json").read_text())
+        assert card["architecture"]["hyperparameters"]["configurations"] == {"3d_fullres": ["0"]}
+        assert card["nnunet"]["mirroring_axes"] == {"3d_fullres": [0, 1, 2]} and card["trained_on_phantoms"]
+        predictions.append(segment_lobes(image, out, device="cpu").lobes)
+    assert np.array_equal(predictions[0], predictions[1])
+    # nnU-Net's own loader on the same (trusted, written here) folder gives the same labels
+    from perfusionai.io import read_volume as rv
+    from perfusionai.lobes.nnunet import _reorient, orientation_code
+
+    import SimpleITK as sitk
+
+    vol = rv(image)
+    img_o = _reorient(to_sitk(np.asarray(vol.array, np.float32), vol.geometry), "LPS")
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, perform_everything_on_device=False,
+                                device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,))
+    seg = predictor.predict_single_npy_array(sitk.GetArrayFromImage(img_o)[None].astype(np.float32),
+                                             {"spacing": list(img_o.GetSpacing())[::-1]}, None, None, False)
+    seg_img = sitk.GetImageFromArray(np.asarray(seg, np.uint8))
+    seg_img.CopyInformation(img_o)
+    theirs = sitk.GetArrayFromImage(_reorient(seg_img, orientation_code(vol.geometry.direction)))
+    assert np.array_equal(predictions[0], theirs)
 
 
 def test_external_proton_mri_lobes_through_evaluate(nnunet_model, tmp_path, capsys):
@@ -232,24 +314,6 @@ def test_prm_predict_with_the_lobe_model_uses_its_lobes(nnunet_model, tmp_path, 
     assert rc == 2 and "give --vibe" in capsys.readouterr().err
 
 
-def test_zip_in_nnunet_export_layout_opens(tmp_path):
-    from perfusionai.lobes.nnunet import NNUNET_LABELS, _write_zip, open_lobe_model
-
-    results = tmp_path / "results"
-    model = _fake_model(results / "Dataset501_Lobes" / "nnUNetTrainer__nnUNetPlans__3d_fullres",
-                        dict(NNUNET_LABELS), folds=(0, 1))
-    _write_zip(model, tmp_path / "export.zip", relative_to=results)
-    with zipfile.ZipFile(tmp_path / "export.zip") as zf:
-        assert "Dataset501_Lobes/nnUNetTrainer__nnUNetPlans__3d_fullres/fold_1/checkpoint_final.pth" in zf.namelist()
-    opened = open_lobe_model(tmp_path / "export.zip", folds=(0, 1))
-    try:
-        assert opened.path.name == "nnUNetTrainer__nnUNetPlans__3d_fullres"
-        assert opened.folds == (0, 1)
-    finally:
-        opened.close()
-    assert not opened.path.exists()                               # the extracted copy is removed
-
-
 @pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1),            # LPS (as trained)
                                        (-1, 0, 0, 0, -1, 0, 0, 0, 1),          # RAS storage
                                        (0, 0, 1, 1, 0, 0, 0, 1, 0),            # permuted axes
@@ -259,28 +323,22 @@ def test_segment_lobes_reorients_to_the_model_and_back_exactly(monkeypatch, dire
     # result must equal the input on its own grid for any direction matrix, and the network
     # must have been given the image in the model's orientation
     pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed")
-    import nnunetv2.inference.predict_from_raw_data as raw
-
     from perfusionai.io import Geometry
     from perfusionai.lobes.nnunet import LobeModel, orientation_code, segment_lobes
 
     seen = {}
 
     class EchoPredictor:
-        def __init__(self, **kwargs):
-            pass
-
-        def initialize_from_trained_model_folder(self, *args, **kwargs):
-            pass
-
         def predict_single_npy_array(self, array, props, *args):
             seen["orientation"] = orientation_code(props["sitk_stuff"]["direction"])
             return np.rint(array[0]).astype(np.uint8)
 
-    monkeypatch.setattr(raw, "nnUNetPredictor", EchoPredictor)
+    monkeypatch.setattr(LobeModel, "predictor", lambda self, *args, **kwargs: EchoPredictor())
     labels = np.random.default_rng(0).integers(0, 7, size=(5, 6, 7)).astype(np.float32)
     geometry = Geometry(labels.shape, (1.0, 1.5, 2.0), (10.0, -5.0, 3.0), direction)
-    model = LobeModel(path=Path("unused"), folds=(0,), meta={"orientation": "LPS"}, dataset_json={})
+    model = LobeModel(path=Path("unused"), networks=None,
+                      card={"inputs": {"orientation": "LPS"},
+                            "architecture": {"hyperparameters": {"configurations": {"3d_fullres": ["0"]}}}})
     result = segment_lobes((labels, geometry), model, device="cpu")
     assert seen["orientation"] == "LPS"
     assert result.geometry is geometry or result.geometry.same_grid(geometry)

@@ -1,7 +1,7 @@
 """Dice of a lobe segmentation against a reference: whole lung and each lobe.
 
 Labels (ARCHITECTURE.md): 1 RUL, 2 RML, 3 RLL, 4 LUL, 5 lingula, 6 LLL. References in another
-convention are imported with :func:`perfusionai.prm.lobes_import.import_lobes`. For 5-lobe
+convention are imported with :func:`perfusionai.lung.lobes.import_lobes`. For 5-lobe
 references (no lingula, e.g. the Tustison proton-MRI atlas or TotalSegmentator), ``merge_lingula``
 maps the lingula (5) into the left upper lobe (4) in both maps before comparing. Lobes absent from
 both maps are not reported; a lobe present in only one map gets Dice 0.
@@ -69,7 +69,7 @@ def evaluate_lobe_files(pred_path: str | Path, ref_path: str | Path, ref_convent
                         pred_convention: str = "project", merge_lingula: Optional[bool] = None) -> dict:
     """Dice of two label files (see :func:`lobe_dice`). ``merge_lingula=None`` merges automatically
     when the reference has no lingula."""
-    from ..prm.lobes_import import import_lobes
+    from ..lung.lobes import import_lobes
 
     pred_arr, ref_arr = read_aligned_labels(pred_path, ref_path)
     pred = import_lobes(np.round(pred_arr).astype(np.int64), pred_convention, str(pred_path))

@@ -1,4 +1,4 @@
-"""nnU-Net v2 lobe model: raw-dataset export, training, model folders/zips, prediction.
+"""nnU-Net v2 lobes: raw-dataset export, training into a lobe model file, prediction.
 
 Everything goes through the real ``nnunetv2`` package (fingerprint extraction, experiment
 planning, preprocessing, ``nnUNetTrainer``, ``nnUNetPredictor``). nnU-Net finds its folders
@@ -7,54 +7,42 @@ through the environment variables ``nnUNet_raw``, ``nnUNet_preprocessed`` and ``
 duration of one call and restores the previous values afterwards.
 
 Training keeps nnU-Net's standard trainer class (``nnUNetTrainer``) and only shortens it through
-its attributes (epochs, iterations per epoch, optionally patch and batch size in the plans), so
-the checkpoint names a trainer that ``nnUNetPredictor.initialize_from_trained_model_folder`` can
-find inside ``nnunetv2``.
+its attributes (epochs, iterations per epoch, optionally patch and batch size in the plans). It
+trains nnU-Net's ``3d_fullres`` configuration and, for CPU inference, ``3d_cpu``
+(:func:`add_cpu_configuration`: ``3d_fullres`` at twice the in-plane spacing, one patch covering
+the image), and writes a lobe model file (:mod:`.model`: safetensors + model.json, no pickle).
 
-Model directory layout (nnU-Net's own)::
-
-    MODEL/ dataset.json  plans.json  [dataset_fingerprint.json]  perfusionai_lobes.json
-           fold_0/checkpoint_final.pth  ...
-
-``perfusionai_lobes.json`` records the label convention, the channel, the orientation the
-training images had, whether the model was trained on phantoms and the training settings. Arrays
-are ``[k, j, i]`` as read by SimpleITK; nnU-Net sees them in the same index order.
+Prediction (:func:`segment_lobes`) rebuilds ``nnUNetPredictor`` from that file with
+``manual_initialization``. Its CPU recipe (the default on CPU): ``3d_cpu``, one fold, no
+mirroring, torch threads = cores; the previous recipe is ``configuration="3d_fullres"``.
+Arrays are ``[k, j, i]`` as read by SimpleITK; nnU-Net sees them in the same index order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from ..errors import PerfusionAIError, input_error
+from ..errors import ParameterError, input_error
 from ..io import Geometry, read_volume, to_sitk
 from ..progress import ProgressCallback, as_progress
+from .model import (CPU_CONFIGURATION, DEFAULT_ORIENTATION, FULL_CONFIGURATION, NNUNET_LABELS, LobeModel, _nnunet,
+                    check_labels, load_lobe_model, save_lobe_model)
 
-#: nnU-Net label names of the project's lobes (values = ARCHITECTURE.md lobe labels).
-NNUNET_LABELS = {"background": 0, "RUL": 1, "RML": 2, "RLL": 3, "LUL": 4, "lingula": 5, "LLL": 6}
 TRAINER = "nnUNetTrainer"
 PLANS = "nnUNetPlans"
-META_FILE = "perfusionai_lobes.json"
 SPLIT_FILE = "perfusionai_split.json"
-DEFAULT_ORIENTATION = "LPS"
-
-
-def _require_nnunet():
-    try:
-        import nnunetv2  # noqa: F401
-    except ImportError:
-        raise PerfusionAIError("nnU-Net v2 is not installed: pip install nnunetv2 (with the torch of this "
-                               "installation)") from None
 
 
 @contextlib.contextmanager
@@ -105,9 +93,9 @@ def _reorient(img, code: str):
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
     if not 1 <= int(dataset_id) <= 999:
-        raise input_error("--dataset-id", f"must be 1-999 (nnU-Net uses three digits), got {dataset_id}")
+        raise ParameterError("dataset_id", f"must be 1-999 (nnU-Net uses three digits), got {dataset_id}")
     if not name.replace("_", "").replace("-", "").isalnum():
-        raise input_error("--name", f"dataset name {name!r} may only contain letters, digits, '-' and '_'")
+        raise ParameterError("name", f"dataset name {name!r} may only contain letters, digits, '-' and '_'")
     return f"Dataset{int(dataset_id):03d}_{name}"
 
 
@@ -124,7 +112,7 @@ def export_nnunet_dataset(cases: Sequence[dict], out_dir: str | Path, dataset_id
         cases) and ``split`` (``train``/``val`` go to ``imagesTr``/``labelsTr``, ``test`` to
         ``imagesTs``).
     label_convention
-        Convention of the label files (see :mod:`perfusionai.prm.lobes_import`); labels are
+        Convention of the label files (see :mod:`perfusionai.lung.lobes`); labels are
         converted to the project's 1-6.
     orientation
         Images and labels are reoriented (axis permutation/flip only, no resampling) to this
@@ -134,13 +122,13 @@ def export_nnunet_dataset(cases: Sequence[dict], out_dir: str | Path, dataset_id
     as nnU-Net's fold 0 by :func:`train_nnunet`. Returns the dataset folder.
     """
     import SimpleITK as sitk
-    from ..prm.lobes_import import import_lobes
+    from ..lung.lobes import import_lobes
 
     report = as_progress(progress)
     folder_name = dataset_folder_name(dataset_id, name)
     train = [c for c in cases if c.get("split", "train") in ("train", "val")]
     if len(train) < 2:
-        raise input_error("--cohort", f"nnU-Net needs at least 2 training cases with lobes, got {len(train)}")
+        raise ParameterError("cohort", f"nnU-Net needs at least 2 training cases with lobes, got {len(train)}")
     for c in train:
         if not c.get("lobes"):
             raise input_error(c.get("image"), f"subject {c['subject']}: no lobe label map for a training case")
@@ -186,9 +174,14 @@ def export_nnunet_dataset(cases: Sequence[dict], out_dir: str | Path, dataset_id
 
 @dataclass
 class NNUNetTrainingConfig:
-    """Short or full nnU-Net training settings (nnU-Net's defaults: 1000 epochs x 250 iterations)."""
+    """Short or full nnU-Net training settings (nnU-Net's defaults: 1000 epochs x 250 iterations).
 
-    configuration: str = "3d_fullres"
+    ``configurations``: nnU-Net configurations trained into the one model file, in order
+    (default ``3d_fullres`` and the CPU configuration ``3d_cpu``). ``patch_size``/``batch_size``
+    override the plans of ``3d_fullres`` (``3d_cpu`` derives its patch from it).
+    """
+
+    configurations: tuple = (FULL_CONFIGURATION, CPU_CONFIGURATION)
     fold: int | str = 0
     epochs: int = 1000
     iterations_per_epoch: int = 250
@@ -210,9 +203,40 @@ def _dataset_id_from_folder(folder: Path) -> tuple[int, str]:
     return int(name[7:10]), name
 
 
+def _stride_products(conf: dict) -> list[int]:
+    strides = conf["architecture"]["arch_kwargs"]["strides"]
+    return [int(np.prod([s[a] for s in strides])) for a in range(len(strides[0]))]
+
+
+def add_cpu_configuration(plans: dict, in_plane_factor: float = 2.0) -> dict:
+    """Add ``3d_cpu`` to nnU-Net plans: ``3d_fullres`` (same U-Net, normalisation, resampling) at
+    ``in_plane_factor`` times the spacing of its two finest axes, with a patch that covers the
+    median image at that spacing (rounded up to the network's strides) when it holds no more voxels
+    than the 3d_fullres patch, else the 3d_fullres patch. On the paper's 60x256x256 VIBE grid
+    (4 x 1.4 x 1.4 mm) this is 60x128x128 voxels in one 64x128x128 tile instead of eight 48x192x192
+    tiles. Returns ``plans`` (changed in place)."""
+    full = plans["configurations"][FULL_CONFIGURATION]
+    spacing = [float(s) for s in full["spacing"]]
+    finest = sorted(range(len(spacing)), key=lambda a: (spacing[a], -a))[:2]
+    new_spacing = [s * (in_plane_factor if a in finest else 1.0) for a, s in enumerate(spacing)]
+    median = [float(m) for m in full["median_image_size_in_voxels"]]
+    size = [m * s / n for m, s, n in zip(median, spacing, new_spacing)]
+    steps = _stride_products(full)
+    patch = [int(math.ceil(z / st) * st) for z, st in zip(size, steps)]
+    full_patch = [int(p) for p in full["patch_size"]]
+    if int(np.prod(patch)) > int(np.prod(full_patch)):
+        patch = [min(p, q) for p, q in zip(patch, full_patch)]
+    cpu = copy.deepcopy(full)
+    cpu.pop("inherits_from", None)
+    cpu.update({"data_identifier": f"{plans.get('plans_name', PLANS)}_{CPU_CONFIGURATION}", "spacing": new_spacing,
+                "patch_size": patch, "median_image_size_in_voxels": [round(z, 1) for z in size]})
+    plans["configurations"][CPU_CONFIGURATION] = cpu
+    return plans
+
+
 def train_nnunet(raw_dataset: str | Path, out_model: str | Path, config: Optional[NNUNetTrainingConfig] = None,
                  work_dir: Optional[str | Path] = None, progress: Optional[ProgressCallback] = None) -> Path:
-    """Plan, preprocess and train nnU-Net on a raw dataset; pack the model as a folder or ``.zip``.
+    """Plan, preprocess and train nnU-Net on a raw dataset; write a lobe model file (folder or ``.zip``).
 
     Parameters
     ----------
@@ -220,12 +244,13 @@ def train_nnunet(raw_dataset: str | Path, out_model: str | Path, config: Optiona
         ``.../DatasetXXX_Name`` written by :func:`export_nnunet_dataset` (or any nnU-Net raw dataset
         with the project's lobe labels).
     out_model
-        Output model folder, or a path ending in ``.zip`` (nnU-Net's export format).
+        Output lobe model folder, or a path ending in ``.zip`` (:mod:`perfusionai.lobes.model`:
+        safetensors weights + model.json with plans, dataset.json, configurations and folds).
     work_dir
         Where nnU-Net's preprocessed and results folders live during training (default: a
         temporary folder removed afterwards).
     """
-    _require_nnunet()
+    _nnunet()
     import torch
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
                                                                        preprocess)
@@ -233,13 +258,16 @@ def train_nnunet(raw_dataset: str | Path, out_model: str | Path, config: Optiona
     from ..nn import choose_device, seed_everything, set_threads
 
     cfg = config or NNUNetTrainingConfig()
+    configurations = tuple(dict.fromkeys(str(c) for c in cfg.configurations))
+    if not configurations:
+        raise ParameterError("configurations", "give at least one nnU-Net configuration")
     report = as_progress(progress)
     raw = Path(raw_dataset).resolve()
     if not (raw / "dataset.json").is_file():
         raise input_error(raw, "no dataset.json: not an nnU-Net raw dataset (run 'perfusionai lobes export-nnunet')")
     dataset_id, dataset_name = _dataset_id_from_folder(raw)
     dataset_json = json.loads((raw / "dataset.json").read_text())
-    _check_labels(dataset_json.get("labels", {}), raw / "dataset.json")
+    check_labels(dataset_json.get("labels", {}), raw / "dataset.json")
     device = choose_device(cfg.device)
     set_threads()
     seed_everything(cfg.seed)
@@ -249,6 +277,8 @@ def train_nnunet(raw_dataset: str | Path, out_model: str | Path, config: Optiona
     os.symlink(raw, raw_root / dataset_name)
     pre_root, res_root = tmp_root / "preprocessed", tmp_root / "results"
     started = time.perf_counter()
+    split_path = raw / SPLIT_FILE
+    split_info = json.loads(split_path.read_text()) if split_path.is_file() else {}
     try:
         with nnunet_environment(raw_root, pre_root, res_root):
             report(0.02, "nnU-Net: dataset fingerprint")
@@ -258,206 +288,67 @@ def train_nnunet(raw_dataset: str | Path, out_model: str | Path, config: Optiona
             plans_id = plan_experiments([dataset_id])
             plans_file = pre_root / dataset_name / f"{plans_id}.json"
             plans = json.loads(plans_file.read_text())
-            if cfg.configuration not in plans["configurations"]:
-                raise input_error("--configuration", f"nnU-Net planned {', '.join(plans['configurations'])} for "
-                                                     f"this dataset, not {cfg.configuration}")
-            conf = plans["configurations"][cfg.configuration]
-            if cfg.patch_size is not None:
-                conf["patch_size"] = [int(p) for p in cfg.patch_size]
-            if cfg.batch_size is not None:
-                conf["batch_size"] = int(cfg.batch_size)
+            full = plans["configurations"].get(FULL_CONFIGURATION)
+            if full is not None:
+                if cfg.patch_size is not None:
+                    full["patch_size"] = [int(p) for p in cfg.patch_size]
+                if cfg.batch_size is not None:
+                    full["batch_size"] = int(cfg.batch_size)
+                if CPU_CONFIGURATION in configurations:
+                    add_cpu_configuration(plans)
+            for c in configurations:
+                if c not in plans["configurations"]:
+                    raise ParameterError("configurations", f"nnU-Net planned {', '.join(plans['configurations'])} "
+                                                           f"for this dataset, not {c}")
             plans_file.write_text(json.dumps(plans, indent=2))
             report(0.10, "nnU-Net: preprocessing")
-            preprocess([dataset_id], plans_id, configurations=(cfg.configuration,), num_processes=(1,),
+            preprocess([dataset_id], plans_id, configurations=configurations, num_processes=(1,) * len(configurations),
                        verbose=False, show_progress_bar=False)
-            split_path = raw / SPLIT_FILE
-            if split_path.is_file() and cfg.fold != "all" and int(cfg.fold) == 0:
+            if cfg.fold != "all" and int(cfg.fold) == 0 and split_info.get("train") and split_info.get("val"):
                 # fold 0 is the cohort's own train/val split; folds 1-4 are nnU-Net's 5-fold split
-                split = json.loads(split_path.read_text())
-                if split.get("train") and split.get("val"):
-                    folds = [{"train": split["train"], "val": split["val"]}]
-                    (pre_root / dataset_name / "splits_final.json").write_text(json.dumps(folds))
+                folds = [{"train": split_info["train"], "val": split_info["val"]}]
+                (pre_root / dataset_name / "splits_final.json").write_text(json.dumps(folds))
             plans = json.loads(plans_file.read_text())
-            plans["continue_training"] = False
             ds_json = json.loads((pre_root / dataset_name / "dataset.json").read_text())
             fold = cfg.fold if cfg.fold == "all" else int(cfg.fold)
-            trainer = nnUNetTrainer(plans=plans, configuration=cfg.configuration, fold=fold,
-                                    dataset_json=ds_json, device=device)
-            # Shorten nnU-Net's schedule through the standard trainer's own attributes.
-            trainer.num_epochs = int(cfg.epochs)
-            trainer.num_iterations_per_epoch = int(cfg.iterations_per_epoch)
-            trainer.num_val_iterations_per_epoch = int(cfg.val_iterations_per_epoch)
-            if cfg.initial_lr is not None:
-                trainer.initial_lr = float(cfg.initial_lr)
-            report(0.15, f"nnU-Net: training {cfg.epochs} epochs on {device.type}")
-            set_threads()
-            with nnunet_environment(raw_root, pre_root, res_root, augmentation_processes=0):
-                trainer.run_training()
-            if cfg.validate:
-                trainer.perform_actual_validation(False)
-            model_src = Path(trainer.output_folder_base)
-            meta = {"labels": NNUNET_LABELS, "channel_names": ds_json.get("channel_names", {}),
-                    "orientation": json.loads(split_path.read_text()).get("orientation", DEFAULT_ORIENTATION)
-                    if split_path.is_file() else DEFAULT_ORIENTATION,
-                    "trained_on_phantoms": bool(cfg.trained_on_phantoms),
-                    "training": {"configuration": cfg.configuration, "fold": str(cfg.fold), "epochs": cfg.epochs,
-                                 "iterations_per_epoch": cfg.iterations_per_epoch,
-                                 "patch_size": conf.get("patch_size"), "batch_size": conf.get("batch_size"),
-                                 "device": str(device), "seconds": round(time.perf_counter() - started, 1),
-                                 "nnunetv2": _nnunet_version(), "torch": torch.__version__},
-                    "dataset": dataset_name}
-            (model_src / META_FILE).write_text(json.dumps(meta, indent=2))
-            report(0.95, "packing the model")
-            out = Path(out_model)
-            if out.suffix.lower() == ".zip":
-                _write_zip(model_src, out, relative_to=res_root)
-            else:
-                from ..io import atomic_output_dir
-
-                with atomic_output_dir(out) as stage:
-                    for item in model_src.iterdir():
-                        if item.is_dir():
-                            shutil.copytree(item, stage / item.name)
-                        else:
-                            shutil.copy2(item, stage / item.name)
+            weights, axes, patches = {}, {}, {}
+            for n, c in enumerate(configurations):
+                # the trainer takes keys out of the plans it is given: each gets its own copy
+                trainer = nnUNetTrainer(plans={**copy.deepcopy(plans), "continue_training": False}, configuration=c,
+                                        fold=fold, dataset_json=copy.deepcopy(ds_json), device=device)
+                # Shorten nnU-Net's schedule through the standard trainer's own attributes.
+                trainer.num_epochs = int(cfg.epochs)
+                trainer.num_iterations_per_epoch = int(cfg.iterations_per_epoch)
+                trainer.num_val_iterations_per_epoch = int(cfg.val_iterations_per_epoch)
+                if cfg.initial_lr is not None:
+                    trainer.initial_lr = float(cfg.initial_lr)
+                share = 0.8 / len(configurations)
+                report(0.15 + n * share, f"nnU-Net: training {c}, {cfg.epochs} epochs on {device.type}")
+                set_threads()
+                with nnunet_environment(raw_root, pre_root, res_root, augmentation_processes=0):
+                    trainer.run_training()
+                if cfg.validate:
+                    trainer.perform_actual_validation(False)
+                network = getattr(trainer.network, "_orig_mod", trainer.network)
+                weights[c] = {str(cfg.fold): {k: v.detach().cpu() for k, v in network.state_dict().items()}}
+                mirror = trainer.inference_allowed_mirroring_axes
+                axes[c] = list(mirror) if mirror is not None else None
+                patches[c] = plans["configurations"][c].get("patch_size")
+            report(0.95, "writing the lobe model")
+            training = {"configurations": list(configurations), "fold": str(cfg.fold), "epochs": cfg.epochs,
+                        "iterations_per_epoch": cfg.iterations_per_epoch, "patch_size": patches,
+                        "batch_size": {c: plans["configurations"][c].get("batch_size") for c in configurations},
+                        "device": str(device), "seconds": round(time.perf_counter() - started, 1),
+                        "torch": torch.__version__}
+            out = save_lobe_model(out_model, plans, ds_json, weights, TRAINER, axes,
+                                  orientation=split_info.get("orientation", DEFAULT_ORIENTATION),
+                                  trained_on_phantoms=bool(cfg.trained_on_phantoms),
+                                  training_data=f"nnU-Net raw dataset {dataset_name}",
+                                  extra={"training": training})
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
-    report(1.0, "nnU-Net model written")
-    return Path(out_model)
-
-
-def _nnunet_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("nnunetv2")
-    except Exception:
-        return "unknown"
-
-
-def _write_zip(model_dir: Path, out: Path, relative_to: Optional[Path] = None) -> None:
-    """Zip the model folder's inference files (checkpoints, plans, dataset.json, fingerprint,
-    our metadata), written atomically. Paths are relative to ``relative_to`` (nnU-Net's results
-    folder gives nnU-Net's export layout ``DatasetXXX_Name/nnUNetTrainer__nnUNetPlans__3d_fullres/...``,
-    which ``nnUNetv2_install_pretrained_model_from_zip`` installs) or to the model folder itself."""
-    base = Path(relative_to) if relative_to is not None else model_dir
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for p in sorted(model_dir.rglob("*")):
-                if p.is_file() and (p.suffix in (".json", ".pth") or p.name == "progress.png"):
-                    zf.write(p, p.relative_to(base).as_posix())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# ---------------------------------------------------------------------------------------- model folders
-
-
-def _check_labels(labels: dict, where) -> None:
-    """Refuse a label set that is not the project's six lobes."""
-    try:
-        values = {str(k): int(v) for k, v in labels.items()}
-    except (TypeError, ValueError, AttributeError):
-        raise input_error(where, f"labels {labels!r} are not name: integer pairs (region-based models are not "
-                                 "lobe models)") from None
-    expected = set(NNUNET_LABELS.values())
-    if set(values.values()) != expected or len(values) != len(expected):
-        found = ", ".join(f"{k}={v}" for k, v in sorted(values.items(), key=lambda kv: kv[1]))
-        want = ", ".join(f"{k}={v}" for k, v in NNUNET_LABELS.items())
-        raise input_error(where, f"wrong label set for a lobe model: found {found}; expected {want}")
-
-
-@dataclass
-class LobeModel:
-    """A checked nnU-Net lobe model folder (``path``) and its metadata."""
-
-    path: Path
-    folds: tuple
-    meta: dict
-    dataset_json: dict
-    _tmp: Optional[Path] = None
-
-    @property
-    def trained_on_phantoms(self) -> bool:
-        return bool(self.meta.get("trained_on_phantoms", False))
-
-    @property
-    def orientation(self) -> str:
-        return str(self.meta.get("orientation", DEFAULT_ORIENTATION))
-
-    def label(self) -> str:
-        return "nnU-Net lobes" + (" (trained on phantoms)" if self.trained_on_phantoms else "")
-
-    def close(self) -> None:
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-
-def _find_model_root(root: Path) -> Path:
-    """The folder holding plans.json + dataset.json (the root itself or one level below, or the
-    nnU-Net results layout Dataset/Trainer__Plans__conf)."""
-    candidates = [p.parent for p in root.rglob("plans.json") if (p.parent / "dataset.json").is_file()]
-    candidates = [c for c in candidates if len(c.relative_to(root).parts) <= 3]
-    if not candidates:
-        raise input_error(root, "not an nnU-Net model: no folder with plans.json and dataset.json")
-    if len(candidates) > 1:
-        raise input_error(root, f"contains {len(candidates)} nnU-Net models; give one of "
-                                f"{', '.join(str(c) for c in candidates)}")
-    return candidates[0]
-
-
-def open_lobe_model(path: str | Path, folds: Sequence[int | str] = (0,), checkpoint: str = "checkpoint_final.pth"
-                    ) -> LobeModel:
-    """Open and check a lobe model folder or zip.
-
-    Refuses (with :class:`PerfusionAIError` naming the model) a missing path, a zip or folder
-    without ``plans.json``/``dataset.json``, a label set other than the six lobes, and any
-    requested fold without ``fold_X/<checkpoint>`` (the available folds are listed).
-    """
-    p = Path(path)
-    if not p.exists():
-        raise input_error(p, "lobe model not found (expected an nnU-Net model folder or .zip)")
-    tmp = None
-    if p.is_file():
-        if not zipfile.is_zipfile(p):
-            raise input_error(p, "not a folder or a .zip file")
-        tmp = Path(tempfile.mkdtemp(prefix="perfusionai-lobemodel-"))
-        with zipfile.ZipFile(p) as zf:
-            for member in zf.namelist():
-                target = (tmp / member).resolve()
-                if not str(target).startswith(str(tmp.resolve())):
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise input_error(p, f"unsafe path {member!r} in the zip")
-            zf.extractall(tmp)
-        root = tmp
-    else:
-        root = p
-    try:
-        model_dir = _find_model_root(root)
-        try:
-            dataset_json = json.loads((model_dir / "dataset.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise input_error(p, f"dataset.json is not valid JSON ({exc})") from None
-        _check_labels(dataset_json.get("labels", {}), f"{p} (dataset.json)")
-        available = sorted(d.name[5:] for d in model_dir.glob("fold_*") if (d / checkpoint).is_file())
-        wanted = [str(f) for f in folds]
-        missing = [f for f in wanted if f not in available]
-        if missing:
-            raise input_error(p, f"fold {', '.join(missing)} missing (no fold_{missing[0]}/{checkpoint}); "
-                                 f"available folds: {', '.join(available) or 'none'}")
-        meta_path = model_dir / META_FILE
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fold_values = tuple(f if f == "all" else int(f) for f in wanted)
-    return LobeModel(model_dir, fold_values, meta, dataset_json, tmp)
+    report(1.0, "lobe model written")
+    return Path(out)
 
 
 # ---------------------------------------------------------------------------------------- prediction
@@ -465,21 +356,60 @@ def open_lobe_model(path: str | Path, folds: Sequence[int | str] = (0,), checkpo
 
 @dataclass
 class LobeSegmentation:
-    """``lobes``: ``[k, j, i]`` uint8 lobes 1-6 on the input grid; ``lung``: 1 right, 2 left."""
+    """Result of :func:`segment_lobes` / :class:`perfusionai.lobes.LobeSegmentJob`.
+
+    ``lobes``: ``[k, j, i]`` uint8 lobes 1-6 (ARCHITECTURE.md) on the input grid ``geometry``;
+    ``model``: the model's label ("trained on phantoms" when it was); ``configuration``/``folds``/
+    ``tile_step_size``/``mirroring``/``threads``: the recipe used; ``seconds``: prediction time.
+    """
 
     lobes: np.ndarray
     geometry: Geometry
     model: str
     seconds: float
+    configuration: str = ""
+    folds: tuple = ()
+    tile_step_size: float = 0.5
+    mirroring: bool = False
+    threads: Optional[int] = None
 
     @property
     def lung_labels(self) -> np.ndarray:
-        return np.where(np.isin(self.lobes, (1, 2, 3)), 1, np.where(np.isin(self.lobes, (4, 5, 6)), 2, 0)
-                        ).astype(np.uint8)
+        """Right (1) / left (2) lungs from the lobes (:func:`perfusionai.lung.lungs_from_lobes`)."""
+        from ..lung import lungs_from_lobes
+
+        return lungs_from_lobes(self.lobes)
+
+    def voxels_per_lobe(self) -> dict:
+        return {str(k): int((self.lobes == k).sum()) for k in sorted(set(NNUNET_LABELS.values()) - {0})}
+
+    def volumes_ml(self) -> dict:
+        """Volume of each lobe in mL (voxel volume from the geometry's spacing in mm)."""
+        voxel_ml = float(np.prod(self.geometry.spacing)) / 1000.0
+        return {k: round(n * voxel_ml, 3) for k, n in self.voxels_per_lobe().items()}
+
+    def summary(self) -> dict:
+        return {"model": self.model, "configuration": self.configuration, "folds": [str(f) for f in self.folds],
+                "tile_step_size": self.tile_step_size, "mirroring": self.mirroring, "threads": self.threads,
+                "voxels_per_lobe": self.voxels_per_lobe(), "volume_ml_per_lobe": self.volumes_ml(),
+                "seconds": round(self.seconds, 2)}
 
 
-def segment_lobes(image: str | Path | tuple, model: str | Path | LobeModel, folds: Sequence[int | str] = (0,),
-                  device: str = "auto", tile_step_size: float = 0.5, use_mirroring: bool = False,
+def choose_configuration(model: LobeModel, configuration: str, device_type: str) -> str:
+    """``auto``: ``3d_cpu`` on CPU when the model holds it, else ``3d_fullres`` (or the model's only one)."""
+    held = model.configurations
+    if configuration != "auto":
+        return configuration
+    if device_type == "cpu" and CPU_CONFIGURATION in held:
+        return CPU_CONFIGURATION
+    if FULL_CONFIGURATION in held:
+        return FULL_CONFIGURATION
+    return sorted(held)[0]
+
+
+def segment_lobes(image: str | Path | tuple, model: str | Path | LobeModel, folds: Sequence[int | str] = ("0",),
+                  device: str = "auto", configuration: str = "auto", tile_step_size: float = 0.5,
+                  use_mirroring: bool = False, threads: Optional[int] = None,
                   progress: Optional[ProgressCallback] = None) -> LobeSegmentation:
     """Segment the lobes of one VIBE volume with ``nnUNetPredictor``; the result is on the input grid.
 
@@ -488,11 +418,19 @@ def segment_lobes(image: str | Path | tuple, model: str | Path | LobeModel, fold
     image
         A file path, or ``(array [k, j, i], Geometry)``.
     model
-        Model folder/zip (opened and checked with :func:`open_lobe_model`) or an opened :class:`LobeModel`.
+        Lobe model file (folder/zip, loaded with :func:`perfusionai.lobes.model.load_lobe_model`)
+        or a loaded :class:`LobeModel`.
     folds
         Folds to ensemble (default fold 0).
+    configuration
+        ``auto`` (``3d_cpu`` on CPU when the model has it, else ``3d_fullres``), or a configuration
+        the model holds. ``3d_fullres`` with the defaults is the recipe used before the CPU one.
+    tile_step_size
+        nnU-Net's sliding-window step as a fraction of the patch (0.5 = 50 % overlap).
     use_mirroring
         nnU-Net's mirroring test-time augmentation (up to 8x slower on CPU).
+    threads
+        torch CPU threads (default: every core available, or ``PERFUSIONAI_THREADS``).
 
     The image is reoriented (axis permutation/flip, no resampling) to the orientation of the
     training images, predicted, and the labels are reoriented back, so any direction matrix works.
@@ -500,53 +438,52 @@ def segment_lobes(image: str | Path | tuple, model: str | Path | LobeModel, fold
     import SimpleITK as sitk
 
     report = as_progress(progress)
-    owned = not isinstance(model, LobeModel)
-    # check the model (labels, folds) before the slow nnU-Net import
-    lobe_model = open_lobe_model(model, folds) if owned else model
-    try:
-        _require_nnunet()
-        import torch
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-        from ..nn import choose_device, set_threads
+    folds = tuple(str(f) for f in folds)
+    if not folds:
+        raise ParameterError("folds", "give at least one fold")
+    if not 0.0 < float(tile_step_size) <= 1.0:
+        raise ParameterError("tile_step_size", f"must be in (0, 1], got {tile_step_size}")
+    if threads is not None and int(threads) < 1:
+        raise ParameterError("threads", f"must be at least 1, got {threads}")
+    _nnunet()
+    import torch
+    from ..nn import choose_device, set_threads
 
-        if isinstance(image, tuple):
-            array, geometry = image
-            img = to_sitk(np.asarray(array, dtype=np.float32), geometry)
-        else:
-            vol = read_volume(image, "VIBE")
-            geometry = vol.geometry
-            img = to_sitk(np.asarray(vol.array, dtype=np.float32), geometry)
-        original = orientation_code(geometry.direction)
-        img_o = _reorient(img, lobe_model.orientation)
-        arr = sitk.GetArrayFromImage(img_o).astype(np.float32)[None]
-        props = {"sitk_stuff": {"spacing": img_o.GetSpacing(), "origin": img_o.GetOrigin(),
-                                "direction": img_o.GetDirection()},
-                 "spacing": list(img_o.GetSpacing())[::-1]}
-        dev = choose_device(device)
-        if dev.type == "cpu":
-            set_threads()
-        started = time.perf_counter()
-        report(0.05, "loading the nnU-Net lobe model")
-        predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
-                                    perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
-                                    verbose_preprocessing=False, allow_tqdm=False)
+    dev = choose_device(device)
+    report(0.02, "loading the lobe model")
+    lobe_model = model if isinstance(model, LobeModel) else load_lobe_model(model)
+    conf = choose_configuration(lobe_model, configuration, dev.type)
+    lobe_model.check(conf, folds)
+    if isinstance(image, tuple):
+        array, geometry = image
+        img = to_sitk(np.asarray(array, dtype=np.float32), geometry)
+    else:
+        vol = read_volume(image, "VIBE")
+        geometry = vol.geometry
+        img = to_sitk(np.asarray(vol.array, dtype=np.float32), geometry)
+    original = orientation_code(geometry.direction)
+    img_o = _reorient(img, lobe_model.orientation)
+    arr = sitk.GetArrayFromImage(img_o).astype(np.float32)[None]
+    props = {"sitk_stuff": {"spacing": img_o.GetSpacing(), "origin": img_o.GetOrigin(),
+                            "direction": img_o.GetDirection()},
+             "spacing": list(img_o.GetSpacing())[::-1]}
+    saved_threads = torch.get_num_threads()
+    used_threads = set_threads(threads) if dev.type == "cpu" else None
+    started = time.perf_counter()
+    try:
+        predictor = lobe_model.predictor(conf, folds, dev, tile_step_size=float(tile_step_size),
+                                         use_mirroring=bool(use_mirroring))
+        report(0.2, f"predicting lobes ({conf}, fold {', '.join(folds)})")
         with nnunet_environment():
-            predictor.initialize_from_trained_model_folder(str(lobe_model.path), use_folds=lobe_model.folds,
-                                                           checkpoint_name="checkpoint_final.pth")
-            report(0.2, "predicting lobes")
-            threads = torch.get_num_threads()
-            try:
-                seg = predictor.predict_single_npy_array(arr, props, None, None, False)
-            finally:
-                torch.set_num_threads(threads)
-        seg_img = sitk.GetImageFromArray(np.asarray(seg, dtype=np.uint8))
-        seg_img.CopyInformation(img_o)
-        back = _reorient(seg_img, original)
-        lobes = sitk.GetArrayFromImage(back).astype(np.uint8)
-        if lobes.shape != tuple(geometry.shape):
-            raise RuntimeError(f"nnU-Net returned shape {lobes.shape}, input {geometry.shape}")
-        report(1.0, "lobes segmented")
-        return LobeSegmentation(lobes, geometry, lobe_model.label(), time.perf_counter() - started)
+            seg = predictor.predict_single_npy_array(arr, props, None, None, False)
     finally:
-        if owned:
-            lobe_model.close()
+        torch.set_num_threads(saved_threads)
+    seg_img = sitk.GetImageFromArray(np.asarray(seg, dtype=np.uint8))
+    seg_img.CopyInformation(img_o)
+    back = _reorient(seg_img, original)
+    lobes = sitk.GetArrayFromImage(back).astype(np.uint8)
+    if lobes.shape != tuple(geometry.shape):
+        raise RuntimeError(f"nnU-Net returned shape {lobes.shape}, input {geometry.shape}")
+    report(1.0, "lobes segmented")
+    return LobeSegmentation(lobes, geometry, lobe_model.label(conf), time.perf_counter() - started, conf, folds,
+                            float(tile_step_size), bool(use_mirroring), used_threads)
