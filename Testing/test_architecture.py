@@ -2,6 +2,7 @@
 
 (a) no import cycle among perfusionai's modules, nor among its subpackages, at module level
     (imports parsed with ``ast``; imports inside functions are the lazy ones and do not count);
+    phantoms import domains, never the reverse;
 (b) no ``importlib.import_module``/``__import__`` of the project's own modules: the only dynamic
     import is :func:`perfusionai.deps.require`, for optional third-party packages;
 (c) no error or warning message outside the command-line files names a flag (``--lambda``):
@@ -158,6 +159,19 @@ def test_no_import_cycle_between_subpackages():
     cycles = _cycles(graph)
     assert not cycles, "subpackages importing each other at module level:\n" + "\n".join(
         " <-> ".join(c) for c in cycles)
+
+
+def test_phantoms_import_domains_never_the_reverse():
+    # a domain's core never depends on the phantoms; its demo and command-line verbs sit above both
+    def above_both(module: str) -> bool:
+        last = module.rsplit(".", 1)[-1]
+        return last.startswith("cli") or last.endswith("demo") or module in ("perfusionai.demo", "perfusionai.batch")
+
+    offenders = [f"{m} imports {sorted(t for t in ts if t.startswith('perfusionai.phantoms'))}"
+                 for m, ts in sorted(_import_graph().items())
+                 if not m.startswith("perfusionai.phantoms") and not above_both(m)
+                 and any(t.startswith("perfusionai.phantoms") for t in ts)]
+    assert not offenders, "domain modules importing the phantoms at module level:\n" + "\n".join(offenders)
 
 
 def test_graph_sees_known_edges():
