@@ -110,6 +110,9 @@ def register(subparsers) -> None:
     maps.add_argument("--parametric-shape", type=positive_float, default=None,
                       help="--method parametric: fix the residue's gamma shape (1 = exponential; default: one shape "
                            "fitted to the volume)")
+    maps.add_argument("--parametric-dispersion", dest="parametric_dispersion_s", type=float, default=0.0,
+                      help="--method parametric: mean time (s) of an exponential dispersion of the bolus between "
+                           "the AIF and the tissue; Tmax then adds the dispersed residue's peak time (0: none)")
     maps.add_argument("--dsc-echo2", default=None,
                       help="second echo of a dual-echo series (same grid and frames as --dsc): delta R2* = "
                            "ln((S1/S1,0)/(S2/S2,0))/(TE2-TE1), free of T1 leakage effects")

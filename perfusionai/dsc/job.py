@@ -81,6 +81,8 @@ class DSCMapsJob(Job):
     dsc_echo2: Optional[str] = option(None, help="second echo of a dual-echo series (same grid and frames)")
     te2: Optional[float] = option(None, help="echo time of the second echo in seconds (None: from its header)")
     parametric_shape: Optional[float] = option(None, help="parametric method: fixed gamma shape (None: fitted)")
+    parametric_dispersion_s: float = option(0.0, flag="--parametric-dispersion",
+                                            help="parametric method: exponential dispersion of the input (s)")
     leakage_max_k2_cv: Optional[float] = option(None, help="correct leakage only where K2's coefficient of "
                                                              "variation is at most this (None: everywhere)")
 

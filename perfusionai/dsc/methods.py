@@ -185,7 +185,7 @@ register_method(DSCMethod(
 register_method(DSCMethod(
     "parametric", "parametric", "delay-aware model fit: delayed gamma-distributed transit times (Mouridsen 2006), "
     "Tmax = fitted delay, CBV by the integral ratio; adds fit_r2 and converged maps",
-    aliases=("model-based",), options=("parametric_shape",), label="Parametric"))
+    aliases=("model-based",), options=("parametric_shape", "parametric_dispersion_s"), label="Parametric"))
 register_method(DSCMethod(
     "phae", "learned", "physics-informed autoencoder (Fayolle 2025): MTT learned, CBV by the integral ratio, "
     "Tmax from oSVD; trains on the series itself without a model",

@@ -79,7 +79,8 @@ class DSCOptions:
     leakage_max_k2_cv: with leakage correction, correct only voxels whose K2 coefficient of variation
     is at most this (None: every voxel); the ``k2_cv`` map is written either way.
     parametric_shape: the parametric method's gamma shape alpha (1 = exponential residue; None: fitted,
-    one shape per volume).
+    one shape per volume). parametric_dispersion_s: the parametric method's assumed dispersion of the tissue's input,
+    the mean time of an exponential kernel (s; 0: none).
     """
 
     te: Optional[float] = None
@@ -110,6 +111,7 @@ class DSCOptions:
     fwhm_map: bool = False
     te2: Optional[float] = None
     parametric_shape: Optional[float] = None
+    parametric_dispersion_s: float = 0.0
     leakage_max_k2_cv: Optional[float] = None
 
 

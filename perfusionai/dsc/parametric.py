@@ -156,11 +156,13 @@ class ParametricResult:
     at_bound: np.ndarray
     dt: float
     info: dict = field(default_factory=dict)
+    residue_peak: Optional[np.ndarray] = None
 
     @property
     def tmax(self) -> np.ndarray:
-        """Tmax in s: the fitted delay (the gamma-family residue peaks at t = 0)."""
-        return self.delay
+        """Tmax in s: the fitted delay plus the effective residue's own peak time (0 without dispersion:
+        the gamma-family residue peaks at t = 0)."""
+        return self.delay if self.residue_peak is None else self.delay + self.residue_peak
 
 
 # --------------------------------------------------------------------------------------
@@ -242,7 +244,7 @@ class _Model:
     """Model curves and Jacobians of one AIF: ``C = F * K(delay, MTT_r, alpha) @ B``."""
 
     def __init__(self, aif: np.ndarray, dt: float, delay_bounds: Tuple[float, float], upsample: int = 1,
-                 interpolation: str = "linear"):
+                 interpolation: str = "linear", dispersion_s: float = 0.0):
         a = np.asarray(aif, dtype=np.float64).ravel()
         n = a.size
         self.n = n
@@ -260,6 +262,11 @@ class _Model:
                 fine = interpolate.CubicSpline(t, a, bc_type="natural")(fine_t)
         else:
             fine = np.interp(np.arange((n - 1) * k + 1) * self.h, np.arange(n) * self.dt, a)
+        if dispersion_s > 0:  # the tissue's input: the AIF convolved with exp(-t/beta)/beta (unit area)
+            from scipy import signal
+
+            q = np.exp(-self.h / dispersion_s)
+            fine = signal.lfilter([1.0 - q], [1.0, -q], fine)
         self.fine_aif = fine
         self.tables = _tables()
         count = fine.size
@@ -403,6 +410,32 @@ class _CurveTable:
         log_mtt, delay = (g.ravel() for g in np.meshgrid(np.log(mtt_values), delays, indexing="ij"))
         p = np.stack([np.ones_like(delay), delay, log_mtt], axis=1)
         return self.evaluate(p, False)[0], delay, log_mtt
+
+
+def dispersed_residue_peak(alpha: float, mtt: np.ndarray, dispersion_s: float) -> np.ndarray:
+    """Time (s) of the maximum of ``(exp(-t/beta)/beta) (*) R(t)`` -- the effective residue of a
+    dispersed bolus -- for the gamma residue of shape ``alpha`` and mean ``mtt`` (array, s).
+
+    Tabulated on 200 log-spaced MTT values (FFT convolution on a beta/200 grid), interpolated in
+    log MTT; 0 without dispersion."""
+    mtt = np.asarray(mtt, dtype=np.float64)
+    if not dispersion_s > 0:
+        return np.zeros_like(mtt)
+    grid = np.geomspace(max(float(np.min(mtt)), 1e-3), max(float(np.max(mtt)), 1e-3) * 1.0001 + 1e-9, 200)
+    step = dispersion_s / 200.0
+    tau = (np.arange(4096) + 0.5) * step
+    kernel = np.exp(-tau / dispersion_s) / dispersion_s
+    residue = special.gammaincc(alpha, alpha * tau[None, :] / grid[:, None])
+    size = 8192
+    eff = np.fft.irfft(np.fft.rfft(kernel, size) * np.fft.rfft(residue, size), size)[:, :tau.size]
+    i = np.clip(np.argmax(eff, axis=1), 1, tau.size - 2)
+    rows = np.arange(grid.size)
+    left, centre, right = eff[rows, i - 1], eff[rows, i], eff[rows, i + 1]
+    curvature = left - 2 * centre + right
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shift = np.clip(np.where(curvature < 0, 0.5 * (left - right) / curvature, 0.0), -0.5, 0.5)
+    peak = (i + 1 + shift) * step            # index i of the convolution sum is the time (i + 1) step
+    return np.interp(np.log(mtt), np.log(grid), peak)
 
 
 def _lm():
@@ -583,6 +616,7 @@ def fit_parametric(
     shape_bounds: Tuple[float, float] = DEFAULT_SHAPE_BOUNDS,
     shape: Optional[float] = None,
     shape_prior_sd: Optional[float] = DEFAULT_SHAPE_PRIOR_SD,
+    dispersion_s: float = 0.0,
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
     chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
     progress: Optional[ProgressCallback] = None,
@@ -635,7 +669,9 @@ def fit_parametric(
     if shape is not None and not (np.isfinite(shape) and shape > 0):
         raise ParameterError("parametric_shape", f"the gamma shape must be positive, got {shape}")
     report = as_progress(progress)
-    model = _Model(a, dt, (lo_d, hi_d), AIF_UPSAMPLE, "cubic")
+    if not (np.isfinite(dispersion_s) and dispersion_s >= 0):
+        raise ParameterError("parametric_dispersion_s", f"must be >= 0 seconds, got {dispersion_s}")
+    model = _Model(a, dt, (lo_d, hi_d), AIF_UPSAMPLE, "cubic", dispersion_s)
     finite = np.isfinite(curves.sum(axis=1))
     work = curves if finite.all() else np.where(finite[:, None], curves, 0)  # the input is never modified
 
@@ -716,12 +752,16 @@ def fit_parametric(
         shape_centre = float(np.log(lo_a))
     if mode in ("fixed", "population"):
         alpha = float(np.exp(shape_centre))
-        table = _CurveTable(_Model(a, dt, (lo_d, hi_d), TABLE_UPSAMPLE, "cubic"), alpha, (lo_d, hi_d), (lo_m, hi_m))
+        table = _CurveTable(_Model(a, dt, (lo_d, hi_d), TABLE_UPSAMPLE, "cubic", dispersion_s), alpha,
+                            (lo_d, hi_d), (lo_m, hi_m))
         params, cost, status = _solve_fixed_shape(table, work, lower[:3], upper[:3], max_iterations,
                                                    chunk_voxels, (lo_d, hi_d), report)
         params = np.concatenate([params, np.full((n_vox, 1), shape_centre)], axis=1)
         n_candidates = None
     else:
+        if dispersion_s > 0:
+            raise ParameterError("parametric_dispersion_s", "dispersion needs one residue shape per volume "
+                                                            "(shape_prior_sd 0 or a fixed shape)")
         params, projection, grid_residual, n_candidates = _grid_start(
             model, work, (lo_d, hi_d), (lo_a, hi_a), chunk_voxels, report)
         params = np.clip(params, lower, upper)
@@ -735,6 +775,8 @@ def fit_parametric(
             params, cost, status = solve(every, params)
 
     f, delay, mtt_r, shape = params[:, 0], params[:, 1], np.exp(params[:, 2]), np.exp(params[:, 3])
+    residue_peak = dispersed_residue_peak(float(np.exp(shape_centre)), mtt_r, dispersion_s) \
+        if dispersion_s > 0 else np.zeros(n_vox)
     total = (np.einsum("ij,ij->i", work, work, dtype=np.float64)
              - work.sum(axis=1, dtype=np.float64) ** 2 / n_t)          # sum of squares about the mean
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -755,9 +797,11 @@ def fit_parametric(
         "r2_median": float(np.nanmedian(r2)) if np.any(np.isfinite(r2)) else None,
         "shape": None if shape_centre is None else float(np.exp(shape_centre)),
         "shape_prior_sd_log": float(shape_prior_sd) if mode == "prior" else None,
+        "dispersion_s": float(dispersion_s),
     }
     return ParametricResult(cbf=f, delay=delay, mtt_residue=mtt_r, shape=shape, cbv_model=f * mtt_r, r2=r2,
-                            nrmse=nrmse, converged=converged, at_bound=at_bound, dt=float(dt), info=info)
+                            nrmse=nrmse, converged=converged, at_bound=at_bound, dt=float(dt), info=info,
+                            residue_peak=residue_peak)
 
 
 # --------------------------------------------------------------------------------------
@@ -773,7 +817,8 @@ def run_parametric(problem, progress):
     from .model import MethodOutput
 
     o = problem.options
-    result = fit_parametric(problem.curves, problem.aif, problem.dt, shape=o.parametric_shape, progress=progress)
+    result = fit_parametric(problem.curves, problem.aif, problem.dt, shape=o.parametric_shape,
+                            dispersion_s=o.parametric_dispersion_s, progress=progress)
     window = maps_mod.cbv_window_frames(problem.aif, o.cbv_window)
     cbv = maps_mod.cbv_map(problem.curves, problem.aif, problem.dt, o.kh, o.rho, o.cbv_integration, window)
     cbf = maps_mod.cbf_map(result.cbf, o.kh, o.rho)

@@ -20,7 +20,7 @@ design of the held-out comparison in issue 15 and of Wu 2003 / Mouridsen 2006 si
   magnitude); ``n_aif_voxels`` arterial voxels carry the AIF itself with their own noise.
 
 Truth: ``cbf`` mL/100 g/min, ``cbv`` mL/100 g, ``mtt`` s, ``tmax`` s (= delay: every residue here
-peaks at t = 0), ``delay`` s. ``tissue_kappa`` as in :func:`make_dsc_phantom`: compute maps with
+peaks at t = 0; with ``dispersion_s`` the delay plus the dispersed residue's peak time), ``delay`` s. ``tissue_kappa`` as in :func:`make_dsc_phantom`: compute maps with
 ``kh = analysis_kh`` (= kh / tissue_kappa) to read the truth's units.
 
 Arrays: curves are ``(n_voxels, t)`` (time last); :meth:`DSCDRO.as_series` lays them out as a 4D
@@ -137,12 +137,16 @@ def make_dsc_dro(
     fine_step_s: float = 0.01,
     seed: Optional[int] = 0,
     chunk_voxels: int = 256,
+    dispersion_s: float = 0.0,
 ) -> DSCDRO:
     """Simulate a voxel-wise DSC DRO (module docstring for the model and units).
 
     Defaults: SNR 50, TR 1.5 s, 60 frames, TE 30 ms, AIF peak 35 1/s arriving after
     ``baseline_frames`` frames, clinical tissue contrast (``tissue_kappa`` 10: grey matter drops
     about 30 %, as :func:`make_dsc_phantom` with ``tissue_kappa=10, aif_peak=35``).
+    ``dispersion_s`` > 0 disperses each tissue's input by ``exp(-t / dispersion_s) / dispersion_s``
+    (after the delay); the truth ``tmax`` is then the delay plus the peak time of the effective
+    residue ``kernel (*) R`` (found on the fine grid).
     """
     if residue not in DRO_RESIDUES:
         raise ValueError(f"residue must be one of {DRO_RESIDUES}, got {residue!r}")
@@ -163,10 +167,16 @@ def make_dsc_dro(
         return arterial_input(t, arrival, aif_peak, aif_alpha, aif_beta, recirculation)
 
     conc = np.empty((n_voxels, n_frames))
+    residue_peak = np.zeros(n_voxels)
+    kernel = np.exp(-grid / dispersion_s) / dispersion_s if dispersion_s > 0 else None
     for start in range(0, n_voxels, chunk_voxels):
         stop = min(n_voxels, start + chunk_voxels)
         a = aif_fn(grid[None, :] - delay[start:stop, None])
         r = dro_residue(grid[None, :], mtt[start:stop, None], residue, gamma_shape)
+        if kernel is not None:
+            a = _convolve_fine(a, np.broadcast_to(kernel, a.shape), step)
+            effective = _convolve_fine(np.broadcast_to(kernel, r.shape), r, step)
+            residue_peak[start:stop] = grid[np.argmax(effective, axis=1)]
         c = _convolve_fine(a, r, step)
         conc[start:stop] = (tissue_kappa * rho / kh) * (cbf[start:stop, None] / 6000.0) * c[:, ::sub]
     aif = aif_fn(times)
@@ -182,11 +192,11 @@ def make_dsc_dro(
 
     tissue_signal = noisy(conc)
     aif_signal = noisy(np.broadcast_to(aif, (int(n_aif_voxels), n_frames)))
-    truth = {"cbf": cbf, "cbv": cbv, "mtt": mtt, "tmax": delay.copy(), "delay": delay}
+    truth = {"cbf": cbf, "cbv": cbv, "mtt": mtt, "tmax": delay + residue_peak, "delay": delay}
     parameters = {"cbf_range": list(cbf_range), "mtt_range": list(mtt_range), "delay_range": list(delay_range),
                   "aif": {"arrival_s": arrival, "peak_per_s": aif_peak, "alpha": aif_alpha, "beta_s": aif_beta,
                           "recirculation": recirculation},
-                  "fine_step_s": step, "n_aif_voxels": int(n_aif_voxels)}
+                  "fine_step_s": step, "n_aif_voxels": int(n_aif_voxels), "dispersion_s": float(dispersion_s)}
     return DSCDRO(signal=tissue_signal, aif_signal=aif_signal, times=times, tr=float(tr), te=float(te),
                   s0=float(s0), snr=float(snr), aif=aif, concentration=conc, truth=truth, residue=residue,
                   gamma_shape=float(gamma_shape), kh=float(kh), rho=float(rho),
