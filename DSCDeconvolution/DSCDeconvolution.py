@@ -56,6 +56,7 @@ from PerfusionAISlicerLib import (  # noqa: E402
     BackgroundRun,
     RunPanel,
     addFolderBrowseButton,
+    computeDevice,
     ensureDependencies,
     moduleRequirements,
 )
@@ -63,6 +64,7 @@ from PerfusionAISlicerLib import (  # noqa: E402
 #: The methods of the DSC registry (perfusionai.dsc.methods), by their canonical names.
 METHOD_CHOICES = list(dsc_methods.METHODS)
 AIF_MODES = ["Automatic", "Region"]
+DEVICES = ["auto", "cpu", "cuda"]
 
 
 #
@@ -182,6 +184,7 @@ class DSCDeconvolutionParameterNode:
     modelPath - model folder/zip for PHAE / tmax-net. trainPhaeOnSeries - train PHAE on this series first.
     runInBackground - run in a background process (GUI stays responsive, Cancel works).
     overlayOpacity - opacity of the CBF overlay.
+    device - learned methods: auto (the GPU when found, else the CPU), cpu or cuda.
     """
 
     # Node unions name None: Slicer's parameterNodeWrapper writes None into a fresh node.
@@ -203,6 +206,7 @@ class DSCDeconvolutionParameterNode:
     trainPhaeOnSeries: bool = False
     runInBackground: bool = True
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
+    device: Annotated[str, Choice(DEVICES)] = "auto"
 
 
 #
@@ -313,6 +317,7 @@ class DSCDeconvolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.enabled = learned and not p.trainPhaeOnSeries
         self.ui.trainPhaeCheckBox.enabled = method.name == "phae"
         self.ui.learnedNoteLabel.setVisible(learned)
+        self.ui.deviceComboBox.enabled = learned
         self.ui.svdThresholdSpinBox.enabled = method.applies("threshold")
 
         running = self.logic.isRunning or self.runPanel.running
@@ -402,6 +407,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
             leakageCorrection=p.leakageCorrection,
             modelPath=None if (p.trainPhaeOnSeries and dsc_methods.resolve_method(p.method).name == "phae") else model,
             overlayOpacity=p.overlayOpacity,
+            device=p.device,
             waitForCompletion=waitForCompletion,
             progressCallback=progressCallback,
             completedCallback=completedCallback,
@@ -411,7 +417,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
     def process(self, seriesNode, te=None, tr=None, aifNode=None, aifSegmentId=None, maskNode=None,
                 maskSegmentId=None, method="oSVD", threshold=None, kh=0.73, rho=1.04, leakageCorrection=False,
                 modelPath=None, overlayOpacity=0.6, showResults=True, waitForCompletion=True,
-                progressCallback=None, completedCallback=None, logCallback=None):
+                progressCallback=None, completedCallback=None, logCallback=None, device="auto"):
         """Compute DSC maps from scene nodes and add the results to the scene.
 
         :param seriesNode: sequence node of volumes, or MultiVolume node.
@@ -421,6 +427,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
         :param maskNode: optional brain mask (segmentation or label map).
         :param method: sSVD, cSVD, oSVD, Tikhonov, PHAE or tmax-net.
         :param modelPath: model for PHAE / tmax-net; PHAE without a model is trained on this series first.
+        :param device: learned methods: "auto" (the GPU when one is found, else the CPU), "cpu" or "cuda".
         :param waitForCompletion: True computes in this process and returns the result nodes;
             False starts a background process, returns None and calls ``completedCallback(outcome)``.
         :return: ``{"maps": {name: volume node}, "table", "chart", "plot", "background"}`` when waiting.
@@ -432,7 +439,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
         key = dsc_methods.resolve_method(method).name
         settings = {"method": key, "te": inputs.te, "threshold": threshold, "kh": kh, "rho": rho,
                     "leakageCorrection": leakageCorrection, "modelPath": modelPath,
-                    "overlayOpacity": overlayOpacity, "showResults": showResults}
+                    "overlayOpacity": overlayOpacity, "showResults": showResults, "device": device}
         if key == "tmax-net" and not modelPath:
             raise PerfusionAIError(_("tmax-net needs a model file; choose one or use PHAE."))
         return self._runJob(seriesNode, inputs, settings, inBackground=not waitForCompletion,
@@ -457,6 +464,16 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
                                {k: v for k, v in settings.items() if k != "showResults"})
         return nodes
 
+    @staticmethod
+    def _device(settings, logCallback):
+        """The device of a learned method (GPU detected, CPU fallback said in the log); "cpu" otherwise."""
+        if not dsc_methods.is_learned(settings["method"]):
+            return "cpu"
+        device, message = computeDevice(settings.get("device", "auto"))
+        if logCallback is not None:
+            logCallback(message)
+        return device
+
     def _runJob(self, seriesNode, inputs, settings, inBackground, progressCallback=None, completedCallback=None,
                 logCallback=None):
         """The DSC bridge: the nodes' arrays to files, ``DSCMapsJob`` (``dsc maps``) run here or in the
@@ -473,7 +490,8 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
                          aif_auto=files.aif_mask is None, mask=str(files.mask) if files.mask is not None else None,
                          method=settings["method"], threshold=settings["threshold"], kh=float(settings["kh"]),
                          rho=float(settings["rho"]), leakage_correction=bool(settings["leakageCorrection"]),
-                         model_path=str(settings["modelPath"]) if settings["modelPath"] else None)
+                         model_path=str(settings["modelPath"]) if settings["modelPath"] else None,
+                         device=self._device(settings, logCallback))
         settings = dict(settings, job=job.to_json())
 
         def readOutputs():

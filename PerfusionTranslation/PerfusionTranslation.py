@@ -20,7 +20,7 @@ import vtk
 import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -57,6 +57,7 @@ from PerfusionAISlicerLib import (  # noqa: E402
     RunPanel,
     Show3DButton,
     addFolderBrowseButton,
+    computeDevice,
     ensureDependencies,
     moduleRequirements,
 )
@@ -146,6 +147,7 @@ class PerfusionTranslationParameterNode:
     spect - optional SPECT registered to the CT, for the evaluation numbers.
     runInBackground - predict in a background process (GUI stays responsive, Cancel works).
     overlayOpacity - opacity of the perfusion overlay.
+    device - auto (the GPU when found, else the CPU), cpu or cuda.
     """
 
     # Node unions name None: Slicer's parameterNodeWrapper writes None into a fresh node.
@@ -157,6 +159,7 @@ class PerfusionTranslationParameterNode:
     spect: Optional[vtkMRMLScalarVolumeNode]
     runInBackground: bool = True
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
 
 
 #
@@ -320,7 +323,7 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
                             lungMaskSegmentId=p.lungMaskSegmentId or None, spectNode=p.spect,
                             overlayOpacity=p.overlayOpacity, waitForCompletion=waitForCompletion,
                             progressCallback=progressCallback, completedCallback=completedCallback,
-                            logCallback=logCallback)
+                            logCallback=logCallback, device=p.device)
 
     def _lungLabels(self, lungMaskNode, lungMaskSegmentId, geometry):
         """The lung mask as labels on the CT grid (label maps keep 1 right / 2 left), or None."""
@@ -335,7 +338,7 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
 
     def process(self, ctNode, modelPath, lungMaskNode=None, lungMaskSegmentId=None, spectNode=None,
                 overlayOpacity=0.5, showResults=True, waitForCompletion=True, progressCallback=None,
-                completedCallback=None, logCallback=None):
+                completedCallback=None, logCallback=None, device="auto"):
         """Predict the perfusion map of ``ctNode`` and add the results to the scene.
 
         :param ctNode: chest CT volume in HU.
@@ -354,7 +357,7 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
         ctHU, geometry = mrml.array_from_volume_node(ctNode)
         labels = self._lungLabels(lungMaskNode, lungMaskSegmentId, geometry)
         settings = {"modelPath": str(modelPath), "overlayOpacity": overlayOpacity, "showResults": showResults,
-                    "spectNode": spectNode}
+                    "spectNode": spectNode, "device": device}
         return self._runJob(ctNode, ctHU, geometry, labels, settings, inBackground=not waitForCompletion,
                             progressCallback=progressCallback, completedCallback=completedCallback,
                             logCallback=logCallback)
@@ -401,8 +404,11 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
         workDir = self._run.newWorkDir()
         ctPath, maskPath = write_predict_inputs(os.path.join(workDir, "inputs"), ctHU, geometry, labels)
         outDir = os.path.join(workDir, "prediction")
+        device, deviceMessage = computeDevice(settings["device"])
+        if logCallback is not None:
+            logCallback(deviceMessage)
         job = CTPMPredictJob(ct=str(ctPath), model=settings["modelPath"], out=outDir,
-                             lung_mask=str(maskPath) if maskPath is not None else None)
+                             lung_mask=str(maskPath) if maskPath is not None else None, device=device)
 
         def readOutputs():
             result, resultGeometry, _summary = read_prediction(outDir)
