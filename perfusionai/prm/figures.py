@@ -28,14 +28,15 @@ def prm_scatter_png(insp_hu: np.ndarray, exp_hu: np.ndarray, lung: np.ndarray, p
     i_f = median_prefilter(insp_hu, opts.median_size, opts.median_2d)[lung]
     e_f = median_prefilter(exp_hu, opts.median_size, opts.median_2d)[lung]
     lo, hi = opts.valid_min_hu, opts.valid_max_hu
-    fig, ax = plt.subplots(figsize=(5.0, 4.4))
+    fig, ax = plt.subplots(figsize=(5.0, 4.8))
     ti, te = opts.threshold_insp_hu, opts.threshold_exp_hu
     quads = {1: (ti, hi, te, hi), 2: (ti, hi, lo, te), 3: (lo, ti, lo, te), 4: (lo, ti, te, hi)}
     for label, (x0, x1, y0, y1) in quads.items():
         info = PRM_LABELS[label]
         colour = info.rgb if label != 4 else (0.75, 0.75, 0.75)
         ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, color=colour, alpha=0.25, lw=0))
-        ax.text(0.5 * (x0 + x1), 0.5 * (y0 + y1), info.name, ha="center", va="center", fontsize=8, alpha=0.8)
+        # class names in a legend under the axes, clear of the data and the threshold lines
+        ax.add_patch(plt.Rectangle((x0, y0), 0, 0, color=colour, alpha=0.5, lw=0, label=info.name))
     inside = (i_f >= lo - 50) & (i_f <= hi + 50) & (e_f >= lo - 50) & (e_f <= hi + 50)
     if inside.any():
         h = ax.hist2d(i_f[inside], e_f[inside], bins=120, range=[[lo - 50, hi + 50], [lo - 50, hi + 50]],
@@ -49,6 +50,7 @@ def prm_scatter_png(insp_hu: np.ndarray, exp_hu: np.ndarray, lung: np.ndarray, p
     ax.set_xlabel(f"inspiration [HU] (threshold {ti:g})")
     ax.set_ylabel(f"expiration [HU] (threshold {te:g})")
     ax.set_title(title)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, fontsize=8, frameon=False)
     path = Path(path)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
