@@ -191,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"perfusionai: error: {exc}", file=sys.stderr)
         return 2
     except Terminated:
-        print("perfusionai: terminated (SIGTERM); no output was written", file=sys.stderr)
+        print("perfusionai: terminated (SIGTERM)", file=sys.stderr)
         return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("perfusionai: interrupted", file=sys.stderr)

@@ -827,9 +827,27 @@ def atomic_output_dir(out_dir: str | os.PathLike, inputs: Sequence[str | os.Path
             raise input_error(out, f"cannot write the outputs ({reason}); nothing was written") from None
         raise
     try:
-        _commit(stage, out, protected, label)
+        with _signals_deferred():  # Ctrl-C or SIGTERM while moving: after the move, never halfway
+            _commit(stage, out, protected, label)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the duration of the block (POSIX, main thread only)."""
+    import signal
+    import threading
+
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, previous)
 
 
 def _commit(stage: Path, out: Path, protected: list, label: str) -> None:
