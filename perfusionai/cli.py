@@ -175,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     label = " ".join(str(w) for w in (getattr(args, "domain", None), getattr(args, "verb", None)) if w)
     try:
         with warnings.catch_warnings(), run_label(label or "perfusionai"), run_inputs(_input_paths(args)):
-            warnings.simplefilter("always", PerfusionAIWarning)
+            warnings.simplefilter("default", PerfusionAIWarning)  # once per file and message
             warnings.showwarning = _show_warning(warnings.showwarning)
             return int(args.handler(args) or 0)
     except Cancelled as exc:
