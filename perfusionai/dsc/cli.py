@@ -113,6 +113,10 @@ def register(subparsers) -> None:
     maps.add_argument("--parametric-dispersion", dest="parametric_dispersion_s", type=float, default=0.0,
                       help="--method parametric: mean time (s) of an exponential dispersion of the bolus between "
                            "the AIF and the tissue; Tmax then adds the dispersed residue's peak time (0: none)")
+    maps.add_argument("--save-residue", action="store_true",
+                      help="also write residue.nii.gz (4D: the flow-scaled residue CBF*R(t) in 1/s per lag; cSVD/oSVD: "
+                           "2N lags, the second half negative), and for SVD/Tikhonov regularisation.nii.gz (threshold "
+                           "or lambda relative to s_max) and, for oSVD, oscillation_index.nii.gz")
     maps.add_argument("--dsc-echo2", default=None,
                       help="second echo of a dual-echo series (same grid and frames as --dsc): delta R2* = "
                            "ln((S1/S1,0)/(S2/S2,0))/(TE2-TE1), free of T1 leakage effects")

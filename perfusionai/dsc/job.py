@@ -78,6 +78,7 @@ class DSCMapsJob(Job):
     device: str = option("auto", help="learned methods: auto, cpu or cuda")
     aif_gamma_fit: bool = option(False, help="replace the AIF by a gamma-variate fit of its first pass")
     fwhm_map: bool = option(False, help="also write fwhm.nii.gz (s), the width of each concentration curve")
+    save_residue: bool = option(False, help="also write residue.nii.gz (4D) and the regularisation/OI maps")
     dsc_echo2: Optional[str] = option(None, help="second echo of a dual-echo series (same grid and frames)")
     te2: Optional[float] = option(None, help="echo time of the second echo in seconds (None: from its header)")
     parametric_shape: Optional[float] = option(None, help="parametric method: fixed gamma shape (None: fitted)")

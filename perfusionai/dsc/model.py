@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import ParameterError, PerfusionAIError, input_error
-from ..io import Geometry, atomic_output_dir, check_finite_values, write_json, write_volume
+from ..io import Geometry, atomic_output_dir, check_finite_values, write_json, write_series, write_volume
 from ..progress import ProgressCallback, as_progress
 from . import acquisition
 from . import aif as aif_mod
@@ -80,7 +80,9 @@ class DSCOptions:
     is at most this (None: every voxel); the ``k2_cv`` map is written either way.
     parametric_shape: the parametric method's gamma shape alpha (1 = exponential residue; None: fitted,
     one shape per volume). parametric_dispersion_s: the parametric method's assumed dispersion of the tissue's input,
-    the mean time of an exponential kernel (s; 0: none).
+    the mean time of an exponential kernel (s; 0: none). save_residue: also give the flow-scaled residue ``k(t) = CBF R(t)``
+    (1/s, time last) as the series ``residue`` and, for the SVD/Tikhonov methods, the per-voxel
+    regularisation (``regularisation`` map) and oscillation index (``oscillation_index``, oSVD).
     """
 
     te: Optional[float] = None
@@ -112,6 +114,7 @@ class DSCOptions:
     te2: Optional[float] = None
     parametric_shape: Optional[float] = None
     parametric_dispersion_s: float = 0.0
+    save_residue: bool = False
     leakage_max_k2_cv: Optional[float] = None
 
 
@@ -280,12 +283,14 @@ class FitProblem:
 class MethodOutput:
     """What a runner returns: ``maps`` ``{name: (n_voxels,)}`` of the five maps (:data:`maps.MAP_NAMES`),
     ``regularisation`` (JSON-ready), ``extra_maps`` (further ``(n_voxels,)`` maps, e.g. a fit
-    quality), ``learned`` (label, notes, trained_on_phantoms for the summary; None for classical)."""
+    quality), ``learned`` (label, notes, trained_on_phantoms for the summary; None for classical),
+    ``series`` (``(n_voxels, L)`` curves written as 4D series, e.g. the residue with ``save_residue``)."""
 
     maps: Dict[str, np.ndarray]
     regularisation: dict = field(default_factory=dict)
     extra_maps: Dict[str, np.ndarray] = field(default_factory=dict)
     learned: Optional[dict] = None
+    series: Dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _deconvolution_maps(problem: FitProblem, method: DSCMethod, progress) -> MethodOutput:
@@ -303,7 +308,14 @@ def _deconvolution_maps(problem: FitProblem, method: DSCMethod, progress) -> Met
                 per_voxel_max=float(np.max(result.regularisation)))
     if result.oscillation_index is not None:
         info["oscillation_index_median"] = maps_mod.median_in_mask(result.oscillation_index)
-    return MethodOutput(maps=maps, regularisation=info)
+    extra: Dict[str, np.ndarray] = {}
+    series: Dict[str, np.ndarray] = {}
+    if o.save_residue:
+        extra["regularisation"] = result.regularisation
+        if result.oscillation_index is not None:
+            extra["oscillation_index"] = result.oscillation_index
+        series["residue"] = result.residue
+    return MethodOutput(maps=maps, regularisation=info, extra_maps=extra, series=series)
 
 
 def run_deconvolution(problem: FitProblem, progress) -> MethodOutput:
@@ -493,6 +505,11 @@ class DSCModel:
             maps[name] = volume
         for name, value in extra.items():
             maps[name] = np.asarray(value, dtype=np.float32)
+        series: Dict[str, np.ndarray] = {}
+        for name, flat in output.series.items():
+            volume = np.zeros(shape3 + (flat.shape[-1],), dtype=np.float32)
+            volume[brain] = flat
+            series[name] = volume
         inputs = {"shape_kji": list(shape3), "n_frames": int(n_frames), "frame_interval_s": float(self.tr),
                   "te_s": o.te, "mask_voxels": int(brain.sum()),
                   "voxels_without_valid_baseline": prepared.invalid_voxels,
@@ -502,7 +519,7 @@ class DSCModel:
                       tissue_curve=curves.astype(np.float64).mean(axis=0), baseline_frames=prepared.baseline_frames,
                       bolus_arrival_s=prepared.arrival_s, aif_info=dict(prepared.aif_info),
                       regularisation=output.regularisation, inputs=inputs, options=o, method=self.method,
-                      learned=output.learned, warnings=list(prepared.warnings))
+                      learned=output.learned, warnings=list(prepared.warnings), series=series)
 
 
 @dataclass
@@ -515,7 +532,10 @@ class DSCFit:
     (k, j, i) or None; tissue_curve: mean concentration ``(t,)`` inside the mask;
     baseline_frames; bolus_arrival_s (None when the baseline was given); aif_info, regularisation,
     inputs: JSON-ready; learned: label/notes/trained_on_phantoms of a learned method (else None);
-    warnings: what the user should know (e.g. an automatic AIF that does not look arterial).
+    warnings: what the user should know (e.g. an automatic AIF that does not look arterial);
+    series: ``{name: float32 [k, j, i, L]}`` curves per voxel (``residue`` with ``save_residue``: the
+    flow-scaled residue in 1/s at lags ``0, dt, ...``; for cSVD/oSVD ``L = 2 t``, the second half holding
+    negative lags).
     """
 
     maps: Dict[str, np.ndarray]
@@ -533,6 +553,7 @@ class DSCFit:
     method: DSCMethod
     learned: Optional[dict] = None
     warnings: list = field(default_factory=list)
+    series: Dict[str, np.ndarray] = field(default_factory=dict)
 
     cbv = property(lambda self: self.maps["cbv"])
     cbf = property(lambda self: self.maps["cbf"])
@@ -590,6 +611,8 @@ class DSCFit:
         with atomic_output_dir(folder) as stage:
             for name, volume in self.maps.items():
                 write_volume(np.asarray(volume, dtype=np.float32), geometry, stage / f"{name}.nii.gz")
+            for name, volume in self.series.items():
+                write_series(volume, geometry, stage / f"{name}.nii.gz", tr=float(self.inputs["frame_interval_s"]))
             self.write_aif_csv(stage / "aif.csv")
             summary = self.summary(geometry, job)
             summary.update(extra_summary or {})

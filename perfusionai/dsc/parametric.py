@@ -814,7 +814,8 @@ def run_parametric(problem, progress):
     """Runner of kind ``"parametric"`` (:data:`perfusionai.dsc.model.RUNNERS`): the five maps of
     ``problem`` (a :class:`perfusionai.dsc.model.FitProblem`) plus ``fit_r2`` (1 - SSR/SST of each
     voxel's fitted curve) and ``converged`` (1 where the fit converged, 0 where not; the count is in
-    the summary's ``regularisation.n_not_converged``)."""
+    the summary's ``regularisation.n_not_converged``); with ``save_residue`` the series ``residue``
+    (the fitted ``F R(t)`` at lags ``0, dt, ...``, 1/s; without the dispersion kernel)."""
     from . import maps as maps_mod
     from .model import MethodOutput
 
@@ -827,4 +828,10 @@ def run_parametric(problem, progress):
     maps = {"cbv": cbv, "cbf": cbf, "mtt": maps_mod.mtt_map(cbv, cbf), "tmax": result.tmax,
             "ttp": maps_mod.ttp_map(problem.curves, problem.times)}
     extra = {"fit_r2": result.r2, "converged": result.converged.astype(np.float32)}
-    return MethodOutput(maps=maps, regularisation=dict(result.info), extra_maps=extra)
+    series = {}
+    if getattr(o, "save_residue", False):   # the fitted flow-scaled residue F R(t) at the frame lags (1/s)
+        lags = np.arange(problem.curves.shape[-1]) * problem.dt
+        shape = result.shape[:, None]
+        series["residue"] = (result.cbf[:, None] * special.gammaincc(
+            shape, shape * lags[None, :] / result.mtt_residue[:, None])).astype(np.float32)
+    return MethodOutput(maps=maps, regularisation=dict(result.info), extra_maps=extra, series=series)
