@@ -63,7 +63,7 @@ def test_issue15_targets_on_the_dro(residue, gamma_shape, seed, cbf_limit):
 def test_beats_osvd_tmax_and_cbf_where_svd_is_biased():
     from perfusionai.dsc import deconvolution as dec
 
-    dro = make_dsc_dro(600, residue="exponential", snr=50, seed=105)
+    dro = make_dsc_dro(600, residue="exponential", snr=50, seed=105, fine_step_s=0.02)
     tissue, aif = _curves(dro)
     par = _scores(dro, fit_parametric(tissue, aif, dro.tr), tissue, aif)
     osvd = dec.deconvolve(tissue, aif, dro.tr, "oSVD")
@@ -87,7 +87,7 @@ def test_noise_free_exponential_is_recovered_with_continuous_delays():
 
 
 def test_population_shape_is_estimated():
-    dro = make_dsc_dro(600, residue="gamma", gamma_shape=3.0, snr=np.inf, seed=107)
+    dro = make_dsc_dro(600, residue="gamma", gamma_shape=3.0, snr=np.inf, seed=107, fine_step_s=0.02)
     tissue, aif = _curves(dro)
     result = fit_parametric(tissue, aif, dro.tr)
     assert result.info["shape_mode"] == "population"
