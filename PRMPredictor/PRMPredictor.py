@@ -420,8 +420,6 @@ class PRMPredictorLogic(ScriptedLoadableModuleLogic):
 #
 
 
-MRI_SEQUENCE_OPTIONS = (("vibe", "--vibe"), ("post_vibe", "--post-vibe"), ("irmax", "--irmax"), ("pbf", "--pbf"))
-
 
 class PRMPredictorMRILogic(ScriptedLoadableModuleLogic):
     """PRM from inspiratory MRI: ``perfusionai prm predict`` (lobes with the nnU-Net lobe model, then
@@ -480,34 +478,35 @@ class PRMPredictorMRILogic(ScriptedLoadableModuleLogic):
         if lungMaskNode is None and (not lobeModelPath or vibeNode is None):
             raise PerfusionAIError(_("Select a lung mask, or a lobe model and the VIBE volume."))
         referenceNode = vibeNode if vibeNode is not None else next(iter(given.values()))
+        from perfusionai.prm.jobs import PRMPredictJob
+
         workDir = self._run.newWorkDir()
         inputs = os.path.join(workDir, "inputs")
-        command = [slicer_support.python_launcher(), "-m", "perfusionai", "prm", "predict"]
-        for key, option in MRI_SEQUENCE_OPTIONS:
-            if key in given:
-                array, geometry = mrml.array_from_volume_node(given[key])
-                command += [option, str(write_volume(array, geometry, os.path.join(inputs, f"{key}.nii.gz")))]
-        for node, option, fileName in ((lungMaskNode, "--lung-mask", "lung_mask.nii.gz"),
-                                       (ctPrmNode, "--reference", "ct_prm.nii.gz")):
+        files = {}
+        for key, node in list(given.items()) + [("lung_mask", lungMaskNode), ("reference", ctPrmNode)]:
             if node is not None:
                 array, geometry = mrml.array_from_volume_node(node)
-                command += [option, str(write_volume(array, geometry, os.path.join(inputs, fileName)))]
-        if lobeModelPath:
-            command += ["--lobe-model", str(lobeModelPath)]
+                files[key] = str(write_volume(array, geometry, os.path.join(inputs, f"{key}.nii.gz")))
         outDir = os.path.join(workDir, "out")
         device, deviceMessage = computeDevice(device)
         if logCallback is not None:
             logCallback(deviceMessage)
-        command += ["--model", str(prmModelPath), "--out", outDir, "--device", device, "--progress", "lines"]
+        # The PRM-from-MRI bridge: PRMPredictJob ("prm predict"), always in a background process
+        # (nnU-Net and the network take minutes); the output folder is read back into nodes.
+        job = PRMPredictJob(model=str(prmModelPath), out=outDir, lobe_model=str(lobeModelPath) if lobeModelPath else None,
+                            device=device, **files)
 
         def readOutputs():
             nodes = self._outputsToNodes(referenceNode, outDir)
+            mrml.record_provenance([nodes["segmentation"], nodes["lobes"], nodes["table"], nodes["comparison"]],
+                                   {"job": job.to_json()})
             if progressCallback is not None:
                 progressCallback(1.0, _("PRM from MRI done"))
             return nodes
 
-        return self._run.start(command, readOutputs, progressCallback, completedCallback,
-                               waitForCompletion=waitForCompletion, cpuOnly=device == "cpu", logCallback=logCallback)
+        return self._run.runJob(job, readOutputs, inBackground=True, waitForCompletion=waitForCompletion,
+                                progressCallback=progressCallback, completedCallback=completedCallback,
+                                logCallback=logCallback, cpuOnly=device == "cpu")
 
     def _outputsToNodes(self, referenceNode, outDir):
         """Predicted PRM (segmentation, standard colours), lobes, %PRM table and the CT comparison."""
@@ -547,7 +546,6 @@ class PRMPredictorMRILogic(ScriptedLoadableModuleLogic):
                 mrml.set_attributes(node, attributes)
         slicer.util.setSliceViewerLayers(background=referenceNode, fit=slicer.app.layoutManager() is not None)
         mrml.group_results([segmentation, lobesNode, table, comparison], referenceNode, f"{name} PRM from MRI results")
-        mrml.record_provenance([segmentation, lobesNode, table, comparison], summary.get("options") or summary)
         return {"segmentation": segmentation, "lobes": lobesNode, "table": table, "comparison": comparison,
                 "summary": summary, "model": model}
 

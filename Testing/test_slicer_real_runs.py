@@ -107,6 +107,8 @@ def test_dsc_background_run_matches_in_process(layer):
 
 def test_prm_background_run_matches_in_process(layer):
     """PRMCTJob (``prm ct --no-registration``) on an aligned phantom, in a subprocess and in-process."""
+    if layer.version != real_layer.VERSIONS[-1]:
+        pytest.skip("one version is enough: the run path on 5.10 is covered by the DR and DSC runs")
     from perfusionai.phantoms.prm import make_prm_phantom
 
     mod = layer.load_module("PRMPredictor")
@@ -125,6 +127,30 @@ def test_prm_background_run_matches_in_process(layer):
     names = [s[1] for s in mrml.segments_of(here["segmentation"])]
     assert "Emphysema" in names
     assert '"no_registration": true' in here["segmentation"].GetAttribute("PerfusionAI.Options")
+
+
+def test_prm_from_mri_runs_its_job_and_reports_the_cli_error(layer, tmp_path):
+    """PRM from MRI builds PRMPredictJob from the nodes; a folder that is not a model is refused by the
+    real ``prm predict`` in the subprocess, and that message reaches the outcome."""
+    if layer.version != real_layer.VERSIONS[-1]:
+        pytest.skip("one version is enough: the run path on 5.10 is covered by the DR, DSC and PRM CT runs "
+                    "(this subprocess imports torch, which is slow)")
+    mod = layer.load_module("PRMPredictor")
+    from perfusionai import mrml
+    from perfusionai.io import Geometry
+
+    geometry = Geometry((4, 8, 8), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    vibe = mrml.volume_node_from_array(np.ones((4, 8, 8), dtype=np.float32), geometry, "VIBE")
+    lungs = mrml.volume_node_from_array(np.ones((4, 8, 8), dtype=np.uint8), geometry, "lungs", label=True)
+    notAModel = tmp_path / "not-a-model"
+    notAModel.mkdir()
+    logic = mod.PRMPredictorMRILogic()
+    outcomes, log = [], []
+    logic.process(vibe, lungMaskNode=lungs, prmModelPath=str(notAModel), device="cpu", waitForCompletion=False,
+                  completedCallback=outcomes.append, logCallback=log.append)
+    _follow(logic._run)
+    assert len(outcomes) == 1 and "not-a-model" in outcomes[0].get("error", ""), outcomes
+    assert any("CPU" in line for line in log), log
 
 
 def _slow_run(layer, name="Slow"):
