@@ -75,6 +75,11 @@ def register(subparsers) -> None:
                       default=METHODS["Tikhonov"].defaults["tikhonov_criterion"],
                       help="automatic Tikhonov lambda per voxel: generalised cross-validation or the L-curve "
                            "corner")
+    maps.add_argument("--lambda-floor", dest="tikhonov_floor", type=float,
+                      default=METHODS["Tikhonov"].defaults["tikhonov_floor"],
+                      help="automatic Tikhonov: each voxel's lambda is at least the lambda GCV picks for the whole "
+                           "volume divided by this factor, which keeps the per-voxel GCV and L-curve choices from the "
+                           "false corners noise makes at tiny lambda (0: no floor, the plain per-voxel criterion)")
     maps.add_argument("--discretisation", choices=DISCRETISATIONS, default="rectangle",
                       help="AIF convolution matrix: plain Ostergaard rectangle rule or dsc-mri-toolbox's "
                            "Simpson-smoothed AIF")

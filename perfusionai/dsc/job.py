@@ -65,6 +65,8 @@ class DSCMapsJob(Job):
     oi_threshold: float = option(DEFAULT_OI_THRESHOLD, flag="--oi", help="oSVD oscillation-index limit")
     tikhonov_lambda: Optional[float] = option(None, flag="--lambda", help="fixed Tikhonov lambda relative to s_max")
     tikhonov_criterion: str = option("gcv", flag="--lambda-criterion", help="automatic lambda: gcv or lcurve")
+    tikhonov_floor: float = option(DSCOptions.tikhonov_floor, flag="--lambda-floor",
+                                   help="automatic lambda at least the volume's GCV lambda / this (0: none)")
     discretisation: str = option("rectangle", help="AIF convolution matrix: rectangle or simpson")
     kh: float = option(DEFAULT_KH, help="haematocrit factor kH")
     rho: float = option(DEFAULT_RHO, help="brain density in g/mL")

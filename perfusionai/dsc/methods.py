@@ -180,8 +180,9 @@ register_method(DSCMethod(
     solver="osvd"))
 register_method(DSCMethod(
     "Tikhonov", "deconvolution", "Tikhonov-regularised SVD, lambda per voxel by GCV (or fixed with tikhonov_lambda)",
-    aliases=("tikh",), defaults={"tikhonov_criterion": "gcv", "tikhonov_lambda": None, "fixed_lambda": 0.1},
-    options=("tikhonov_lambda", "tikhonov_criterion") + _DISCRETISATION, solver="tikhonov"))
+    aliases=("tikh",), defaults={"tikhonov_criterion": "gcv", "tikhonov_lambda": None, "fixed_lambda": 0.1,
+                                 "tikhonov_floor": 2.0},
+    options=("tikhonov_lambda", "tikhonov_criterion", "tikhonov_floor") + _DISCRETISATION, solver="tikhonov"))
 register_method(DSCMethod(
     "parametric", "parametric", "delay-aware model fit: delayed gamma-distributed transit times (Mouridsen 2006), "
     "Tmax = fitted delay, CBV by the integral ratio; adds fit_r2 and converged maps",

@@ -50,7 +50,7 @@ from . import deconvolution as dec
 from . import leakage as leakage_mod
 from . import learned as learned_mod
 from . import maps as maps_mod
-from .methods import DEFAULT_METHOD, DSCMethod, resolve_method
+from .methods import DEFAULT_METHOD, METHODS, DSCMethod, resolve_method
 from .parametric import run_parametric
 
 
@@ -63,7 +63,8 @@ class DSCOptions:
     relative to s_max, in (0, 1) (None: the method's default 0.2 / 0.1). oi_threshold: oSVD
     oscillation-index limit (> 0). tikhonov_lambda: fixed lambda relative to s_max (None:
     automatic per voxel by ``tikhonov_criterion`` "gcv" (default) | "lcurve", or "fixed" meaning
-    0.1). discretisation: "rectangle" | "simpson". kh, rho: haematocrit and density factors.
+    0.1). tikhonov_floor: the automatic per-voxel lambda is at least the volume's GCV lambda divided
+    by this (default 2; 0: no floor, the plain per-voxel criterion). discretisation: "rectangle" | "simpson". kh, rho: haematocrit and density factors.
     baseline_frames: pre-bolus frames for S0 (None: detected). leakage_correction:
     Boxerman-Schmainda-Weisskoff correction. model_path: model for the learned methods (None:
     PHAE trains on the series itself; tmax-net refuses, no model is packaged). cbv_integration:
@@ -91,6 +92,7 @@ class DSCOptions:
     oi_threshold: float = dec.DEFAULT_OI_THRESHOLD
     tikhonov_lambda: Optional[float] = None
     tikhonov_criterion: str = "gcv"
+    tikhonov_floor: float = METHODS["Tikhonov"].defaults["tikhonov_floor"]
     discretisation: str = "rectangle"
     kh: float = maps_mod.DEFAULT_KH
     rho: float = maps_mod.DEFAULT_RHO
@@ -132,6 +134,8 @@ def validate_options(options: DSCOptions) -> DSCOptions:
                                                     and options.tikhonov_lambda > 0):
         raise ParameterError("tikhonov_lambda", f"lambda (relative to the largest singular value) must be "
                                                 f"positive, got {options.tikhonov_lambda}")
+    if not (options.tikhonov_floor == 0 or options.tikhonov_floor >= 1):
+        raise ParameterError("tikhonov_floor", f"must be 0 (no floor) or at least 1, got {options.tikhonov_floor}")
     if options.tikhonov_criterion not in dec.TIKHONOV_CRITERIA:
         raise ParameterError("tikhonov_criterion", f"unknown criterion {options.tikhonov_criterion!r}; choose one "
                                                    f"of {', '.join(dec.TIKHONOV_CRITERIA)}")
@@ -298,6 +302,7 @@ def _deconvolution_maps(problem: FitProblem, method: DSCMethod, progress) -> Met
     result = dec.deconvolve(
         problem.curves, problem.aif, problem.dt, method.solver, threshold=method.default("threshold", o.threshold),
         oi_threshold=o.oi_threshold, tikhonov_lambda=o.tikhonov_lambda, tikhonov_criterion=o.tikhonov_criterion,
+        tikhonov_floor=o.tikhonov_floor or None,
         discretisation=o.discretisation, chunk_voxels=o.chunk_voxels, progress=progress)
     window = maps_mod.cbv_window_frames(problem.aif, o.cbv_window)
     maps = maps_mod.perfusion_maps(problem.curves, problem.aif, problem.times, result, o.kh, o.rho,
