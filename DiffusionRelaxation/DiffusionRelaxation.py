@@ -60,6 +60,7 @@ from PerfusionAISlicerLib import (  # noqa: E402
     addFolderBrowseButton,
     ensureDependencies,
     moduleRequirements,
+    workDirectory,
 )
 
 MODES = ["Fit", "Predict"]
@@ -614,7 +615,7 @@ class DiffusionRelaxationTest(ScriptedLoadableModuleTest):
     def test_DiffusionRelaxation_FitClinicalWithFiles(self):
         scene = loadDRPhantom(shape=(2, 16, 16), snr=None)
         phantom = scene["phantom"]
-        folder = slicer.util.tempDirectory("DiffusionRelaxationTest")
+        folder = workDirectory("DiffusionRelaxationTest")
         bvalsPath = os.path.join(folder, "bvals")
         with open(bvalsPath, "w") as handle:
             handle.write(" ".join(f"{b:g}" for b in phantom.protocol.bvals))
@@ -656,7 +657,7 @@ class DiffusionRelaxationTest(ScriptedLoadableModuleTest):
         cohort = make_dr_cohort(3, shape=(2, 20, 20), snr=60.0, seed=2)
         patients = [learners.patient_features(p.dwi, p.protocol, p.tumour, p.name) for p in cohort]
         trained = learners.train(patients, "lr", "signal-to-signal", trained_on_phantoms=True)
-        modelPath = os.path.join(slicer.util.tempDirectory("DiffusionRelaxationModel"), "model")
+        modelPath = os.path.join(workDirectory("DiffusionRelaxationModel"), "model")
         learners.save_model(trained, modelPath)
         scene = loadDRPhantom(shape=(2, 20, 20), snr=60.0, seed=9)
         logic = DiffusionRelaxationLogic()

@@ -60,6 +60,7 @@ from PerfusionAISlicerLib import (  # noqa: E402
     computeDevice,
     ensureDependencies,
     moduleRequirements,
+    workDirectory,
 )
 
 
@@ -460,7 +461,7 @@ class PerfusionTranslationTest(ScriptedLoadableModuleTest):
 
         if getattr(self, "_modelPath", None) is None:
             self.delayDisplay("Training a small model on phantoms (about a minute)")
-            self._modelPath = os.path.join(slicer.util.tempDirectory("PerfusionTranslationTest"), "model")
+            self._modelPath = os.path.join(workDirectory("PerfusionTranslationTest"), "model")
             train_phantom_model(self._modelPath, n_patients=8, epochs=8, device="cpu")
         return self._modelPath
 

@@ -123,6 +123,8 @@ class HeadlessApplication:
         self.cachePath = os.path.join(temporary_path, "cache")
         self._testing = testing
         self.connections: list[tuple[str, object]] = []
+        #: callables a QTimer would call from the event loop; processEvents() calls each once
+        self.timers: list = []
         self.loadedFiles: list[tuple[str, str]] = []
         self._io = _IOManager(self)
 
@@ -136,7 +138,8 @@ class HeadlessApplication:
         return None
 
     def processEvents(self, *args):  # noqa: N802
-        return None
+        """One turn of the event loop: call each registered timer callback (dropped once it returns True)."""
+        self.timers = [timer for timer in list(self.timers) if not timer()]
 
     def startupEnvironment(self):  # noqa: N802
         return _ProcessEnvironment(dict(os.environ))
