@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..errors import input_error
+from ..errors import ParameterError
 
 DevicePreference = Union[str, torch.device, None]
 
@@ -48,16 +48,16 @@ def choose_device(preference: DevicePreference = "auto") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise input_error("--device", f"'{preference}' was requested but no CUDA device is available "
+            raise ParameterError("device", f"'{preference}' was requested but no CUDA device is available "
                                           "(use --device cpu or auto)")
         try:
             device = torch.device(name)
         except RuntimeError:
-            raise input_error("--device", f"'{preference}' is not a device name (auto, cpu, cuda, cuda:N)") from None
+            raise ParameterError("device", f"'{preference}' is not a device name (auto, cpu, cuda, cuda:N)") from None
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise input_error("--device", f"'{preference}': only {torch.cuda.device_count()} CUDA device(s) present")
+            raise ParameterError("device", f"'{preference}': only {torch.cuda.device_count()} CUDA device(s) present")
         return device
-    raise input_error("--device", f"'{preference}' is not a device name (auto, cpu, cuda, cuda:N)")
+    raise ParameterError("device", f"'{preference}' is not a device name (auto, cpu, cuda, cuda:N)")
 
 
 def set_threads(n_threads: Optional[int] = None) -> int:
