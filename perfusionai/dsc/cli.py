@@ -23,6 +23,7 @@ from .deconvolution import DISCRETISATIONS, TIKHONOV_CRITERIA
 from .job import DSCMapsJob
 from .maps import CBV_WINDOWS, DEFAULT_KH, DEFAULT_RHO, INTEGRATIONS
 from .methods import DEFAULT_METHOD, METHODS, resolve_method
+from .model import DSCOptions
 
 
 def _method(text: str) -> str:
@@ -60,6 +61,11 @@ def register(subparsers) -> None:
                           "the search region must contain arteries: a brain mask that excludes the vessels gives "
                           "a tissue 'AIF', which is reported as a warning (default when no --aif-mask is given)")
     maps.add_argument("--mask", default=None, help="brain mask (maps are computed inside it; default: whole image)")
+    maps.add_argument("--auto-mask", action="store_true",
+                      help="without --mask: compute the maps inside an automatic head mask (Otsu threshold of the "
+                           "pre-bolus image, largest connected region, holes filled, one voxel eroded) instead of "
+                           "the whole image; it keeps the bright vessels, and the automatic AIF searches inside it "
+                           "(the AIF search region must contain arteries)")
     maps.add_argument("--method", type=_method, default=DEFAULT_METHOD,
                       help=" | ".join(METHODS) + " (case-insensitive; see the description)")
     maps.add_argument("--threshold", type=float, default=None,
@@ -127,6 +133,11 @@ def register(subparsers) -> None:
                            "ln((S1/S1,0)/(S2/S2,0))/(TE2-TE1), free of T1 leakage effects")
     maps.add_argument("--te2", type=positive_float, default=None,
                       help="echo time of the second echo in SECONDS (default: from its header)")
+    maps.add_argument("--phae-epochs", type=positive_int, default=DSCOptions.phae_epochs,
+                      help="--method phae without --model: maximum training epochs on this series")
+    maps.add_argument("--phae-max-seconds", type=float, default=DSCOptions.phae_max_seconds,
+                      help="--method phae without --model: training time budget in s (0 or less: 240 s on CPU, "
+                           "none on CUDA)")
     maps.add_argument("--out", required=True, help="output folder")
     add_common_options(maps)
     maps.set_defaults(handler=run_maps, job_class=DSCMapsJob)

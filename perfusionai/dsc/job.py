@@ -60,6 +60,7 @@ class DSCMapsJob(Job):
     aif_mask: Optional[str] = option(None, help="mask of arterial voxels; the AIF is their mean curve")
     aif_auto: bool = option(False, help="select arterial voxels automatically (also when no aif_mask is given)")
     mask: Optional[str] = option(None, help="brain mask (maps inside it; None: the whole image)")
+    auto_mask: bool = option(False, help="without a mask: an automatic head mask (Otsu on the pre-bolus image)")
     method: str = option(DEFAULT_METHOD, help="a method of perfusionai.dsc.methods")
     threshold: Optional[float] = option(None, help="sSVD/cSVD truncation threshold in (0, 1) (None: method default)")
     oi_threshold: float = option(DEFAULT_OI_THRESHOLD, flag="--oi", help="oSVD oscillation-index limit")
@@ -78,6 +79,9 @@ class DSCMapsJob(Job):
     refine_tmax: bool = option(False, help="parabolic sub-sample Tmax")
     allow_unusual_tr: bool = option(False, help="accept a frame interval outside 0.1-10 s")
     device: str = option("auto", help="learned methods: auto, cpu or cuda")
+    phae_epochs: int = option(DSCOptions.phae_epochs, help="PHAE trained on the series: maximum epochs")
+    phae_max_seconds: float = option(DSCOptions.phae_max_seconds,
+                                     help="PHAE trained on the series: time budget in s (<= 0: 240 s on CPU)")
     aif_gamma_fit: bool = option(False, help="replace the AIF by a gamma-variate fit of its first pass")
     fwhm_map: bool = option(False, help="also write fwhm.nii.gz (s), the width of each concentration curve")
     save_residue: bool = option(False, help="also write residue.nii.gz (4D) and the regularisation/OI maps")

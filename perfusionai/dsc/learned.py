@@ -102,7 +102,7 @@ def compute_learned_maps(method: str, concentration: np.ndarray, aif: np.ndarray
             subject = prepare_subject(concentration, aif, times, mask)
             training = train_phae(
                 subject, residue=options.phae_residue, estimate_delay=bool(options.phae_estimate_delay),
-                epochs=int(options.phae_epochs), max_seconds=options.phae_max_seconds,
+                epochs=int(options.phae_epochs), max_seconds=options.phae_max_seconds if options.phae_max_seconds > 0 else -1.0,
                 seed=int(options.seed), device=device, progress=report.sub(0.0, 0.85),
                 training_description="the input series itself (self-supervised)",
                 trained_on_phantoms=bool(options.series_is_phantom))
