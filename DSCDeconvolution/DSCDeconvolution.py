@@ -54,6 +54,7 @@ from perfusionai.dsc import methods as dsc_methods  # noqa: E402
 from perfusionai.errors import PerfusionAIError  # noqa: E402
 from PerfusionAISlicerLib import (  # noqa: E402
     BackgroundRun,
+    documentationLink,
     RunPanel,
     addFolderBrowseButton,
     computeDevice,
@@ -85,6 +86,7 @@ CBF [mL/100 g/min], MTT [s], Tmax [s] and TTP [s] by deconvolution (sSVD, cSVD, 
 or learned methods (PHAE, tmax-net; trained on phantoms). Select the 4D series (sequence or
 MultiVolume), the AIF (automatic or a drawn region), optionally a brain mask, then Apply.
 """)
+        self.parent.helpText += documentationLink()
         self.parent.acknowledgementText = _("""
 Built on the PerfusionAI library. Deconvolution after Ostergaard et al. 1996 and Wu et al. 2003.
 """)

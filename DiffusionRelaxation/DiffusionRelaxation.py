@@ -56,6 +56,7 @@ from perfusionai.dr import models as drmodels  # noqa: E402
 from perfusionai.errors import PerfusionAIError  # noqa: E402
 from PerfusionAISlicerLib import (  # noqa: E402
     BackgroundRun,
+    documentationLink,
     RunPanel,
     addFolderBrowseButton,
     ensureDependencies,
@@ -90,6 +91,7 @@ IVIM (S0, f, D*, D), or the advanced maps predicted from a clinical series by a 
 NRRD file). b-values (s/mm2) and echo times (ms) come from files, else from the DWI volume's own
 b-values or the series' attributes. Maps are shown as colour overlays; the table lists statistics in the ROI.
 """)
+        self.parent.helpText += documentationLink()
         self.parent.acknowledgementText = _("""
 Built on the PerfusionAI library. Model and clinical metrics after Macarro et al., J Magn Reson Imaging 2025;
 61(2):1018-1021.

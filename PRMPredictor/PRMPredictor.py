@@ -54,6 +54,7 @@ from perfusionai import slicer_support  # noqa: E402
 from perfusionai.errors import PerfusionAIError  # noqa: E402
 from PerfusionAISlicerLib import (  # noqa: E402
     BackgroundRun,
+    documentationLink,
     RunPanel,
     Show3DButton,
     addFolderBrowseButton,
@@ -89,6 +90,7 @@ airways disease (yellow), emphysema (red) or uncategorized (white) with the -950
 and %PRM is reported per lung and lobe. Select the two CT volumes (and optionally a lobe label map),
 then Apply.
 """)
+        self.parent.helpText += documentationLink()
         self.parent.acknowledgementText = _("""
 Built on the PerfusionAI library and ANTsPy. PRM after Galban et al., Nat Med 2012.
 """)

@@ -38,6 +38,15 @@ from slicer.i18n import tr as _
 from perfusionai import slicer_support
 from perfusionai.errors import PerfusionAIError
 
+#: Where the modules' help text links to (the README's "3D Slicer extension" section; EXTENSION_HOMEPAGE).
+DOCUMENTATION_URL = "https://github.com/PerfusionAI/SlicerPerfusionAI#3d-slicer-extension"
+
+
+def documentationLink() -> str:
+    """The help-text paragraph linking to the documentation."""
+    return _('<p>Documentation: <a href="{url}">{url}</a></p>').format(url=DOCUMENTATION_URL)
+
+
 #: How often a background run's output is polled (ms).
 POLL_INTERVAL_MS = 100
 #: How torch appears in the one confirmation (it is installed by the PyTorch extension, not pip).

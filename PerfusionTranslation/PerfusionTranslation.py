@@ -54,6 +54,7 @@ from perfusionai import slicer_support  # noqa: E402
 from perfusionai.errors import PerfusionAIError  # noqa: E402
 from PerfusionAISlicerLib import (  # noqa: E402
     BackgroundRun,
+    documentationLink,
     RunPanel,
     Show3DButton,
     addFolderBrowseButton,
@@ -85,6 +86,7 @@ on the CT grid. High functional lung: perfusion >= 0.66. Select the CT, optional
 prediction is compared with it (Spearman R, SSIM, Dice of high/low function).
 Models trained on phantoms are labelled as such and are not for clinical use.
 """)
+        self.parent.helpText += documentationLink()
         self.parent.acknowledgementText = _("""
 Built on the PerfusionAI library. Method after Ren et al., Int J Radiat Oncol Biol Phys 2021;110(5):1508-1518.
 """)

@@ -9,9 +9,11 @@ Slicer's ``util.py``, ``i18n.py``, ``ScriptedLoadableModule.py``, ``packaging.py
 What is *not* Slicer's code here, and why:
 
 * ``qt`` and ``ctk`` are empty placeholder modules. Slicer's Python names some Qt/CTK widget
-  classes at import time (base classes, annotations); each name it asks for becomes an empty
-  class, recorded in :attr:`Layer.placeholders`. No widget behaviour is emulated or tested: a
-  placeholder has no methods, so any code that really uses a widget fails loudly.
+  classes at import time (base classes, annotations); each name it asks for while Slicer's own
+  files are imported becomes an empty class, recorded in :attr:`Layer.placeholders`. After that
+  the modules are frozen: any other name raises AttributeError, so our modules get no
+  placeholder at all. No widget behaviour is emulated or tested: a placeholder has no methods,
+  so any code that really uses a widget fails loudly.
 * ``slicer.qMRML*`` / ``slicer.qSlicer*`` widget classes named at import time are placeholders
   the same way.
 * ``slicer.modules.sequences.logic()`` and ``slicer.modules.plots.logic()`` are slicer-core's real
@@ -57,10 +59,14 @@ class _Placeholders(types.ModuleType):
     def __init__(self, name: str):
         super().__init__(name)
         self.__dict__["named"] = set()
+        self.__dict__["frozen"] = False
 
     def __getattr__(self, attr):
         if attr.startswith("_"):
             raise AttributeError(attr)
+        if self.__dict__["frozen"]:
+            raise AttributeError(f"{self.__name__}.{attr}: no placeholder (only the classes Slicer's own Python "
+                                 "names at import time have one; this test checks no widget behaviour)")
         cls = type(attr, (), {"__doc__": "empty placeholder (no widget behaviour)", "__module__": self.__name__})
         self.__dict__[attr] = cls
         self.__dict__["named"].add(attr)
@@ -187,6 +193,7 @@ class Layer:
         self.util = slicer.util
         self.packaging = getattr(slicer, "packaging", None)
         self.slicer_placeholders: set[str] = set()
+        self.slicer_frozen = [False]
         self.modules: dict[str, types.ModuleType] = {}
 
     @property
@@ -200,11 +207,19 @@ class Layer:
         return self.modules[name]
 
     def sample_data(self) -> types.ModuleType:
-        """Slicer's real SampleData module of this version."""
+        """Slicer's real SampleData module of this version (the classes it names at import get placeholders)."""
         if "SampleData" not in self.modules:
-            self.modules["SampleData"] = _load("SampleData", EXTERNAL / self.version / "Modules" / "Scripted" /
-                                               "SampleData" / "SampleData.py")
+            self._freeze(False)
+            try:
+                self.modules["SampleData"] = _load("SampleData", EXTERNAL / self.version / "Modules" / "Scripted" /
+                                                   "SampleData" / "SampleData.py")
+            finally:
+                self._freeze(True)
         return self.modules["SampleData"]
+
+    def _freeze(self, frozen: bool) -> None:
+        self.qt.__dict__["frozen"] = self.ctk.__dict__["frozen"] = frozen
+        self.slicer_frozen[0] = frozen
 
 
 def _load(fullname: str, path: Path, package: bool = False) -> types.ModuleType:
@@ -261,9 +276,10 @@ def slicer_layer(version: str, scene, testing: bool = True):
         slicer.modules.plots = types.SimpleNamespace(logic=lambda: plots)
         slicer.selfTests = {}
         layer_names: set[str] = set()
+        frozen = [False]
 
         def widget_placeholder(attr):
-            if attr.startswith(("qMRML", "qSlicer")):
+            if attr.startswith(("qMRML", "qSlicer")) and not frozen[0]:
                 cls = type(attr, (), {"__doc__": "empty placeholder (no widget behaviour)"})
                 setattr(slicer, attr, cls)
                 layer_names.add(attr)
@@ -285,6 +301,9 @@ def slicer_layer(version: str, scene, testing: bool = True):
         sys.path[:0] = [str(REPO)] + [str(REPO / m) for m in MODULE_NAMES]
         layer = Layer(version, slicer, qt, ctk, app, scene)
         layer.slicer_placeholders = layer_names
+        layer.slicer_frozen = frozen
+        # Slicer's own layer is imported: from here on no new placeholder is made (our modules get none)
+        layer._freeze(True)
         yield layer
     finally:
         for k in [k for k in sys.modules if _owned(k)]:
