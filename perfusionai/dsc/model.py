@@ -44,6 +44,7 @@ from ..progress import ProgressCallback, as_progress
 from . import acquisition
 from . import aif as aif_mod
 from . import aif_fit as aif_fit_mod
+from . import brain_mask as brain_mask_mod
 from . import dual_echo as dual_echo_mod
 from . import concentration as conc_mod
 from . import deconvolution as dec
@@ -84,6 +85,9 @@ class DSCOptions:
     the mean time of an exponential kernel (s; 0: none). save_residue: also give the flow-scaled residue ``k(t) = CBF R(t)``
     (1/s, time last) as the series ``residue`` and, for the SVD/Tikhonov methods, the per-voxel
     regularisation (``regularisation`` map) and oscillation index (``oscillation_index``, oSVD).
+    auto_mask: without a mask, compute one (:func:`perfusionai.dsc.brain_mask.automatic_brain_mask`:
+    Otsu on the pre-bolus image, largest component, holes filled, one voxel eroded) instead of using
+    every voxel; the automatic AIF then searches inside it (it keeps the vessels).
     """
 
     te: Optional[float] = None
@@ -118,6 +122,7 @@ class DSCOptions:
     parametric_dispersion_s: float = 0.0
     save_residue: bool = False
     leakage_max_k2_cv: Optional[float] = None
+    auto_mask: bool = False
 
 
 def validate_options(options: DSCOptions) -> DSCOptions:
@@ -462,7 +467,12 @@ class DSCModel:
         n_frames = acquisition.validate_frame_count(s.shape[-1], source)
         t = self.frame_times(n_frames)
         shape3 = s.shape[:3]
-        brain = np.ones(shape3, bool) if mask is None else _check_volume_mask(mask, shape3, mask_source)
+        if mask is not None:
+            brain, mask_kind = _check_volume_mask(mask, shape3, mask_source), "given"
+        elif o.auto_mask:
+            brain, mask_kind = brain_mask_mod.automatic_brain_mask(s, o.baseline_frames, name=source), "automatic"
+        else:
+            brain, mask_kind = np.ones(shape3, bool), "whole image"
         if aif_mask is not None and aif is not None:
             raise ParameterError("aif", "give either an AIF mask or an AIF curve, not both")
         arterial = _check_volume_mask(aif_mask, shape3, aif_source) if aif_mask is not None else None
@@ -516,7 +526,7 @@ class DSCModel:
             volume[brain] = flat
             series[name] = volume
         inputs = {"shape_kji": list(shape3), "n_frames": int(n_frames), "frame_interval_s": float(self.tr),
-                  "te_s": o.te, "mask_voxels": int(brain.sum()),
+                  "te_s": o.te, "mask_voxels": int(brain.sum()), "mask": mask_kind,
                   "voxels_without_valid_baseline": prepared.invalid_voxels,
                   "clipped_signal_samples": prepared.clipped_samples}
         report(1.0, "done")
