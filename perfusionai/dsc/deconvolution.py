@@ -68,6 +68,7 @@ interval.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -267,8 +268,6 @@ def _single_threaded_blas():
     A 322 x 322 SVD gains nothing from threads, and a multi-threaded OpenBLAS on a busy
     machine can take seconds for it; the big per-voxel GEMMs run outside this context.
     """
-    import contextlib
-
     if not _THREADPOOL_CONTROLLER:
         try:
             from threadpoolctl import ThreadpoolController

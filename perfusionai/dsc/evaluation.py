@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..deps import require
 from ..errors import ParameterError, input_error
 from .. import metrics
 
@@ -93,10 +94,9 @@ def grade(scores: Sequence[float], labels: Sequence[int], n_bootstrap: int = 200
 
 def roc_png(results: dict, path, title: str = "ROC") -> None:
     """One ROC curve per entry of ``{name: GradingResult}`` with AUC in the legend."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the ROC figure")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "the ROC figure")
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
     for name, res in results.items():

@@ -52,7 +52,8 @@ from ..errors import ParameterError, input_error
 from ..nn import (ConvNormAct, TensorBatchLoader, TrainingHistory, build_model, choose_device, fit,
                   keras_parameter_count, register_architecture, seed_everything, set_threads)
 from ..progress import ProgressCallback, as_progress
-from .deconvolution import frame_interval
+from .deconvolution import deconvolve, frame_interval
+from .phae import check_model_inputs  # the one frame-count / frame-interval check of DSC models
 
 ARCHITECTURES = {"conv1": "dsc.tmaxnet.conv1", "conv2": "dsc.tmaxnet.conv2", "unet": "dsc.tmaxnet.unet"}
 TARGET_SCALE_S = 10.0
@@ -203,7 +204,6 @@ def prepare_tmax_subject(concentration: np.ndarray, aif: np.ndarray, times: np.n
 def osvd_teacher_tmax(concentration: np.ndarray, aif: np.ndarray, times: np.ndarray, mask: np.ndarray,
                       progress: Optional[ProgressCallback] = None) -> np.ndarray:
     """Reference Tmax ``[k, j, i]`` (s) from this project's oSVD (the teacher)."""
-    from .deconvolution import deconvolve
 
     m = np.asarray(mask, bool)
     dt = frame_interval(times)
@@ -370,7 +370,6 @@ def tmax_maps(model: nn.Module, card: dict, concentration: np.ndarray, aif: np.n
 
     Refuses a series whose frame count or frame interval (2 %) differs from the training data.
     """
-    from .phae import check_model_inputs  # the one frame-count / frame-interval check of DSC models
 
     report = as_progress(progress)
     inputs = card.get("inputs", {})
