@@ -294,8 +294,8 @@ def register_verbs(verbs) -> None:
                     "Apply it with 'perfusionai dsc maps --method phae --model MODEL'.")
     _add_series_options(p, mask_required=True, multiple=True)
     p.add_argument("--out", required=True, help="model folder or .zip to write")
-    p.add_argument("--epochs", type=int, default=65, help="maximum epochs (paper: 65)")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (paper: 1e-4; default 1e-3)")
+    p.add_argument("--epochs", type=positive_int, default=65, help="maximum epochs (paper: 65)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (paper: 1e-4)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="voxel curves per batch (paper: 1536; default 1536, or n/40 for series under 61k voxels)")
     p.add_argument("--residue", choices=("lorentzian", "exponential", "gamma"), default="lorentzian",
@@ -312,7 +312,8 @@ def register_verbs(verbs) -> None:
     p.add_argument("--trained-on-phantoms", action="store_true",
                    help="mark the model as trained on phantoms (shown wherever it is used; set automatically "
                         "when every --dsc series was written by 'perfusionai dsc phantom')")
-    p.add_argument("--description", default="", help="training-data description stored in model.json")
+    p.add_argument("--description", default=None,
+                   help="training-data description stored in model.json (default: the series names)")
     add_common_options(p)
     p.set_defaults(handler=run_train_phae)
 
@@ -343,7 +344,8 @@ def register_verbs(verbs) -> None:
     p.add_argument("--trained-on-phantoms", action="store_true",
                    help="mark the model as trained on phantoms (set automatically when every series was written "
                         "by 'perfusionai dsc phantom')")
-    p.add_argument("--description", default="", help="training-data description stored in model.json")
+    p.add_argument("--description", default=None,
+                   help="training-data description stored in model.json (default: the series names)")
     p.add_argument("--out", required=True, help="model folder or .zip to write")
     add_common_options(p)
     p.set_defaults(handler=run_train_tmax)
