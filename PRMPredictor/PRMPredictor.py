@@ -32,7 +32,7 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 
 def _makePerfusionAIImportable():
@@ -114,6 +114,7 @@ class PRMPredictorParameterNode:
     mriLungMask - optional lung mask; mriCtPrm - optional CT-derived PRM for the comparison;
     mriLobeModelPath, mriPrmModelPath - the nnU-Net lobe model and the MRI -> PRM model (folder or
     zip; text, empty when unset); mriDevice - auto (GPU when found), cpu or cuda.
+    outputSegmentation - the segmentation that receives the CT PRM classes (replaced); none: a new one.
     """
 
     inspiratoryVolume: Optional[vtkMRMLScalarVolumeNode]
@@ -132,6 +133,7 @@ class PRMPredictorParameterNode:
     mriLobeModelPath: str = ""
     mriPrmModelPath: str = ""
     mriDevice: Annotated[str, Choice(DEVICES)] = "auto"
+    outputSegmentation: Optional[vtkMRMLSegmentationNode]
 
 
 #
@@ -312,17 +314,20 @@ class PRMPredictorLogic(ScriptedLoadableModuleLogic):
         return self.process(p.inspiratoryVolume, p.expiratoryVolume, lobesNode=p.lobes,
                             lobeConvention=p.lobeConvention, register=p.register, threads=p.threads,
                             waitForCompletion=waitForCompletion, progressCallback=progressCallback,
-                            completedCallback=completedCallback, logCallback=logCallback)
+                            completedCallback=completedCallback, logCallback=logCallback,
+                            segmentationNode=p.outputSegmentation)
 
     def process(self, inspNode, expNode, lobesNode=None, lobeConvention="project", register=True, threads=2,
                 showResults=True, waitForCompletion=True, progressCallback=None, completedCallback=None,
-                logCallback=None):
+                logCallback=None, segmentationNode=None):
         """Compute the PRM map of two CT volume nodes and add the results to the scene.
 
         :param inspNode, expNode: inspiratory and expiratory CT (HU) volume nodes.
         :param lobesNode: optional lobe label map node on the inspiratory grid.
         :param lobeConvention: label numbering of the lobe map (see ``perfusionai.prm.lobes_import``).
         :param register: False when the scans are already aligned on one grid.
+        :param segmentationNode: an existing segmentation to write the PRM classes into (its segments
+            are replaced); None: a new one.
         :param waitForCompletion: True computes in this process and returns the nodes; False starts a
             background process, returns None and calls ``completedCallback(outcome)``.
         :return: ``{"segmentation", "registered", "table", "stats", "scatterPng"}`` when waiting.
@@ -344,7 +349,8 @@ class PRMPredictorLogic(ScriptedLoadableModuleLogic):
                 raise PerfusionAIError(f"{lobesNode.GetName()}: the lobe map is not on the inspiratory CT grid; "
                                        "resample it onto the inspiratory CT first")
             lobes = (lobeArray, lobeConvention)
-        settings = {"register": register, "threads": threads, "showResults": showResults}
+        settings = {"register": register, "threads": threads, "showResults": showResults,
+                    "segmentationNode": segmentationNode}
         return self._runJob(inspNode, insp, exp, lobes, settings, inBackground=not waitForCompletion,
                             progressCallback=progressCallback, completedCallback=completedCallback,
                             logCallback=logCallback)
@@ -360,7 +366,8 @@ class PRMPredictorLogic(ScriptedLoadableModuleLogic):
             stats = json.load(fh)
         name = inspNode.GetName()
         segmentation = mrml.segmentation_node_from_labels(prm.array, prm.geometry, PRM_LABELS, f"{name} PRM",
-                                                          reference_volume_node=inspNode)
+                                                          reference_volume_node=inspNode,
+                                                          node=settings.get("segmentationNode"))
         registeredNode = mrml.volume_node_from_array(registered.array, registered.geometry,
                                                      f"{name} expiration registered")
         table = mrml.table_node_from_rows(stats_rows(stats), f"{name} PRM statistics",
@@ -379,7 +386,7 @@ class PRMPredictorLogic(ScriptedLoadableModuleLogic):
             slicer.util.setSliceViewerLayers(background=inspNode, fit=slicer.app.layoutManager() is not None)
         mrml.group_results([segmentation, registeredNode, table], inspNode, f"{name} PRM results")
         mrml.record_provenance([segmentation, registeredNode, table],
-                               {k: v for k, v in settings.items() if k != "showResults"})
+                               {k: v for k, v in settings.items() if k not in ("showResults", "segmentationNode")})
         return {"segmentation": segmentation, "registered": registeredNode, "table": table, "stats": stats,
                 "scatterPng": scatterPng}
 

@@ -151,6 +151,7 @@ class PerfusionTranslationParameterNode:
     runInBackground - predict in a background process (GUI stays responsive, Cancel works).
     overlayOpacity - opacity of the perfusion overlay.
     device - auto (the GPU when found, else the CPU), cpu or cuda.
+    outputPerfusion, outputSegmentation - nodes that receive the results (overwritten); none: new nodes.
     """
 
     # Node unions name None: Slicer's parameterNodeWrapper writes None into a fresh node.
@@ -163,6 +164,8 @@ class PerfusionTranslationParameterNode:
     runInBackground: bool = True
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    outputPerfusion: Optional[vtkMRMLScalarVolumeNode]
+    outputSegmentation: Optional[vtkMRMLSegmentationNode]
 
 
 #
@@ -326,7 +329,8 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
                             lungMaskSegmentId=p.lungMaskSegmentId or None, spectNode=p.spect,
                             overlayOpacity=p.overlayOpacity, waitForCompletion=waitForCompletion,
                             progressCallback=progressCallback, completedCallback=completedCallback,
-                            logCallback=logCallback, device=p.device)
+                            logCallback=logCallback, device=p.device, perfusionNode=p.outputPerfusion,
+                            segmentationNode=p.outputSegmentation)
 
     def _lungLabels(self, lungMaskNode, lungMaskSegmentId, geometry):
         """The lung mask as labels on the CT grid (label maps keep 1 right / 2 left), or None."""
@@ -341,7 +345,7 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
 
     def process(self, ctNode, modelPath, lungMaskNode=None, lungMaskSegmentId=None, spectNode=None,
                 overlayOpacity=0.5, showResults=True, waitForCompletion=True, progressCallback=None,
-                completedCallback=None, logCallback=None, device="auto"):
+                completedCallback=None, logCallback=None, device="auto", perfusionNode=None, segmentationNode=None):
         """Predict the perfusion map of ``ctNode`` and add the results to the scene.
 
         :param ctNode: chest CT volume in HU.
@@ -349,6 +353,8 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
         :param lungMaskNode: optional label map (1 right / 2 left, lobes 1-6, binary) or segmentation;
             None segments the lungs automatically.
         :param spectNode: optional SPECT registered to the CT; adds the evaluation numbers.
+        :param perfusionNode, segmentationNode: existing nodes to write the perfusion map and the
+            high/low function segmentation into (None: new nodes).
         :param waitForCompletion: True predicts in this process and returns the result nodes;
             False starts a background process, returns None and calls ``completedCallback(outcome)``.
         :return: ``{"perfusion", "segmentation", "table", "evaluationTable", "evaluation", "modelLabel"}``.
@@ -360,7 +366,8 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
         ctHU, geometry = mrml.array_from_volume_node(ctNode)
         labels = self._lungLabels(lungMaskNode, lungMaskSegmentId, geometry)
         settings = {"modelPath": str(modelPath), "overlayOpacity": overlayOpacity, "showResults": showResults,
-                    "spectNode": spectNode, "device": device}
+                    "spectNode": spectNode, "device": device, "perfusionNode": perfusionNode,
+                    "segmentationNode": segmentationNode}
         return self._runJob(ctNode, ctHU, geometry, labels, settings, inBackground=not waitForCompletion,
                             progressCallback=progressCallback, completedCallback=completedCallback,
                             logCallback=logCallback)
@@ -371,11 +378,13 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
 
         name = ctNode.GetName()
         attributes = {"Method": "DL-CTPM", "Model": settings["modelPath"], "ModelLabel": result.model_label}
-        perfusionNode = mrml.volume_node_from_array(result.perfusion, geometry, f"{name} perfusion (DL-CTPM)")
+        perfusionNode = mrml.volume_node_from_array(result.perfusion, geometry, f"{name} perfusion (DL-CTPM)",
+                                                    node=settings.get("perfusionNode"))
         mrml.show_map(perfusionNode, "perfusion", window=(0.0, 1.0))
         mrml.set_attributes(perfusionNode, attributes)
         segmentation = mrml.segmentation_node_from_labels(result.high_low, geometry, FUNCTION_LABELS,
-                                                          f"{name} functional lung", reference_volume_node=ctNode)
+                                                          f"{name} functional lung", reference_volume_node=ctNode,
+                                                          node=settings.get("segmentationNode"))
         mrml.set_attributes(segmentation, attributes)
         table = mrml.table_node_from_rows(volume_rows(result, geometry), f"{name} functional lung volumes",
                                           units={"Lung (mL)": "mL", "High function (mL)": "mL",
@@ -393,6 +402,7 @@ class PerfusionTranslationLogic(ScriptedLoadableModuleLogic):
         mrml.group_results(created, ctNode, f"{name} DL-CTPM results")
         mrml.record_provenance(created, {"modelPath": settings["modelPath"], "modelLabel": result.model_label,
                                          "overlayOpacity": settings["overlayOpacity"], "job": settings.get("job"),
+                                         "device": settings.get("device"),
                                          "spect": spectNode.GetName() if spectNode is not None else None})
         return {"perfusion": perfusionNode, "segmentation": segmentation, "table": table,
                 "evaluationTable": evaluationTable, "evaluation": evaluation, "modelLabel": result.model_label}

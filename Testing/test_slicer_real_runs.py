@@ -127,6 +127,13 @@ def test_prm_background_run_matches_in_process(layer):
     names = [s[1] for s in mrml.segments_of(here["segmentation"])]
     assert "Emphysema" in names
     assert '"no_registration": true' in here["segmentation"].GetAttribute("PerfusionAI.Options")
+    # an output node chosen in the panel is reused: the next run writes into it, no new segmentation
+    chosen = here["segmentation"]
+    before = layer.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    again = logic.process(insp, exp, register=False, segmentationNode=chosen)
+    assert again["segmentation"] is chosen
+    assert layer.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before
+    assert sorted(s[1] for s in mrml.segments_of(chosen)) == sorted(names)
 
 
 def test_prm_from_mri_runs_its_job_and_reports_the_cli_error(layer, tmp_path):

@@ -528,8 +528,10 @@ def segmentation_node_from_labels(
     table: Mapping[int, LabelInfo],
     name: str,
     reference_volume_node=None,
+    node=None,
 ):
-    """Turn a ``[k, j, i]`` integer label map into a segmentation node.
+    """Turn a ``[k, j, i]`` integer label map into a segmentation node (new, or ``node`` reused:
+    its segments are replaced and its name kept).
 
     Each label value present in ``labels`` and listed in ``table`` becomes one
     segment named and coloured from ``table``; labels missing from ``table`` are
@@ -547,7 +549,11 @@ def segmentation_node_from_labels(
     color_node = color_table_node_from_labels(table, name + " colors")
     try:
         labelmap.GetDisplayNode().SetAndObserveColorNodeID(color_node.GetID())
-        segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        if node is not None:
+            segmentation = node
+            segmentation.GetSegmentation().RemoveAllSegments()
+        else:
+            segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         segmentation.CreateDefaultDisplayNodes()
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node or labelmap)
         if reference_volume_node is not None:
