@@ -244,3 +244,15 @@ def test_automatic_aif_without_arteries_in_the_search_region_warns(phantom_dir, 
     gm = phantom.rois == 1
     bad = io.read_volume(tmp_path / "out" / "cbf.nii.gz").array
     assert np.median(bad[gm]) > 3 * np.median(fit.cbf[gm])
+
+
+def test_out_folder_that_would_overwrite_an_input_is_refused(tmp_path, capsys):
+    # a mask named like an output (cbf.nii.gz) inside --out: refused, the input untouched
+    ph = make_dsc_phantom(shape=(3, 16, 16), n_frames=30, snr=np.inf, seed=0)
+    ph.save(tmp_path)
+    mask = io.write_volume(ph.brain_mask.astype(np.uint8), ph.geometry, tmp_path / "cbf.nii.gz")
+    before = mask.read_bytes()
+    code, err = run(["dsc", "maps", "--dsc", str(tmp_path / "dsc.nii.gz"), "--te", "0.03", "--mask", str(mask),
+                     "--aif-mask", str(tmp_path / "aif_mask.nii.gz"), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "cbf.nii.gz" in err and len(err.strip().splitlines()) == 1, err
+    assert mask.read_bytes() == before

@@ -137,6 +137,7 @@ class DSCMapsJob(Job):
                         mask_source=str(self.mask or "brain mask"), aif_source=str(self.aif_mask or "AIF mask"),
                         echo2=echo2)
         fit.save(self.out, series.geometry, job=self,
-                 extra_summary={"runtime_s": round(time.perf_counter() - started, 3)})
+                 extra_summary={"runtime_s": round(time.perf_counter() - started, 3)},
+                 inputs=[self.dsc, self.dsc_echo2, self.mask, self.aif_mask, self.model_path])
         return DSCMapsResult(fit=fit, out=Path(self.out), geometry=series.geometry)
 

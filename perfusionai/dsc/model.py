@@ -620,10 +620,12 @@ class DSCFit:
                 w.writerow([f"{t:.6g}", f"{self.aif[i]:.8g}", f"{self.tissue_curve[i]:.8g}"])
         return Path(path)
 
-    def save(self, folder, geometry: Geometry, job=None, extra_summary: Optional[dict] = None) -> Path:
+    def save(self, folder, geometry: Geometry, job=None, extra_summary: Optional[dict] = None,
+             inputs=()) -> Path:
         """Write ``<map>.nii.gz`` (float32 on ``geometry``), ``aif.csv`` and ``summary.json`` into
-        ``folder`` atomically (a failed write leaves nothing half-written). Returns the folder."""
-        with atomic_output_dir(folder) as stage:
+        ``folder`` atomically (a failed write leaves nothing half-written; a folder whose outputs
+        would replace one of the ``inputs`` files is refused). Returns the folder."""
+        with atomic_output_dir(folder, inputs=[p for p in inputs if p]) as stage:
             for name, volume in self.maps.items():
                 write_volume(np.asarray(volume, dtype=np.float32), geometry, stage / f"{name}.nii.gz")
             for name, volume in self.series.items():
