@@ -141,3 +141,26 @@ def test_one_vocabulary_with_hidden_old_names(tmp_path):
             for action in verb._actions:
                 if action.option_strings and action.help is not __import__("argparse").SUPPRESS:
                     assert action.help, (name, action.option_strings)
+
+
+def test_without_torch_ctpm_imports_and_predict_says_which_extra(case, tmp_path):
+    import subprocess
+    import sys
+
+    folder, _ = case
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'torch':
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+import perfusionai.ctpm
+from perfusionai.cli import main
+rc = main(['ctpm', 'predict', '--ct', {str(folder / 'ct.nii.gz')!r}, '--model', 'm', '--out', {str(tmp_path / 'o')!r},
+           '--progress', 'none'])
+assert rc == 2, rc
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "needs torch" in done.stderr and "perfusionai[learned]" in done.stderr and "Traceback" not in done.stderr

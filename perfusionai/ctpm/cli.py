@@ -161,6 +161,9 @@ def register(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ..deps import require
+
+    require("torch", "ctpm train")
     from .arnn import ARCHITECTURES
     from .preprocessing import PreprocessConfig
     from .training import train_from_cohort

@@ -115,6 +115,9 @@ def load_ctpm_model(path: str | os.PathLike, expected_input_shape: Optional[tupl
     """
     from ..nn import load_model, model_label
 
+    from ..deps import require
+
+    require("torch", "DL-CTPM prediction")
     from .arnn import ARCHITECTURE, ATTENTION_UNET  # needs torch, like every network
 
     network, card = load_model(path, expected_architecture=(ARCHITECTURE, ATTENTION_UNET), device=device)
