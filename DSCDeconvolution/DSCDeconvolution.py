@@ -533,13 +533,15 @@ class DSCDeconvolutionTest(ScriptedLoadableModuleTest):
 
     def _dependencies(self) -> bool:
         requirements = moduleRequirements(__file__)
+        reason = []
         try:
             if DSCDeconvolutionLogic().ensureDependencies("Tikhonov"):
                 return True
         except PerfusionAIError as exc:
             logging.error(str(exc))
+            reason = [str(exc)]
         self.delayDisplay(_("DSCDeconvolution self-test SKIPPED: needs {packages}").format(
-            packages=", ".join(slicer_support.missing_requirements(requirements))))
+            packages=", ".join(reason + slicer_support.missing_requirements(requirements))))
         return False
 
     def _phantom(self):

@@ -564,13 +564,15 @@ class DiffusionRelaxationTest(ScriptedLoadableModuleTest):
         self.test_DiffusionRelaxation_Predict()
 
     def _dependencies(self) -> bool:
+        reason = []
         try:
             if DiffusionRelaxationLogic().ensureDependencies():
                 return True
         except PerfusionAIError as exc:
             logging.error(str(exc))
+            reason = [str(exc)]
         self.delayDisplay(_("DiffusionRelaxation self-test SKIPPED: needs {packages}").format(
-            packages=", ".join(slicer_support.missing_requirements(moduleRequirements(__file__)))))
+            packages=", ".join(reason + slicer_support.missing_requirements(moduleRequirements(__file__)))))
         return False
 
     def test_DiffusionRelaxation_BackgroundProcess(self):

@@ -586,13 +586,15 @@ class PRMPredictorTest(ScriptedLoadableModuleTest):
         self.test_PRMPredictor_BackgroundProcess()
 
     def _dependencies(self) -> bool:
+        reason = []
         try:
             if PRMPredictorLogic().ensureDependencies(register=False):
                 return True
         except PerfusionAIError as exc:
             logging.error(str(exc))
+            reason = [str(exc)]
         self.delayDisplay(_("PRMPredictor self-test SKIPPED: needs {packages}").format(
-            packages=", ".join(slicer_support.missing_requirements(moduleRequirements(__file__)))))
+            packages=", ".join(reason + slicer_support.missing_requirements(moduleRequirements(__file__)))))
         return False
 
     def _phantomNodes(self):

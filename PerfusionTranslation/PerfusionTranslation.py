@@ -458,14 +458,16 @@ class PerfusionTranslationTest(ScriptedLoadableModuleTest):
         self.test_PerfusionTranslation_BackgroundProcess()
 
     def _dependencies(self) -> bool:
+        reason = None
         try:
             if PerfusionTranslationLogic().ensureDependencies():
                 return True
-        except PerfusionAIError as exc:
+        except PerfusionAIError as exc:  # e.g. the PyTorch extension is not installed
             logging.error(str(exc))
+            reason = str(exc)
         missing = slicer_support.missing_requirements(moduleRequirements(__file__) + ["torch"])
         self.delayDisplay(_("PerfusionTranslation self-test SKIPPED: needs {packages}").format(
-            packages=", ".join(missing)))
+            packages=", ".join(missing + ([reason] if reason else [])) or "the packages that were not installed"))
         return False
 
     def _model(self):
