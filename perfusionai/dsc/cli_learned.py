@@ -45,6 +45,18 @@ def _add_series_options(parser: argparse.ArgumentParser, mask_required: bool = T
                         help="pre-bolus frames for S0 (default: detected)")
 
 
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    """The options every training verb shares: seed, device, phantom label, description."""
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation, validation split and shuffling")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="training device (auto: CUDA when present)")
+    parser.add_argument("--trained-on-phantoms", action="store_true",
+                        help="mark the model as trained on phantoms (shown wherever it is used; set automatically "
+                             "when every series was written by 'perfusionai dsc phantom')")
+    parser.add_argument("--description", default=None,
+                        help="training-data description stored in model.json (default: the series names)")
+
+
 def _nth(values, index: int, count: int, option: str):
     if values is None:
         return None
@@ -306,14 +318,7 @@ def register_verbs(verbs) -> None:
                    help="first-block features (paper: 32; default 32 on CUDA, 8 on CPU for speed)")
     p.add_argument("--max-seconds", type=float, default=-1.0,
                    help="training time budget in s (default: 240 on CPU, none on CUDA; 0 or less = default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, validation split and shuffling")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="training device (auto: CUDA when present)")
-    p.add_argument("--trained-on-phantoms", action="store_true",
-                   help="mark the model as trained on phantoms (shown wherever it is used; set automatically "
-                        "when every --dsc series was written by 'perfusionai dsc phantom')")
-    p.add_argument("--description", default=None,
-                   help="training-data description stored in model.json (default: the series names)")
+    _add_training_options(p)
     add_common_options(p)
     p.set_defaults(handler=run_train_phae)
 
@@ -338,14 +343,7 @@ def register_verbs(verbs) -> None:
                    help="network: conv1 (one 1x1x1 convolution), conv2 (two, the paper's best) or a small 3D U-Net")
     p.add_argument("--epochs", type=positive_int, default=200, help="maximum training epochs (early stopping)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (paper's best: 1e-3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, validation split and shuffling")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="training device (auto: CUDA when present)")
-    p.add_argument("--trained-on-phantoms", action="store_true",
-                   help="mark the model as trained on phantoms (set automatically when every series was written "
-                        "by 'perfusionai dsc phantom')")
-    p.add_argument("--description", default=None,
-                   help="training-data description stored in model.json (default: the series names)")
+    _add_training_options(p)
     p.add_argument("--out", required=True, help="model folder or .zip to write")
     add_common_options(p)
     p.set_defaults(handler=run_train_tmax)

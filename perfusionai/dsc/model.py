@@ -141,18 +141,10 @@ def validate_options(options: DSCOptions) -> DSCOptions:
                                                 f"positive, got {options.tikhonov_lambda}")
     if not (options.tikhonov_floor == 0 or options.tikhonov_floor >= 1):
         raise ParameterError("tikhonov_floor", f"must be 0 (no floor) or at least 1, got {options.tikhonov_floor}")
-    if options.tikhonov_criterion not in dec.TIKHONOV_CRITERIA:
-        raise ParameterError("tikhonov_criterion", f"unknown criterion {options.tikhonov_criterion!r}; choose one "
-                                                   f"of {', '.join(dec.TIKHONOV_CRITERIA)}")
-    if options.discretisation not in dec.DISCRETISATIONS:
-        raise ParameterError("discretisation", f"unknown discretisation {options.discretisation!r}; choose one "
-                                               f"of {', '.join(dec.DISCRETISATIONS)}")
-    if options.cbv_integration not in maps_mod.INTEGRATIONS:
-        raise ParameterError("cbv_integration", f"unknown integration {options.cbv_integration!r}; choose one "
-                                                f"of {', '.join(maps_mod.INTEGRATIONS)}")
-    if options.cbv_window not in maps_mod.CBV_WINDOWS:
-        raise ParameterError("cbv_window", f"unknown CBV window {options.cbv_window!r}; choose one "
-                                           f"of {', '.join(maps_mod.CBV_WINDOWS)}")
+    for name, allowed in (("tikhonov_criterion", dec.TIKHONOV_CRITERIA), ("discretisation", dec.DISCRETISATIONS),
+                          ("cbv_integration", maps_mod.INTEGRATIONS), ("cbv_window", maps_mod.CBV_WINDOWS)):
+        if getattr(options, name) not in allowed:
+            raise ParameterError(name, f"unknown value {getattr(options, name)!r}; choose one of {', '.join(allowed)}")
     maps_mod.cbf_map(np.zeros(1), options.kh, options.rho)  # kH and rho positive
     if options.baseline_frames is not None and int(options.baseline_frames) < 1:
         raise ParameterError("baseline_frames", f"must be at least 1, got {options.baseline_frames}")
