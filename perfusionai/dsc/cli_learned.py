@@ -289,7 +289,7 @@ def run_noise_study(args: argparse.Namespace) -> int:
                          seed=args.seed, phae_model=args.phae_model, tmax_model=args.tmax_model,
                          series_is_phantom=acquisition.is_marked_phantom(args.dsc), source=series.path or args.dsc,
                          progress=make_progress(args, "noise study"))
-    write_noise_study(result, args.out)
+    write_noise_study(result, args.out, inputs=[args.dsc, args.mask, args.aif_mask, args.rois])
     print(f"noise study written to {args.out} ({len(result.snr_levels)} SNR levels x {len(result.methods)} methods)")
     return 0
 

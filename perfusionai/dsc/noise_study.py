@@ -138,9 +138,10 @@ CSV_KEYS = ("snr", "method", "region", "map", "median", "truth_median", "median_
             "median_abs_error_s", "seconds")
 
 
-def write_noise_study(result: NoiseStudyResult, out) -> Path:
-    """Write ``noise_study.csv``, ``noise_study.json`` and ``noise_study.png`` into ``out`` atomically."""
-    with atomic_output_dir(out) as stage:
+def write_noise_study(result: NoiseStudyResult, out, inputs=()) -> Path:
+    """Write ``noise_study.csv``, ``noise_study.json`` and ``noise_study.png`` into ``out`` atomically
+    (refused when they would replace one of the ``inputs`` files)."""
+    with atomic_output_dir(out, inputs=[p for p in inputs if p]) as stage:
         with open(stage / "noise_study.csv", "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(CSV_KEYS))
             w.writeheader()
