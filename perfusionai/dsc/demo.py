@@ -56,7 +56,8 @@ def parametric_available() -> bool:
         return False
 
 
-def run_demo(out_dir: Path, progress=None) -> ReportSection:
+def run_demo(out_dir: Path, progress=None) -> ReportSection | list[ReportSection]:
+    """Write the DSC part of the demo under ``out_dir``; one report section, or two with the learned part."""
     from ..phantoms.dsc import make_dsc_phantom
 
     out_dir = Path(out_dir)
@@ -188,8 +189,8 @@ def run_demo(out_dir: Path, progress=None) -> ReportSection:
         html, more_images, _timings = learned_demo.run_learned_demo(
             out_dir / "learned", phantom, sub, slices=slices, windows=windows, reference_maps=reference,
             background=background)
-        section.html_body += html
-        section.images.extend(more_images)
+        report(1.0, "DSC done")
+        return [section, ReportSection("Learned DSC (PHAE, trained on phantoms)", html, more_images)]
     report(1.0, "DSC done")
     return section
 
@@ -241,20 +242,15 @@ def _bias_paragraphs(errors: dict, has_parametric: bool) -> str:
 
 
 def _parametric_quality(summary: dict) -> str:
-    """One sentence on the parametric fit's convergence from its summary.json (whatever keys it has)."""
-    found = {}
-
-    def walk(node, prefix=""):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        elif isinstance(node, (int, float)) and not isinstance(node, bool):
-            key = prefix.rstrip(".")
-            if "converged" in key or "quality" in key:
-                found[key] = node
-
-    walk(summary)
-    if not found:
+    """One sentence on the parametric fit (model, convergence, fit quality) from its summary.json."""
+    info = summary.get("regularisation") or {}
+    if not isinstance(info, dict) or "n_voxels" not in info:
         return ""
-    parts = ", ".join(f"{k.replace('_', ' ').replace('.', ': ')} {fmt(float(v))}" for k, v in sorted(found.items()))
-    return paragraph(f"Parametric fit, as its summary.json records it: {parts}.")
+    parts = [f"model: {info.get('model', 'parametric')}",
+             f"{info.get('n_converged', 'n/a')} of {info['n_voxels']} brain voxels converged "
+             f"({info.get('n_not_converged', 'n/a')} did not; they are marked in its converged map)"]
+    if "n_at_bound" in info:
+        parts.append(f"{info['n_at_bound']} ended at a parameter bound")
+    if "r2_median" in info:
+        parts.append(f"median fit R² {fmt(float(info['r2_median']))}")
+    return paragraph("Parametric fit, from its summary.json: " + "; ".join(parts) + ".")
