@@ -213,6 +213,9 @@ def test_noise_study_cli_degrades_to_each_snr_and_reports_every_method(tmp_path)
     assert truth == {float(np.median(ph.truth["cbf"][ph.brain_mask]))}
     for method in ("sSVD", "oSVD"):
         assert error[(10.0, method)] > error[(50.0, method)], (method, error)
+    # Tmax, whose truth is 0 s in most regions, gets an absolute error in seconds, not a relative one
+    tmax_rows = [r for r in rows if r["map"] == "tmax" and r["region"] == "mask"]
+    assert all(r["median_abs_rel_error"] == "" and float(r["median_abs_error_s"]) >= 0 for r in tmax_rows)
     summary = json.loads((out / "noise_study.json").read_text())
     assert summary["snr_levels"] == [50.0, 10.0] and len(summary["rows"]) == len(rows)
     # the baseline is the one 'dsc maps' chooses (frames before the earliest arrival)
