@@ -2,19 +2,21 @@
 
 Every ```bash block of README.md is read when the test runs (nothing is copied here), except the
 install commands of "## Two commands" and the Slicer build/launch blocks (cmake, git clone, Slicer).
-Each line that starts with ``perfusionai`` (continuation lines joined) is one command.
 
-* Default run (seconds): every command must be accepted by the real command-line parser as written:
-  the verb exists, every option is known, every required option is there (nothing is executed).
-  Commands in the "DSC perfusion maps" block are also executed, in order, in a temporary folder.
-* ``pytest -m slow Testing/test_readme_commands.py``: every command is executed, in README order, in
-  one temporary folder, so each block can use what an earlier one wrote. Budget: about 15 minutes on
-  2 cores with the quick settings below.
+* Default run (seconds): every ``perfusionai`` command of those blocks (continuation lines joined,
+  ``a && b`` split) must be accepted by the real command-line parser as written: the verb exists,
+  every option is known, every required option is there, no ``...`` or ``[optional]`` part is left
+  (nothing is executed). The "DSC perfusion maps" block is also executed with bash in a temporary
+  folder.
+* ``pytest -m slow Testing/test_readme_commands.py``: every block is executed with bash (``set -e``),
+  in README order, in one temporary folder, so a block can use what an earlier one wrote; the
+  ``perfusionai`` on the PATH is this interpreter's. Budget: about 20 minutes on 2 cores with the
+  quick settings, 10 minutes at most per block.
 
-Small settings: a command may end with a comment ``# quick: <options>``; the test appends those
-options (argparse keeps the last value), or, when the text starts with ``perfusionai``, runs that
-command instead. Everything after ``# quick:`` is the test's; the rest of the comment is the
-reader's. Commands of the demo (``perfusionai demo``) are run with ``--only dsc`` in the slow run.
+Small settings: a command may end with a comment ``# quick: <options>`` (the text after ``quick:``
+starts with ``-``); the test appends those options to the command (argparse keeps the last value).
+``# quick: perfusionai ...`` replaces the command. Any other ``# quick: ...`` text is a note for the
+reader and is ignored.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 SKIP_BLOCK_WORDS = ("pip install", "cmake", "git clone", "Slicer ")
 #: Sections whose commands the default run executes (fast: a phantom and a few maps).
 EXECUTED_BY_DEFAULT = ("DSC perfusion maps",)
-#: Per-command limit of the slow run (s).
-COMMAND_TIMEOUT_S = 600
+#: Per-block limit (s).
+BLOCK_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,63 @@ class Command:
         return shlex.split(self.text)[1:]
 
     def test_argv(self) -> list[str]:
-        if self.quick.startswith("perfusionai"):
-            return shlex.split(self.quick)[1:]
-        return self.argv + shlex.split(self.quick)
+        return shlex.split(quick_line(self.text, self.quick))[1:]
 
     @property
     def id(self) -> str:
         return f"L{self.line}:" + " ".join(self.argv[:2])
+
+
+def quick_line(command: str, quick: str) -> str:
+    """The command the test runs: ``command`` with the ``# quick:`` options, or the quick command."""
+    if quick.startswith("perfusionai"):
+        return quick
+    if quick.startswith("-"):
+        return f"{command} {quick}"
+    return command
+
+
+@dataclass(frozen=True)
+class Block:
+    section: str
+    line: int
+    lines: tuple[tuple[int, str], ...]
+
+    def script(self) -> str:
+        """The block for bash, each command carrying its quick options (comments dropped)."""
+        out = []
+        for number, line in self.lines:
+            match = re.search(r"#\s*quick:\s*(.*)$", line)
+            if match and line.strip().startswith("perfusionai"):
+                line = quick_line(_strip_comment(line.rstrip().rstrip("\\")), match.group(1).strip()) + (
+                    " \\" if line.rstrip().endswith("\\") else "")
+            out.append(line)
+        return "\n".join(out) + "\n"
+
+    @property
+    def id(self) -> str:
+        return f"L{self.line}:{self.section}"
+
+
+def readme_blocks() -> list[Block]:
+    """The README's bash blocks a user runs against the package, in order."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    blocks, section, block, start = [], "", None, 0
+    for number, line in enumerate(lines, start=1):
+        if block is None and line.startswith("#"):
+            section = line.lstrip("#").strip()
+        if line.strip().startswith("```"):
+            if block is None and line.strip() == "```bash":
+                block, start = [], number
+            elif block is not None:
+                body = "\n".join(text for _, text in block)
+                if not any(word in body for word in SKIP_BLOCK_WORDS):
+                    blocks.append(Block(section, start, tuple(block)))
+                block = None
+            continue
+        if block is not None:
+            block.append((number, line))
+    return blocks
 
 
 def readme_commands() -> list[Command]:
@@ -95,17 +147,22 @@ def _commands_of(block: list[tuple[int, str]], section: str) -> list[Command]:
         match = re.search(r"#\s*quick:\s*(.*)$", text)
         if match:
             quick = match.group(1).strip()
-        command = _strip_comment(text)
-        out.append(Command(section, number, command, quick))
+        for command in re.split(r"\s(?:&&|;)\s", _strip_comment(text, keep_operators=True)):
+            if command.strip().startswith("perfusionai"):
+                out.append(Command(section, number, command.strip(), quick))
     return out
 
 
-def _strip_comment(text: str) -> str:
-    """The command without its trailing ``# ...`` comment (a ``#`` inside quotes stays)."""
+def _strip_comment(text: str, keep_operators: bool = False) -> str:
+    """The command without its trailing ``# ...`` comment (a ``#`` inside quotes stays); with
+    ``keep_operators`` the shell's ``&&`` and ``;`` stay unquoted so the line can be split on them."""
     lexer = shlex.shlex(text, posix=True, punctuation_chars=False)
     lexer.whitespace_split = True
     lexer.commenters = "#"
-    return shlex.join(list(lexer))
+    tokens = list(lexer)
+    if keep_operators:
+        return " ".join(t if t in ("&&", ";") else shlex.quote(t) for t in tokens)
+    return shlex.join(tokens)
 
 
 COMMANDS = readme_commands()
@@ -131,17 +188,23 @@ def test_command_is_accepted_by_the_parser_as_written(command):
         pytest.fail(f"README line {command.line}: '{command.text}' is refused by the parser (exit {exc.code})")
 
 
-def _run(command: Command, cwd: Path) -> None:
-    argv = command.test_argv()
-    if argv[:1] == ["demo"] and "--only" not in argv:
-        argv += ["--only", "dsc"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    done = subprocess.run([sys.executable, "-m", "perfusionai", *argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=COMMAND_TIMEOUT_S)
+def _run_block(block: Block, cwd: Path) -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    script = "set -e -o pipefail\n" + block.script()
+    try:
+        done = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=BLOCK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"README block at line {block.line} ({block.section}) ran past {BLOCK_TIMEOUT_S} s")
     if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        pytest.fail(f"README line {command.line}: '{shlex.join(['perfusionai', *argv])}' exited "
-                    f"{done.returncode}: {' | '.join(tail)}")
+        tail = (done.stderr or done.stdout).strip().splitlines()[-4:]
+        pytest.fail(f"README block at line {block.line} ({block.section}) exited {done.returncode}: "
+                    + " | ".join(tail))
+
+
+BLOCKS = readme_blocks()
+DEFAULT = [b for b in BLOCKS if b.section in EXECUTED_BY_DEFAULT]
 
 
 @pytest.fixture(scope="module")
@@ -149,12 +212,13 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("readme")
 
 
-DEFAULT = [c for c in COMMANDS if c.section in EXECUTED_BY_DEFAULT]
+def test_the_executed_blocks_exist():
+    assert DEFAULT, f"no README block under {EXECUTED_BY_DEFAULT}"
 
 
-@pytest.mark.parametrize("command", DEFAULT, ids=[c.id for c in DEFAULT])
-def test_dsc_commands_run_as_written(command, workdir):
-    _run(command, workdir)
+@pytest.mark.parametrize("block", DEFAULT, ids=[b.id for b in DEFAULT])
+def test_dsc_block_runs_as_written(block, workdir):
+    _run_block(block, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +227,6 @@ def chain_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", COMMANDS, ids=[c.id for c in COMMANDS])
-def test_every_command_runs_as_written_in_order(command, chain_dir):
-    _run(command, chain_dir)
+@pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
+def test_every_block_runs_as_written_in_order(block, chain_dir):
+    _run_block(block, chain_dir)
