@@ -179,7 +179,7 @@ def test_bad_cohort_rows_fail_alone_and_bad_tables_are_refused(tmp_path):
     table.write_text("dsc\nx\n")
     with pytest.raises(PerfusionAIError, match="'case' column"):
         batch.read_cohort(table, "dsc", "maps", [], tmp_path / "out")
-    with pytest.raises(PerfusionAIError, match="--out"):
+    with pytest.raises(PerfusionAIError, match="output folder"):
         batch.read_cohort(tmp_path / "c.csv", "dsc", "maps", ["--out", "x"], tmp_path / "out")
     with pytest.raises(PerfusionAIError, match="unknown verb"):
         batch.read_cohort(tmp_path / "c.csv", "dsc", "nope", [], tmp_path / "out")

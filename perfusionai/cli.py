@@ -28,7 +28,7 @@ import threading
 import warnings
 from typing import Iterator, Optional, Sequence
 
-from . import __version__, batch
+from . import __version__, cli_batch
 from .cli_common import add_common_options
 from .ctpm import cli as ctpm_cli
 from .dr import cli as dr_cli
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in DOMAINS.values():
         register(sub)
-    batch.register(sub)  # after the domains: it drives their verbs
+    cli_batch.register(sub)  # after the domains: it drives their verbs
     _finish_help(parser)
     return parser
 

@@ -46,14 +46,13 @@ from scipy import ndimage
 
 from ..errors import PerfusionAIError, input_error
 from ..io import Geometry, to_sitk
+from ..labels import LEFT_LOBES, RIGHT_LOBES
 
 RIGHT_LUNG = 1
 LEFT_LUNG = 2
 SIDE_NAMES = {RIGHT_LUNG: "right", LEFT_LUNG: "left"}
 
 #: Lobe labels of the architecture (1-3 right lobes, 4-6 left lobes).
-_RIGHT_LOBES = (1, 2, 3)
-_LEFT_LOBES = (4, 5, 6)
 
 
 @dataclass(frozen=True)
@@ -128,8 +127,8 @@ def split_lungs(labels: np.ndarray, geometry: Geometry, name: str = "lung mask")
         if not set(values.tolist()) <= set(range(1, 7)):
             raise input_error(name, f"has labels {values.tolist()}; expected 1 right / 2 left, "
                                     f"lobes 1-6, or a binary mask")
-        right = np.isin(arr, _RIGHT_LOBES)
-        left = np.isin(arr, _LEFT_LOBES)
+        right = np.isin(arr, RIGHT_LOBES)
+        left = np.isin(arr, LEFT_LOBES)
     else:  # 1 right / 2 left (a mask of label 2 alone has no right lung and is refused below)
         right, left = arr == RIGHT_LUNG, arr == LEFT_LUNG
     for side, mask in ((RIGHT_LUNG, right), (LEFT_LUNG, left)):

@@ -14,8 +14,6 @@
   arrays (no torch needed).
 """
 
-import importlib
-
 #: public name -> submodule; imported on first use, so ``perfusionai.nn.modelfile`` (and array
 #: models, see :func:`save_arrays`) work without torch and ``import perfusionai.nn`` stays cheap
 _EXPORTS = {
@@ -38,9 +36,24 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'perfusionai.nn' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    value = getattr(_submodule(module), name)
     globals()[name] = value
     return value
+
+
+def _submodule(module: str):
+    # explicit imports (no importlib): blocks and training need torch, modelfile and device do not
+    if module == "blocks":
+        from . import blocks as found
+    elif module == "device":
+        from . import device as found
+    elif module == "modelfile":
+        from . import modelfile as found
+    elif module == "seeding":
+        from . import seeding as found
+    else:
+        from . import training as found
+    return found
 
 
 def __dir__():

@@ -49,7 +49,7 @@ def choose_device(preference: DevicePreference = "auto") -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ParameterError("device", f"'{preference}' was requested but no CUDA device is available "
-                                          "(use --device cpu or auto)")
+                                          "(choose cpu or auto)")
         try:
             device = torch.device(name)
         except RuntimeError:

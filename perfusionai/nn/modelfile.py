@@ -34,19 +34,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import importlib
-import io
 import json
 import math
 import os
-import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from ..deps import require
-from ..errors import PerfusionAIError, input_error
+from ..errors import input_error
 
 FORMAT_NAME = "perfusionai-model"
 FORMAT_VERSION = 1
@@ -292,23 +289,38 @@ def _values_match(expected, actual) -> bool:
     return expected == actual
 
 
+def _import_network_module(name: str) -> None:
+    """Import the project module that registers architecture ``name`` (``"dsc.tmaxnet.conv2"``).
+
+    Explicit and lazy (the networks need torch; ``nn`` sits below the domains, so they are not
+    imported at module level). A name from a model card only selects among these modules.
+    """
+    domain = name.split(".")[0]
+    if name.startswith("dsc.phae"):
+        from ..dsc import phae  # noqa: F401 - registers dsc.phae
+    elif name.startswith("dsc.tmaxnet"):
+        from ..dsc import tmaxnet  # noqa: F401 - registers dsc.tmaxnet.*
+    elif domain == "ctpm":
+        from ..ctpm import arnn  # noqa: F401 - registers ctpm.arnn, ctpm.attention_unet
+    elif domain == "prm":
+        from ..prm import mri_network  # noqa: F401 - registers prm.mri_multiseq
+    elif domain == "dr":
+        from ..dr import learners
+
+        learners._register_network()
+
+
 def _lookup_builder(name: str, registry: Mapping[str, Builder], default_registry: bool) -> Optional[Builder]:
-    """Find a builder; for the default registry import the module the name points to
-    (``"dsc.tmaxnet.conv2"`` tries ``perfusionai.dsc.tmaxnet.conv2``, then
-    ``perfusionai.dsc.tmaxnet``, then ``perfusionai.dsc``) so a model file loads without the
-    caller importing the network's module first."""
+    """Find a builder; for the default registry import the project module that registers the
+    name, so a model file loads without the caller importing the network's module first."""
     if name in registry:
         return registry[name]
     if default_registry:
-        parts = name.split(".")
-        if all(p.isidentifier() for p in parts):
-            for stop in range(len(parts), 0, -1):
-                try:
-                    importlib.import_module("perfusionai." + ".".join(parts[:stop]))
-                except ImportError:
-                    continue
-                if name in registry:
-                    return registry[name]
+        try:
+            _import_network_module(name)
+        except ImportError:
+            return None
+        return registry.get(name)
     return None
 
 
