@@ -143,7 +143,9 @@ def test_nnunet_export_train_segment_evaluate(nnunet_model, tmp_path, capsys):
     assert split["val"] == ["mri004"] and split["test"] == ["mri005"]
     model = root / "model"
     # a project model file: safetensors + model.json, no pickle anywhere
-    assert sorted(p.name for p in model.iterdir()) == ["model.json", "weights.safetensors"]
+    assert sorted(p.name for p in model.iterdir() if not p.name.startswith(".")) == ["model.json",
+                                                                                      "weights.safetensors"]
+    assert not list(model.rglob("*.pth")) and not list(model.rglob("*.pkl"))
     card = json.loads((model / "model.json").read_text())
     assert card["trained_on_phantoms"] is True and card["architecture"]["name"] == "lobes.nnunet"
     assert card["architecture"]["hyperparameters"]["configurations"] == {"3d_fullres": ["0"], "3d_cpu": ["0"]}
@@ -229,7 +231,7 @@ def test_import_model_converts_an_nnunet_folder_that_predicts_as_nnunet_does(nnu
     image = root / "cohort" / "mri005" / "vibe.nii.gz"
     predictions = []
     for source in (folder, tmp_path / "export.zip"):
-        out = tmp_path / f"imported_{source.suffix or 'folder'}"
+        out = tmp_path / ("imported_from_zip" if source.suffix else "imported_from_folder")
         assert main(["lobes", "import-model", "--nnunet-folder", str(source), "--out", str(out),
                      "--trained-on-phantoms", "--progress", "none"]) == 0
         card = json.loads((out / "model.json").read_text())
@@ -311,7 +313,7 @@ def test_prm_predict_with_the_lobe_model_uses_its_lobes(nnunet_model, tmp_path, 
     assert "trained on phantoms" in summary["lobe_model"]
     rc = main(["prm", "predict", "--irmax", str(test / "irmax.nii.gz"), "--lobe-model", str(root / "model"),
                "--model", str(tmp_path / "prm_model"), "--out", str(tmp_path / "x"), "--progress", "none"])
-    assert rc == 2 and "give --vibe" in capsys.readouterr().err
+    assert rc == 2 and "--lobe-model: lobes are segmented on VIBE" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1),            # LPS (as trained)
