@@ -67,7 +67,7 @@ def automatic_brain_mask(signal: np.ndarray, baseline_frames: Optional[int] = No
     threshold = otsu_threshold(s0)
     foreground = s0 > threshold
     if not foreground.any():
-        raise input_error(name, "no automatic brain mask: the pre-bolus image has no foreground; give --mask")
+        raise input_error(name, "no automatic brain mask: the pre-bolus image has no foreground; give a brain mask")
     labels, count = ndimage.label(foreground)
     if count > 1:
         sizes = np.bincount(labels.ravel())

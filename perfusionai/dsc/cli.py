@@ -66,6 +66,15 @@ def register(subparsers) -> None:
                            "pre-bolus image, largest connected region, holes filled, one voxel eroded) instead of "
                            "the whole image; it keeps the bright vessels, and the automatic AIF searches inside it "
                            "(the AIF search region must contain arteries)")
+    maps.add_argument("--motion-correction", action="store_true",
+                      help="register every frame rigidly (ANTsPy, mutual information) to the median pre-bolus image "
+                           "before the analysis; the per-frame translation (mm) and rotation (degrees) go to "
+                           "summary.json (needs the [prm] extra: antspyx; about 0.5 s per frame)")
+    maps.add_argument("--aif-quadratic", nargs=2, type=float, default=None, metavar=("A", "B"),
+                      help="the arterial (whole-blood) delta R2* is quadratic in the concentration C: A*C + B*C^2 "
+                           "(A in 1/(s mM), B in 1/(s mM^2); van Osch 2003, Kjolby 2006; no default, take them from "
+                           "the literature for your field strength). The AIF is converted per voxel to A*C; tissue "
+                           "stays linear. Default: linear")
     maps.add_argument("--method", type=_method, default=DEFAULT_METHOD,
                       help=" | ".join(METHODS) + " (case-insensitive; see the description)")
     maps.add_argument("--threshold", type=float, default=None,

@@ -61,6 +61,9 @@ class DSCMapsJob(Job):
     aif_auto: bool = option(False, help="select arterial voxels automatically (also when no aif_mask is given)")
     mask: Optional[str] = option(None, help="brain mask (maps inside it; None: the whole image)")
     auto_mask: bool = option(False, help="without a mask: an automatic head mask (Otsu on the pre-bolus image)")
+    motion_correction: bool = option(False, help="rigid frame-to-frame motion correction with ANTsPy ([prm] extra)")
+    aif_quadratic: Optional[tuple] = option(None, help="(A, B): arterial delta R2* = A C + B C^2 (whole blood); "
+                                                       "None: linear")
     method: str = option(DEFAULT_METHOD, help="a method of perfusionai.dsc.methods")
     threshold: Optional[float] = option(None, help="sSVD/cSVD truncation threshold in (0, 1) (None: method default)")
     oi_threshold: float = option(DEFAULT_OI_THRESHOLD, flag="--oi", help="oSVD oscillation-index limit")
@@ -135,7 +138,7 @@ class DSCMapsJob(Job):
         aif_mask = read_mask(self.aif_mask, series.geometry, "AIF mask") if self.aif_mask else None
         fit = model.fit(series.array, mask=mask, aif_mask=aif_mask, progress=progress, source=source,
                         mask_source=str(self.mask or "brain mask"), aif_source=str(self.aif_mask or "AIF mask"),
-                        echo2=echo2)
+                        echo2=echo2, spacing=tuple(series.geometry.spacing))
         fit.save(self.out, series.geometry, job=self,
                  extra_summary={"runtime_s": round(time.perf_counter() - started, 3)},
                  inputs=[self.dsc, self.dsc_echo2, self.mask, self.aif_mask, self.model_path])

@@ -45,6 +45,8 @@ from . import acquisition
 from . import aif as aif_mod
 from . import aif_fit as aif_fit_mod
 from . import brain_mask as brain_mask_mod
+from . import motion as motion_mod
+from . import relaxivity as relaxivity_mod
 from . import dual_echo as dual_echo_mod
 from . import concentration as conc_mod
 from . import deconvolution as dec
@@ -88,6 +90,10 @@ class DSCOptions:
     auto_mask: without a mask, compute one (:func:`perfusionai.dsc.brain_mask.automatic_brain_mask`:
     Otsu on the pre-bolus image, largest component, holes filled, one voxel eroded) instead of using
     every voxel; the automatic AIF then searches inside it (it keeps the vessels).
+    motion_correction: register every frame rigidly to the median baseline image with ANTsPy
+    (:mod:`.motion`; the per-frame motion goes to ``inputs["motion_correction"]`` of the summary).
+    aif_quadratic: ``(A, B)``: the arterial voxels' delta R2* is ``A C + B C^2`` (whole blood,
+    :mod:`.relaxivity`); the AIF is converted to ``A C`` per voxel, the tissue stays linear.
     """
 
     te: Optional[float] = None
@@ -123,6 +129,8 @@ class DSCOptions:
     save_residue: bool = False
     leakage_max_k2_cv: Optional[float] = None
     auto_mask: bool = False
+    motion_correction: bool = False
+    aif_quadratic: Optional[tuple] = None
 
 
 def validate_options(options: DSCOptions) -> DSCOptions:
@@ -146,6 +154,8 @@ def validate_options(options: DSCOptions) -> DSCOptions:
         if getattr(options, name) not in allowed:
             raise ParameterError(name, f"unknown value {getattr(options, name)!r}; choose one of {', '.join(allowed)}")
     maps_mod.cbf_map(np.zeros(1), options.kh, options.rho)  # kH and rho positive
+    if options.aif_quadratic is not None:
+        options = dataclasses.replace(options, aif_quadratic=relaxivity_mod.validate_quadratic(options.aif_quadratic))
     if options.baseline_frames is not None and int(options.baseline_frames) < 1:
         raise ParameterError("baseline_frames", f"must be at least 1, got {options.baseline_frames}")
     return dataclasses.replace(options, te=te, method=method.name)
@@ -430,7 +440,8 @@ class DSCModel:
     def fit(self, signal: np.ndarray, mask: Optional[np.ndarray] = None, aif_mask: Optional[np.ndarray] = None,
             aif: Optional[np.ndarray] = None, progress: Optional[ProgressCallback] = None, *,
             source: str = "DSC series", mask_source: str = "brain mask",
-            aif_source: str = "AIF mask", echo2: Optional[np.ndarray] = None) -> "DSCFit":
+            aif_source: str = "AIF mask", echo2: Optional[np.ndarray] = None,
+            spacing: Optional[tuple] = None) -> "DSCFit":
         """Fit the model to a DSC signal.
 
         Parameters
@@ -450,6 +461,8 @@ class DSCModel:
             :func:`perfusionai.dsc.dual_echo.dual_echo_delta_r2star` instead of ``-ln(S/S0)/TE``.
         source, mask_source, aif_source
             Names of the inputs (file paths) for messages.
+        spacing
+            Voxel spacing (mm) along (i, j, k) for the motion correction's millimetres (None: 1 mm).
         """
         report = as_progress(progress)
         o = self.options
@@ -472,13 +485,32 @@ class DSCModel:
         check_finite_values(s, used, source, "the DSC series")
         acquisition.check_signal_dropout(s, brain, source)
 
-        report(0.0, "concentration and AIF")
+        applied = ["automatic brain mask"] if mask_kind == "automatic" else []
+        motion = None
+        if o.motion_correction:
+            reference_frames = o.baseline_frames or conc_mod.earliest_bolus_arrival(
+                s, brain, arterial, name=source).baseline_frames
+            motion = motion_mod.correct_motion(s, spacing or (1.0, 1.0, 1.0), reference_frames, seed=o.seed,
+                                               progress=report.sub(0.0, 0.15))
+            s = motion.signal
+            applied.append("motion correction")
+        report(0.0 if motion is None else 0.15, "concentration and AIF")
         if echo2 is not None:
             echo2 = np.asarray(echo2)
             check_finite_values(echo2, used, "second echo", "the second echo")
         prepared = prepare_concentration_and_aif(s, t, o.te, brain, arterial, o.baseline_frames, aif,
                                                  source=source, aif_source=aif_source, echo2=echo2, te2=o.te2)
         concentration = prepared.concentration
+        if o.aif_quadratic is not None:
+            a, b = o.aif_quadratic
+            if prepared.aif_voxels is None:  # a given curve
+                prepared.aif = relaxivity_mod.quadratic_to_linear(prepared.aif, a, b)
+            else:  # per voxel, then the mean: the inverse is not linear
+                curves_a = relaxivity_mod.quadratic_to_linear(concentration[tuple(prepared.aif_voxels.T)], a, b)
+                prepared.aif = curves_a[np.isfinite(curves_a).all(axis=1)].mean(axis=0)
+            prepared.aif = _validate_aif(prepared.aif, "quadratic AIF conversion")
+            prepared.aif_info["relaxivity"] = {"model": "quadratic", "A_per_s_per_mM": a, "B_per_s_per_mM2": b}
+            applied.append("quadratic AIF relaxivity")
         if o.aif_gamma_fit:
             gamma = aif_fit_mod.fit_gamma_variate(prepared.aif, t, name=aif_source if arterial is not None else "AIF")
             prepared.aif = _validate_aif(gamma.first_pass, "gamma-variate AIF fit")
@@ -520,7 +552,9 @@ class DSCModel:
         inputs = {"shape_kji": list(shape3), "n_frames": int(n_frames), "frame_interval_s": float(self.tr),
                   "te_s": o.te, "mask_voxels": int(brain.sum()), "mask": mask_kind,
                   "voxels_without_valid_baseline": prepared.invalid_voxels,
-                  "clipped_signal_samples": prepared.clipped_samples}
+                  "clipped_signal_samples": prepared.clipped_samples, "preprocessing_applied": applied}
+        if motion is not None:
+            inputs["motion_correction"] = motion.to_dict()
         report(1.0, "done")
         return DSCFit(maps=maps, aif=prepared.aif, times=t, mask=brain, aif_voxels=prepared.aif_voxels,
                       tissue_curve=curves.astype(np.float64).mean(axis=0), baseline_frames=prepared.baseline_frames,
