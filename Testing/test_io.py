@@ -400,6 +400,7 @@ def test_output_that_would_overwrite_an_input_is_refused(tmp_path):
 
 
 def test_stage_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
+    import os
     import subprocess
     import sys
 
@@ -408,7 +409,7 @@ def test_stage_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
     leftover = tmp_path / f".out.partial-{pid}-abc123"
     (leftover / "cbf.nii.gz").parent.mkdir()
     (leftover / "cbf.nii.gz").write_text("half")
-    alive = tmp_path / f".out.partial-{__import__('os').getpid()}-other"  # a run in progress: kept
+    alive = tmp_path / f".out.partial-{os.getpid()}-other"  # a run in progress: kept
     alive.mkdir()
     with io.atomic_output_dir(tmp_path / "out") as stage:
         (stage / "a.txt").write_text("ok")
