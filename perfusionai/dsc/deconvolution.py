@@ -69,6 +69,7 @@ interval.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -540,7 +541,6 @@ def _osvd(curves, u, s, vt, n_frames, oi_threshold, candidates, chunk_voxels,
     # so blocks run on as many threads as BLAS would use, each with single-threaded BLAS.
     block_size = max(1, min(int(chunk_voxels), OSVD_BLOCK_VOXELS))
     blocks = list(_chunks(n_voxels, block_size))
-    workers = min(_blas_threads(), len(blocks))
 
     def solve(bounds):
         first, stop = bounds
@@ -548,22 +548,27 @@ def _osvd(curves, u, s, vt, n_frames, oi_threshold, candidates, chunk_voxels,
                            oi_threshold)
 
     next_report = chunk_voxels
+    with threaded_blocks(solve, blocks) as results:
+        for (first, stop), (block_residue, chosen, block_oi) in zip(blocks, results):
+            residue[first:stop] = block_residue
+            regularisation[first:stop] = thresholds[chosen]
+            oi_out[first:stop] = block_oi
+            if stop >= next_report or stop == n_voxels:
+                report(stop / n_voxels, "oSVD deconvolution")
+                next_report += chunk_voxels
+
+
+@contextlib.contextmanager
+def threaded_blocks(solve, blocks):
+    """``solve(block)`` for every block, in order, on as many threads as the BLAS pool has, each with
+    single-threaded BLAS (numpy releases the GIL in the element-wise work): yields the iterator of
+    results. Pending blocks are cancelled when the caller stops early (an error, cancellation)."""
+    blocks = list(blocks)
+    workers = min(_blas_threads(), len(blocks))
     with _single_threaded_blas():
-        if workers > 1:
-            from concurrent.futures import ThreadPoolExecutor
-            executor = ThreadPoolExecutor(max_workers=workers)
-            results = executor.map(solve, blocks)
-        else:
-            executor = None
-            results = map(solve, blocks)
+        executor = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
         try:
-            for (first, stop), (block_residue, chosen, block_oi) in zip(blocks, results):
-                residue[first:stop] = block_residue
-                regularisation[first:stop] = thresholds[chosen]
-                oi_out[first:stop] = block_oi
-                if stop >= next_report or stop == n_voxels:
-                    report(stop / n_voxels, "oSVD deconvolution")
-                    next_report += chunk_voxels
+            yield executor.map(solve, blocks) if executor is not None else map(solve, blocks)
         finally:
             if executor is not None:
                 executor.shutdown(wait=True, cancel_futures=True)
