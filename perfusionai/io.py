@@ -8,8 +8,19 @@ Conventions used across the core
   ``spacing`` and ``origin`` in mm in ``(i, j, k)``/``(x, y, z)`` order and the
   3x3 ``direction`` cosine matrix whose columns are the i, j, k axes.
   :meth:`Geometry.ijk_to_ras` gives the 4x4 matrix Slicer uses.
+* :class:`Geometry`, :class:`Volume` and :class:`Series` live in
+  :mod:`perfusionai.geometry` (below this module and :mod:`perfusionai.dicom`)
+  and are re-exported here.
 * Every map is written on the input's exact grid (:func:`write_volume`), and
-  output folders are written atomically (:func:`atomic_output_dir`).
+  output folders are written atomically (:func:`atomic_output_dir`: manifest,
+  inputs guard, stages of killed runs removed).
+
+What the reader fixes or refuses beyond ITK: NaN and +-Inf voxels of NIfTI files
+are kept (ITK reads them as 0); truncated NIfTI files are refused; qform/sform
+conflicts are resolved as nibabel and FSL do (sform wins, with a warning);
+NIfTI-2 is read through nibabel; a time-last 4D NRRD in a 3D space (pynrrd/teem)
+is read by :func:`_read_nrrd_fallback`; pictures (PNG, JPEG, ...) are refused;
+Siemens MOSAIC DICOM is unpacked (:mod:`perfusionai.dicom`).
 
 All user-caused problems raise :class:`perfusionai.errors.PerfusionAIError`
 with a message naming the file and the problem.
