@@ -471,7 +471,7 @@ class PerfusionTranslationTest(ScriptedLoadableModuleTest):
         return False
 
     def _model(self):
-        from perfusionai.ctpm.training import train_phantom_model
+        from perfusionai.phantoms.ctpm import train_phantom_model
 
         if getattr(self, "_modelPath", None) is None:
             self.delayDisplay("Training a small model on phantoms (about a minute)")

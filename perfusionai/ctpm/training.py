@@ -341,7 +341,7 @@ def train_from_cohort(cohort_csv: str | os.PathLike, out_model: str | os.PathLik
     report = as_progress(progress)
     rows = read_cohort(cohort_csv)
     if trained_on_phantoms is None:
-        from ..phantoms import is_phantom_cohort  # the marker 'ctpm phantom' writes beside its cohort.csv
+        from ..cohorts import is_phantom_cohort  # the marker 'ctpm phantom' writes beside its cohort.csv
 
         trained_on_phantoms = is_phantom_cohort(cohort_csv)
     samples: list[LungSample] = []
@@ -362,30 +362,3 @@ def train_from_cohort(cohort_csv: str | os.PathLike, out_model: str | os.PathLik
 #: crops with channels 8-16-32-64 and the filter windows scaled to the smaller grid.
 REDUCED_CONFIG = PreprocessConfig(input_shape=(32, 16, 16), median_size=3, uniform_size=1)
 REDUCED_CHANNELS = (8, 16, 32, 64)
-
-
-def train_phantom_model(out_path: str | os.PathLike, n_patients: int = 10, seed: int = 0, epochs: int = 10,
-                        spacing_mm: float = 4.0, channels: Sequence[int] = REDUCED_CHANNELS,
-                        config: PreprocessConfig = REDUCED_CONFIG, lr: float = 3e-3, device="auto",
-                        progress=None) -> TrainingResult:
-    """Train a reduced-size ARNN on ``n_patients`` phantoms (no files needed) and save it (labelled
-    "trained on phantoms"). About a minute on 2 CPU cores with the defaults."""
-    from ..nn import save_model
-    from ..phantoms.ctpm import make_ctpm_phantom, phantom_geometry
-
-    report = as_progress(progress)
-    geometry = phantom_geometry(spacing_mm=(spacing_mm,) * 3)
-    samples: list[LungSample] = []
-    for n in range(n_patients):
-        report(0.15 * n / n_patients, f"phantom {n + 1}/{n_patients}")
-        ph = make_ctpm_phantom(seed * 1000 + n, geometry)
-        samples.extend(prepare_arrays(ph.ct_hu, ph.geometry, ph.spect, ph.spect_geometry, ph.lung_labels, config,
-                                      patient=f"phantom {n}"))
-    result = train_ctpm(samples, config=config, channels=channels, epochs=epochs, lr=lr, val_fraction=0,
-                        patience=None, seed=seed, device=device, trained_on_phantoms=True,
-                        training_data=f"{n_patients} CT/SPECT phantoms (perfusionai.phantoms.ctpm, {spacing_mm:g} mm); "
-                                      f"trained on phantoms",
-                        progress=report.sub(0.15, 0.98))
-    save_model(out_path, result.model, result.card)
-    report(1.0, "model saved")
-    return result

@@ -453,7 +453,7 @@ def train_from_cohort(cohort_csv: str | Path, out: str | Path, algorithm: str = 
     ``trained_on_phantoms`` None: True when the cohort was written by ``perfusionai dr phantom``
     (its marker file lies beside the CSV). The folder is written atomically.
     """
-    from ..phantoms import is_phantom_cohort
+    from ..cohorts import is_phantom_cohort
     from ..progress import as_progress
     from .pipeline import read_cohort
 

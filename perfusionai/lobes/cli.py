@@ -185,7 +185,7 @@ def run_export(args: argparse.Namespace) -> int:
     from .nnunet import export_nnunet_dataset
 
     cases = _cohort_cases(args.cohort, args.image_column, args.label_column)
-    from ..phantoms import is_phantom_cohort
+    from ..cohorts import is_phantom_cohort
 
     phantom = is_phantom_cohort(args.cohort)
     folder = export_nnunet_dataset(cases, args.out, args.dataset_id, args.name, args.lobe_convention,
@@ -198,7 +198,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .nnunet import NNUNetTrainingConfig, train_nnunet
 
     fold = args.fold if args.fold == "all" else int(args.fold)
-    from ..phantoms import is_phantom_cohort
+    from ..cohorts import is_phantom_cohort
 
     phantom = args.trained_on_phantoms or is_phantom_cohort(args.dataset)
     cfg = NNUNetTrainingConfig(configurations=tuple(args.configurations), fold=fold, epochs=args.epochs,

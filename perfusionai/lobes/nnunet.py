@@ -161,7 +161,7 @@ def export_nnunet_dataset(cases: Sequence[dict], out_dir: str | Path, dataset_id
                    "name": name, "description": "lung lobes on inspiratory VIBE MRI (PerfusionAI export)"}
         (stage / "dataset.json").write_text(json.dumps(dataset, indent=2))
         if phantom:
-            from ..phantoms import PHANTOM_COHORT_MARKER
+            from ..cohorts import PHANTOM_COHORT_MARKER
 
             (stage / PHANTOM_COHORT_MARKER).write_text('{"phantom": true}\n')
         (stage / SPLIT_FILE).write_text(json.dumps({**split, "orientation": orientation,

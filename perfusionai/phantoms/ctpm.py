@@ -35,6 +35,7 @@ cohort (NIfTI files + ``cohort.csv`` with columns ``ct, spect, lung_mask``) for
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -43,7 +44,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..io import Geometry, atomic_output_dir, write_json, write_volume
-from . import PHANTOM_COHORT_MARKER
+from ..cohorts import PHANTOM_COHORT_MARKER
 
 SPECT_VOXEL_MM = 4.42
 
@@ -326,3 +327,37 @@ def write_ctpm_cohort(out_dir: str | Path, n: int, seed: int = 0,
             writer.writeheader()
             writer.writerows(rows)
     return out / "cohort.csv"
+
+
+def train_phantom_model(out_path: str | os.PathLike, n_patients: int = 10, seed: int = 0, epochs: int = 10,
+                        spacing_mm: float = 4.0, channels: Optional[Sequence[int]] = None, config=None,
+                        lr: float = 3e-3, device="auto", progress=None):
+    """Train a reduced-size ARNN on ``n_patients`` phantoms (no files needed) and save it (labelled
+    "trained on phantoms"). About a minute on 2 CPU cores with the defaults.
+
+    ``channels`` and ``config`` default to :data:`perfusionai.ctpm.training.REDUCED_CHANNELS` and
+    ``REDUCED_CONFIG``; returns the :class:`perfusionai.ctpm.training.TrainingResult`.
+    """
+    # the domain's training code is loaded only here: it needs torch, the phantoms do not
+    from ..ctpm.training import REDUCED_CHANNELS, REDUCED_CONFIG, prepare_arrays, train_ctpm
+    from ..nn import save_model
+    from ..progress import as_progress
+
+    channels = REDUCED_CHANNELS if channels is None else channels
+    config = REDUCED_CONFIG if config is None else config
+    report = as_progress(progress)
+    geometry = phantom_geometry(spacing_mm=(spacing_mm,) * 3)
+    samples = []
+    for n in range(n_patients):
+        report(0.15 * n / n_patients, f"phantom {n + 1}/{n_patients}")
+        ph = make_ctpm_phantom(seed * 1000 + n, geometry)
+        samples.extend(prepare_arrays(ph.ct_hu, ph.geometry, ph.spect, ph.spect_geometry, ph.lung_labels, config,
+                                      patient=f"phantom {n}"))
+    result = train_ctpm(samples, config=config, channels=channels, epochs=epochs, lr=lr, val_fraction=0,
+                        patience=None, seed=seed, device=device, trained_on_phantoms=True,
+                        training_data=f"{n_patients} CT/SPECT phantoms (perfusionai.phantoms.ctpm, {spacing_mm:g} mm); "
+                                      f"trained on phantoms",
+                        progress=report.sub(0.15, 0.98))
+    save_model(out_path, result.model, result.card)
+    report(1.0, "model saved")
+    return result

@@ -258,7 +258,7 @@ def write_dr_cohort(cohort: Sequence[DRPhantom], folder: str | Path, truth: bool
         w = csv.writer(fh)
         w.writerow(["patient", "dwi", "bvals", "tes", "mask"])
         w.writerows(rows)
-    from . import PHANTOM_COHORT_MARKER
+    from ..cohorts import PHANTOM_COHORT_MARKER
 
     (folder / PHANTOM_COHORT_MARKER).write_text('{"generator": "perfusionai.phantoms.dr"}\n')
     return csv_path

@@ -275,7 +275,7 @@ def write_cohort(phantoms: Sequence[PRMMRIPhantom], out_dir: str | Path,
                    prm=f"{ph.subject}/prm.nii.gz")
         rows.append(row)
     # marks the folder as a phantom cohort: models trained on it are labelled "trained on phantoms"
-    from . import PHANTOM_COHORT_MARKER
+    from ..cohorts import PHANTOM_COHORT_MARKER
 
     (out / PHANTOM_COHORT_MARKER).write_text('{"phantom": "perfusionai.phantoms.prm_mri", "subjects": %d}\n'
                                              % len(rows))

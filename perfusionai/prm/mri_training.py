@@ -147,7 +147,7 @@ def load_case(row: dict) -> MRICase:
 def is_phantom_cohort(csv_path: str | Path) -> bool:
     """True when the cohort folder carries the marker written for phantom cohorts
     (:func:`perfusionai.phantoms.is_phantom_cohort`)."""
-    from ..phantoms import is_phantom_cohort as marked
+    from ..cohorts import is_phantom_cohort as marked
 
     return marked(csv_path)
 
