@@ -144,8 +144,9 @@ def is_marked_phantom(path) -> bool:
 
 
 def series_te(te: Optional[float], series) -> float:
-    """TE (s) from the given value or the series header (a :class:`perfusionai.io.Series`), validated."""
+    """TE (s): the given value, else the series header's (a :class:`perfusionai.io.Series`); refused
+    when neither has one. The value is checked once, by :func:`validate_te`, where it is used."""
     if te is None and series.te is None:
         raise ParameterError("te", f"the echo time (TE) of {series.path} is not in its header or a BIDS "
                                    "sidecar; give it in seconds")
-    return validate_te(te if te is not None else series.te)
+    return te if te is not None else series.te
