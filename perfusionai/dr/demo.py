@@ -17,7 +17,7 @@ import numpy as np
 
 from ..metrics import bias_dispersion_index
 from ..progress import as_progress
-from ..report.figures import grouped_bars_png, montage_png
+from ..report.figures import grouped_bars_png, montage_png, panels_png
 from ..report.html import Figure, ReportSection, fmt, paragraph, table_html
 from . import evaluation as E
 from . import learners as L
@@ -123,11 +123,16 @@ def run_demo(out_dir: Path, progress=None) -> ReportSection:
                                    "f, Dv, T2v, Dt, K, T2t of |BI| and DI (lower is better)"))
     sizes = (1, 2, 3, 5)
     size_rows = E.training_size_study(patients, sizes, ("lr",), progress=progress.sub(0.8, 0.98))
-    images.append(Figure(
-        E.plot_training_size(size_rows, out / "dr_training_size.png",
-                             title="signal-to-signal, linear regression (trained on phantoms)"),
-        "Mean |BI| and DI against the number of training patients: both should fall as patients are added."))
     by_size = sorted(E.summarise(size_rows, by=("n_train",)), key=lambda s: s["n_train"])
+    learner = L.ALGORITHM_NAMES["lr"]
+    images.append(Figure(
+        panels_png([s["n_train"] for s in by_size],
+                   {"mean |BI|": {learner: [s["mean_abs_bi"] for s in by_size]},
+                    "mean DI": {learner: [s["mean_di"] for s in by_size]}},
+                   out / "dr_training_size.png", xlabel="training patients",
+                   title="Signal-to-signal learner against the number of training patients (trained on phantoms)"),
+        "Mean |BI| and DI of the predicted maps against the number of training patients: both should fall as "
+        "patients are added."))
     body.append(table_html(["training patients", "mean |BI|", "mean DI"],
                            [[s["n_train"], s["mean_abs_bi"], s["mean_di"]] for s in by_size],
                            caption="Training-set size (signal-to-signal, linear regression)"))

@@ -313,6 +313,27 @@ def grouped_bars_png(values: Mapping[str, Mapping[str, float]], path: str | Path
     return path
 
 
+def panels_png(x: Sequence[float], panels: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path,
+               xlabel: str = "", title: Optional[str] = None) -> Path:
+    """Side-by-side line plots sharing ``x``: ``panels[y label][series name] = y values``."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.4), squeeze=False, layout="constrained")
+    for ax, (ylabel, series) in zip(axes[0], panels.items()):
+        for name, y in series.items():
+            ax.plot(np.asarray(x, float), np.asarray(y, float), "o-", label=name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1 or any(series):
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def bar_png(values: Mapping[str, float], path: str | Path, ylabel: str = "", title: Optional[str] = None) -> Path:
     """A bar chart of named values (e.g. timings)."""
     plt = _plt()
