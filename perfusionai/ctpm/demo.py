@@ -60,8 +60,9 @@ def run_demo(out_dir: Path, progress=None) -> ReportSection:
     report(0.1, "ctpm: training the ARNN on phantoms")
     model = out_dir / "model"
     trained = json.loads(_cli(["ctpm", "train", "--cohort", str(cohort), "--out", str(model),
-                               "--input-shape", DEMO_CROP, "--median-size", "3", "--uniform-size", "1",
-                               "--channels", DEMO_CHANNELS, "--kernel-size", str(DEMO_KERNEL), "--lr", "3e-3",
+                               "--shape", *DEMO_CROP.split(","), "--median-size", "3", "--uniform-size", "1",
+                               "--channels", DEMO_CHANNELS, "--kernel-size", str(DEMO_KERNEL),
+                               "--learning-rate", "3e-3",
                                "--epochs", str(DEMO_EPOCHS), "--val-fraction", "0", "--device", "cpu"]))
     card = json.loads((model / "model.json").read_text())
 
