@@ -256,3 +256,18 @@ def test_out_folder_that_would_overwrite_an_input_is_refused(tmp_path, capsys):
                      "--aif-mask", str(tmp_path / "aif_mask.nii.gz"), "--out", str(tmp_path)], capsys)
     assert code == 2 and "cbf.nii.gz" in err and len(err.strip().splitlines()) == 1, err
     assert mask.read_bytes() == before
+
+
+def test_every_dsc_maps_option_is_a_job_field_and_the_reverse():
+    import argparse
+    import dataclasses
+
+    from perfusionai.cli import build_parser
+
+    def verbs(parser):
+        return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    maps = verbs(verbs(build_parser())["dsc"])["maps"]
+    dests = {a.dest for a in maps._actions if a.option_strings and a.dest not in ("help", "progress")}
+    assert dests == {f.name for f in dataclasses.fields(DSCMapsJob)}
+    assert maps.get_default("job_class") is DSCMapsJob
