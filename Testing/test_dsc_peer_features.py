@@ -77,12 +77,15 @@ def test_motion_correction_recovers_known_shifts_and_the_motion_free_cbf(tmp_pat
     from perfusionai import io
     from perfusionai.dsc import DSCMapsJob
 
-    p = make_dsc_phantom(shape=(6, 32, 32), n_frames=30, snr=50.0, seed=6, baseline_frames=8)
+    p = make_dsc_phantom(shape=(6, 32, 32), n_frames=24, snr=50.0, seed=6, baseline_frames=8)
     spacing = np.asarray(p.geometry.spacing)                      # mm along (i, j, k)
     shifts_kji = {3: (0.0, 0.0, 1.5), 13: (0.0, 1.5, -1.0), 16: (0.0, -2.0, 1.0), 22: (0.0, 1.0, 2.0)}
     moved = p.signal.copy()
-    for frame, shift in shifts_kji.items():
-        moved[..., frame] = ndimage.shift(p.signal[..., frame], shift, order=1, mode="nearest")
+    for frame, shift in shifts_kji.items():     # voxels [k, j, i]: 1.8-3.6 mm in-plane, before and in the bolus
+        moved[..., frame] = ndimage.shift(p.signal[..., frame], shift, order=3, mode="nearest")
+    rotated = 18                                  # and one frame turned 4 degrees in-plane at the bolus peak
+    moved[..., rotated] = ndimage.rotate(p.signal[..., rotated], 4.0, axes=(1, 2), reshape=False, order=3,
+                                         mode="nearest")
     p.save(tmp_path / "ph")
     io.write_series(moved, p.geometry, tmp_path / "moved.nii.gz", tr=p.tr)
     common = dict(te=p.te, mask=str(tmp_path / "ph" / "brain_mask.nii.gz"),
@@ -98,11 +101,15 @@ def test_motion_correction_recovers_known_shifts_and_the_motion_free_cbf(tmp_pat
         shift = shifts_kji.get(frame, (0.0, 0.0, 0.0))
         applied_mm = np.asarray(shift[::-1]) * spacing             # (i, j, k) mm
         assert np.abs(estimated[frame] - applied_mm).max() < 0.5, frame
-    assert max(motion["rotation_deg"]) < 0.5
+    rotation = np.asarray(motion["rotation_deg"])
+    assert rotation[rotated] == pytest.approx(4.0, abs=0.5)
+    assert np.delete(rotation, rotated).max() < 0.5
     gm = p.rois == LABELS["grey_matter"]
     cbf_corrected = np.median(corrected.maps["cbf"][gm])
     cbf_still = np.median(still.maps["cbf"][gm])
     assert cbf_corrected == pytest.approx(cbf_still, rel=0.10)
+    uncorrected = DSCModel(p.te, p.times).fit(moved, mask=p.brain_mask, aif_mask=p.aif_mask)
+    assert abs(np.median(uncorrected.cbf[gm]) / cbf_still - 1) > 0.3   # the motion matters
     assert np.array_equal(moved[..., 0], io.read_series(tmp_path / "moved.nii.gz").array[..., 0])  # input untouched
 
 

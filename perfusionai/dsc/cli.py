@@ -69,7 +69,8 @@ def register(subparsers) -> None:
     maps.add_argument("--motion-correction", action="store_true",
                       help="register every frame rigidly (ANTsPy, mutual information) to the median pre-bolus image "
                            "before the analysis; the per-frame translation (mm) and rotation (degrees) go to "
-                           "summary.json (needs the [prm] extra: antspyx; about 0.5 s per frame)")
+                           "summary.json (needs the [prm] extra: antspyx; about 0.6 s per frame on 2 CPU cores for a "
+                           "small series)")
     maps.add_argument("--aif-quadratic", nargs=2, type=float, default=None, metavar=("A", "B"),
                       help="the arterial (whole-blood) delta R2* is quadratic in the concentration C: A*C + B*C^2 "
                            "(A in 1/(s mM), B in 1/(s mM^2); van Osch 2003, Kjolby 2006; no default, take them from "
