@@ -182,3 +182,16 @@ def test_missing_nnunet_names_the_lobes_extra(monkeypatch):
     with pytest.raises(MissingDependency) as info:
         _nnunet()
     assert INSTALL_HINT["lobes"] in str(info.value) and "torchvision==" in str(info.value)
+
+
+def test_missing_torch_names_the_lobes_extra(monkeypatch):
+    import sys
+
+    from perfusionai.deps import INSTALL_HINT
+    from perfusionai.errors import MissingDependency
+    from perfusionai.lobes.model import _nnunet
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(MissingDependency) as info:
+        _nnunet()
+    assert INSTALL_HINT["lobes"] in str(info.value)

@@ -27,6 +27,8 @@ before anything of it runs.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import pickle
 import shutil
@@ -53,7 +55,12 @@ PURPOSE = "nnU-Net lobe segmentation"
 
 def _nnunet():
     """Import nnunetv2 (and torch) or raise one line naming the ``[lobes]`` extra."""
-    require("torch", PURPOSE)
+    from ..deps import available, install_hint
+    from ..errors import MissingDependency
+
+    if not available("torch"):
+        raise MissingDependency(f"{PURPOSE} needs torch and nnunetv2, which are not installed; install them with: "
+                                f"{install_hint('lobes')}")
     return require("nnunetv2", PURPOSE)
 
 
@@ -223,9 +230,10 @@ class LobeModel:
         nets = [self.networks[f"{configuration}-fold_{f}"] for f in folds]
         parameters = [n.state_dict() for n in nets]
         axes = self.card.get("nnunet", {}).get("mirroring_axes", {}).get(configuration)
-        predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
-                                    perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
-                                    verbose_preprocessing=False, allow_tqdm=False)
+        with contextlib.redirect_stdout(io.StringIO()):   # nnU-Net prints a CPU notice on stdout
+            predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True,
+                                        use_mirroring=use_mirroring, perform_everything_on_device=device.type == "cuda",
+                                        device=device, verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         predictor.manual_initialization(nets[0], manager, conf, parameters, self.hyper["dataset_json"],
                                         self.hyper["trainer_name"], tuple(axes) if axes is not None else None)
         return predictor
