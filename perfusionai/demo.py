@@ -84,9 +84,9 @@ def run_demo(out_dir: str | Path, only: Optional[Sequence[str]] = None, progress
         progress(1.0, "report")
         total = (time.perf_counter() - started_all, time.process_time() - cpu_all)
         overview = ReportSection("Run time", paragraph(
-            "Wall-clock time of each section on this machine, and the CPU time its process used (all threads; "
-            "on 2 free cores the wall-clock time is about half the CPU time or more). Every learned model in "
-            "this report was trained during this run, on phantoms.")
+            "Wall-clock time of each section on this machine and the CPU time of its process (every thread, so "
+            "it can exceed the wall-clock time; on a machine busy with other jobs the wall-clock time grows "
+            "several-fold). Every learned model in this report was trained during this run, on phantoms.")
             + table_html(["section", "wall clock [s]", "CPU [s]"],
                          [[t, w, c] for t, w, c in times] + [["whole demo", total[0], total[1]]]))
         sections.append(overview)

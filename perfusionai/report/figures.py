@@ -304,7 +304,7 @@ def grouped_bars_png(values: Mapping[str, Mapping[str, float]], path: str | Path
     ax.set_xticks(x, categories, fontsize=8)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    fig.legend(loc="outside lower center", ncol=min(4, len(series)), fontsize=8, frameon=False)
     if title:
         ax.set_title(title, fontsize=9)
     path = Path(path)
