@@ -87,7 +87,8 @@ def run_demo(out_dir: Path, progress=None) -> ReportSection:
         rows.append([MAP_NAMES[name], M.MAP_UNITS[name], float(np.median(ph.truth[name][tumour])),
                      float(np.median(advanced[name][tumour])), bi, di])
     body.append(paragraph(
-        f"Phantom: {ph.dwi.shape[2]}x{ph.dwi.shape[1]}x{ph.dwi.shape[0]} voxels, 21 volumes (b 0-1600 s/mm2 at TE 80/105/120 ms), Rician noise "
+        f"Phantom: {ph.dwi.shape[2]}x{ph.dwi.shape[1]}x{ph.dwi.shape[0]} voxels, 21 volumes (b 0-1600 s/mm2 at "
+        "TE 80/105/120 ms), Rician noise "
         f"SNR 60. The T2-IVIM-Kurtosis fit of {info['voxels_fitted']} voxels took {fmt(seconds_adv)} s "
         f"(grid start + batched Levenberg-Marquardt); F (f_proxy) is a biased proxy of the perfusion fraction, "
         f"not f (tumour median F {fmt(float(np.median(clinical['f_proxy'][tumour])))} vs true f "
