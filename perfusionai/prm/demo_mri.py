@@ -206,6 +206,8 @@ def run_mri_demo(out_dir: Path, progress: Optional[ProgressCallback] = None, n_s
                 "training": card["training"], "history": hist, "table": rows, "ablation": abl,
                 "timings_s": timings}, data / "mri_demo.json")
 
+    stopped = (f" (stopped early by the time limit of {fmt(float(train_seconds or 0))} s)"
+               if hist.get("stopped_by_time") else "")
     body = "<hr>" + f"<h3>PRM from MRI ({html.escape(TRAINED_LABEL)})</h3>"
     body += paragraph(
         f"Multi-sequence network (VIBE, post-contrast VIBE, IRmax, PBF -> PRM; Xu et al.), {TRAINED_LABEL}: "
@@ -213,7 +215,7 @@ def run_mri_demo(out_dir: Path, progress: Optional[ProgressCallback] = None, n_s
         f"pair), split {len(train)} train / {len(val)} validation / {len(test)} held out. Small CPU setting: "
         f"{shape[0]}x{shape[1]}x{shape[2]} grid, 3x3x3 kernels, batch 2, Adam 3e-3, "
         f"{_epochs(hist.get('epochs_run', 0))} in {fmt(float(card['training']['seconds']))} s"
-        f"{' (stopped early by the time limit of ' + fmt(float(train_seconds or 0)) + ' s)' if hist.get('stopped_by_time') else ''}; "
+        f"{stopped}; "
         f"best validation loss "
         f"{fmt(float(hist.get('best_loss', float('nan'))))} at epoch {int(hist.get('best_epoch', 0)) + 1}. "
         "The numbers below are for held-out phantoms only and say nothing about patients.")
