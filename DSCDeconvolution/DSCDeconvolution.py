@@ -51,6 +51,7 @@ _makePerfusionAIImportable()
 from perfusionai import mrml  # noqa: E402
 from perfusionai import slicer_support  # noqa: E402
 from perfusionai.dsc import methods as dsc_methods  # noqa: E402
+from perfusionai.dsc.maps import CBV_WINDOWS, INTEGRATIONS  # noqa: E402
 from perfusionai.errors import PerfusionAIError  # noqa: E402
 from PerfusionAISlicerLib import (  # noqa: E402
     BackgroundRun,
@@ -66,6 +67,10 @@ from PerfusionAISlicerLib import (  # noqa: E402
 METHOD_CHOICES = list(dsc_methods.METHODS)
 AIF_MODES = ["Automatic", "Region"]
 DEVICES = ["auto", "cpu", "cuda"]
+#: ``DSCMapsJob`` fields that the Logic's ``process`` accepts in ``peerOptions`` (issue 15's peer features).
+PEER_OPTIONS = ("parametric_shape", "parametric_dispersion_s", "aif_gamma_fit", "fwhm_map", "te2",
+                "leakage_max_k2_cv", "save_residue", "auto_mask", "motion_correction", "aif_quadratic",
+                "cbv_window", "cbv_integration", "refine_tmax")
 
 
 #
@@ -82,9 +87,12 @@ class DSCDeconvolution(ScriptedLoadableModule):
         self.parent.contributors = ["PerfusionAI team"]
         self.parent.helpText = _("""
 Perfusion maps from a dynamic susceptibility contrast (DSC) MRI series: CBV [mL/100 g],
-CBF [mL/100 g/min], MTT [s], Tmax [s] and TTP [s] by deconvolution (sSVD, cSVD, oSVD, Tikhonov)
-or learned methods (PHAE, tmax-net; trained on phantoms). Select the 4D series (sequence or
-MultiVolume), the AIF (automatic or a drawn region), optionally a brain mask, then Apply.
+CBF [mL/100 g/min], MTT [s], Tmax [s] and TTP [s] by deconvolution (sSVD, cSVD, oSVD, Tikhonov),
+the model-based delay-aware parametric fit, or learned methods (PHAE, tmax-net; trained on phantoms).
+Select the 4D series (sequence or MultiVolume), the AIF (automatic or a drawn region), optionally a
+brain mask, then Apply. "Advanced / peer options" adds FWHM, K2 CV, residue and regularisation maps,
+a gamma-variate AIF fit, dual echo, an automatic brain mask, motion correction, a quadratic AIF and
+the CBV window / integration.
 """)
         self.parent.helpText += documentationLink()
         self.parent.acknowledgementText = _("""
@@ -187,6 +195,23 @@ class DSCDeconvolutionParameterNode:
     runInBackground - run in a background process (GUI stays responsive, Cancel works).
     overlayOpacity - opacity of the CBF overlay.
     device - learned methods: auto (the GPU when found, else the CPU), cpu or cuda.
+    outputCbf - the volume that receives the CBF map (overwritten); none: a new volume per run.
+
+    Peer options (issue 15; each is a ``DSCMapsJob`` field, 0 meaning "not set" for the numbers):
+    parametricShape - parametric method: fixed gamma shape of the residue (0: fitted).
+    parametricDispersion - parametric method: exponential dispersion of the input in s.
+    aifGammaFit - replace the AIF by a gamma-variate fit of its first pass (recirculation removed).
+    fwhmMap - also an FWHM map [s] of each concentration curve.
+    secondEcho, echoTime2 - dual echo: the second echo's series and its TE in s (0: from the node);
+        delta R2* extrapolated to TE = 0.
+    leakageMaxK2Cv - with leakage correction: correct only where K2's coefficient of variation is at
+        most this (0: everywhere); adds the K2 CV map.
+    saveResidue - also the residue (a sequence, one volume per lag), regularisation and oscillation-index maps.
+    autoMask - without a brain mask: an automatic head mask (returned as a label map).
+    motionCorrection - rigid frame-to-frame motion correction (ANTsPy).
+    aifQuadraticA, aifQuadraticB - arterial delta R2* = A C + B C^2 (A > 0 turns it on; 1/(s mM), 1/(s mM^2)).
+    cbvWindow - CBV integration window: full or first_pass. cbvIntegration - trapezoid or sum.
+    refineTmax - parabolic sub-sample Tmax.
     """
 
     # Node unions name None: Slicer's parameterNodeWrapper writes None into a fresh node.
@@ -209,6 +234,22 @@ class DSCDeconvolutionParameterNode:
     runInBackground: bool = True
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
     device: Annotated[str, Choice(DEVICES)] = "auto"
+    outputCbf: Optional[vtkMRMLScalarVolumeNode]
+    parametricShape: Annotated[float, WithinRange(0.0, 50.0)] = 0.0
+    parametricDispersion: Annotated[float, WithinRange(0.0, 20.0)] = 0.0
+    aifGammaFit: bool = False
+    fwhmMap: bool = False
+    secondEcho: Union[vtkMRMLSequenceNode, vtkMRMLScalarVolumeNode, None]
+    echoTime2: Annotated[float, WithinRange(0.0, 0.5)] = 0.0
+    leakageMaxK2Cv: Annotated[float, WithinRange(0.0, 100.0)] = 0.0
+    saveResidue: bool = False
+    autoMask: bool = False
+    motionCorrection: bool = False
+    aifQuadraticA: Annotated[float, WithinRange(0.0, 1000.0)] = 0.0
+    aifQuadraticB: Annotated[float, WithinRange(0.0, 1000.0)] = 0.0
+    cbvWindow: Annotated[str, Choice(list(CBV_WINDOWS))] = "full"
+    cbvIntegration: Annotated[str, Choice(list(INTEGRATIONS))] = "trapezoid"
+    refineTmax: bool = False
 
 
 #
@@ -321,6 +362,13 @@ class DSCDeconvolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.learnedNoteLabel.setVisible(learned)
         self.ui.deviceComboBox.enabled = learned
         self.ui.svdThresholdSpinBox.enabled = method.applies("threshold")
+        parametric = method.name == "parametric"
+        self.ui.parametricShapeSpinBox.enabled = parametric
+        self.ui.parametricDispersionSpinBox.enabled = parametric
+        self.ui.leakageMaxK2CvSpinBox.enabled = p.leakageCorrection
+        self.ui.autoMaskCheckBox.enabled = p.brainMask is None
+        self.ui.echoTime2SpinBox.enabled = p.secondEcho is not None
+        self.ui.aifQuadraticBSpinBox.enabled = p.aifQuadraticA > 0
 
         running = self.logic.isRunning or self.runPanel.running
         ready = p.inputSeries is not None and (not regionMode or p.aifRegion is not None)
@@ -410,16 +458,38 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
             modelPath=None if (p.trainPhaeOnSeries and dsc_methods.resolve_method(p.method).name == "phae") else model,
             overlayOpacity=p.overlayOpacity,
             device=p.device,
+            cbfNode=p.outputCbf,
+            peerOptions=self.peerOptions(p),
             waitForCompletion=waitForCompletion,
             progressCallback=progressCallback,
             completedCallback=completedCallback,
             logCallback=logCallback,
         )
 
+    @staticmethod
+    def peerOptions(p) -> dict:
+        """The ``DSCMapsJob`` fields of a parameter node's peer options (0 = not set for the numbers)."""
+        return {
+            "parametric_shape": p.parametricShape or None,
+            "parametric_dispersion_s": float(p.parametricDispersion),
+            "aif_gamma_fit": bool(p.aifGammaFit),
+            "fwhm_map": bool(p.fwhmMap),
+            "te2": (p.echoTime2 or None) if p.secondEcho is not None else None,
+            "leakage_max_k2_cv": (p.leakageMaxK2Cv or None) if p.leakageCorrection else None,
+            "save_residue": bool(p.saveResidue),
+            "auto_mask": bool(p.autoMask) and p.brainMask is None,
+            "motion_correction": bool(p.motionCorrection),
+            "aif_quadratic": (float(p.aifQuadraticA), float(p.aifQuadraticB)) if p.aifQuadraticA > 0 else None,
+            "cbv_window": p.cbvWindow,
+            "cbv_integration": p.cbvIntegration,
+            "refine_tmax": bool(p.refineTmax),
+        }
+
     def process(self, seriesNode, te=None, tr=None, aifNode=None, aifSegmentId=None, maskNode=None,
                 maskSegmentId=None, method="oSVD", threshold=None, kh=0.73, rho=1.04, leakageCorrection=False,
                 modelPath=None, overlayOpacity=0.6, showResults=True, waitForCompletion=True,
-                progressCallback=None, completedCallback=None, logCallback=None, device="auto"):
+                progressCallback=None, completedCallback=None, logCallback=None, device="auto",
+                cbfNode=None, secondEchoNode=None, peerOptions=None):
         """Compute DSC maps from scene nodes and add the results to the scene.
 
         :param seriesNode: sequence node of volumes, or MultiVolume node.
@@ -427,21 +497,40 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
         :param tr: frame interval in seconds (None: from the series).
         :param aifNode: segmentation or label map of arterial voxels; None selects the AIF automatically.
         :param maskNode: optional brain mask (segmentation or label map).
-        :param method: sSVD, cSVD, oSVD, Tikhonov, PHAE or tmax-net.
+        :param method: a method of ``perfusionai.dsc.methods.METHODS`` (sSVD, cSVD, oSVD, Tikhonov,
+            parametric, PHAE, tmax-net).
         :param modelPath: model for PHAE / tmax-net; PHAE without a model is trained on this series first.
         :param device: learned methods: "auto" (the GPU when one is found, else the CPU), "cpu" or "cuda".
+        :param cbfNode: an existing scalar volume that receives the CBF map (overwritten); None: a new one.
+        :param secondEchoNode: dual echo: the second echo (sequence or MultiVolume on the same grid).
+        :param peerOptions: ``{DSCMapsJob field: value}`` for the fields in :data:`PEER_OPTIONS`
+            (e.g. ``{"fwhm_map": True, "save_residue": True, "auto_mask": True}``); extra output maps
+            (fwhm, k2_cv, fit_r2, converged, regularisation, oscillation_index) come back as volume
+            nodes with units, the residue as a sequence node, an automatic mask as a label map.
         :param waitForCompletion: True computes in this process and returns the result nodes;
             False starts a background process, returns None and calls ``completedCallback(outcome)``.
-        :return: ``{"maps": {name: volume node}, "table", "chart", "plot", "background"}`` when waiting.
+        :return: ``{"maps": {name: volume node}, "series": {name: sequence node}, "table", "chart", "plot",
+            "background", "autoMask": label map or None}`` when waiting.
         """
         if self.isRunning:
             raise PerfusionAIError(_("A DSC computation is already running; cancel it first."))
+        peer = dict(peerOptions or {})
+        unknown = sorted(set(peer) - set(PEER_OPTIONS))
+        if unknown:
+            raise PerfusionAIError(_("Unknown DSC peer options: {names}").format(names=", ".join(unknown)))
         inputs = mrml.dsc_inputs_from_nodes(seriesNode, te=te, tr=tr, aif_node=aifNode, aif_segment_id=aifSegmentId,
                                             mask_node=maskNode, mask_segment_id=maskSegmentId)
+        echo2 = None
+        if secondEchoNode is not None:
+            echo2, peer["te2"] = mrml.dsc_second_echo_from_node(secondEchoNode, inputs.series, te2=peer.get("te2"),
+                                                                tr=tr)
+        elif peer.get("te2") is not None:
+            raise PerfusionAIError(_("TE2 needs the second echo series."))
         key = dsc_methods.resolve_method(method).name
         settings = {"method": key, "te": inputs.te, "threshold": threshold, "kh": kh, "rho": rho,
                     "leakageCorrection": leakageCorrection, "modelPath": modelPath,
-                    "overlayOpacity": overlayOpacity, "showResults": showResults, "device": device}
+                    "overlayOpacity": overlayOpacity, "showResults": showResults, "device": device,
+                    "cbfNode": cbfNode, "echo2": echo2, "peer": peer}
         if key == "tmax-net" and not modelPath:
             raise PerfusionAIError(_("tmax-net needs a model file; choose one or use PHAE."))
         return self._runJob(seriesNode, inputs, settings, inBackground=not waitForCompletion,
@@ -459,11 +548,15 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
     def _outputToNodes(self, seriesNode, output, inputs, settings):
         """The result nodes of a run, the same for the in-process and the background route; every
         node records the perfusionai version and all options."""
-        nodes = mrml.dsc_output_to_nodes(output, seriesNode, prefix=f"DSC {settings['method']}",
+        prefix = f"DSC {settings['method']}"
+        nodes = mrml.dsc_output_to_nodes(output, seriesNode, prefix=prefix,
                                          show=settings["showResults"], opacity=settings["overlayOpacity"],
-                                         attributes=self._attributes(settings), series=inputs.series)
-        mrml.record_provenance(list(nodes["maps"].values()) + [nodes["table"], nodes["chart"]],
-                               {k: v for k, v in settings.items() if k != "showResults"})
+                                         attributes=self._attributes(settings), series=inputs.series,
+                                         reuse={"cbf": settings.get("cbfNode")},
+                                         mask=slicer_support.automatic_mask_of(output))
+        recorded = list(nodes["maps"].values()) + list(nodes["series"].values()) + [nodes["table"], nodes["chart"]]
+        mrml.record_provenance(recorded + ([nodes["autoMask"]] if nodes["autoMask"] is not None else []),
+                               {k: v for k, v in settings.items() if k not in ("showResults", "cbfNode", "echo2")})
         return nodes
 
     @staticmethod
@@ -486,6 +579,10 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
         files = slicer_support.write_dsc_inputs(os.path.join(workDir, "inputs"), inputs.series.array,
                                                 inputs.series.geometry, inputs.times, mask=inputs.mask,
                                                 aif_mask=inputs.aif_mask)
+        echo2File = None
+        if settings.get("echo2") is not None:
+            echo2File = slicer_support.write_dsc_inputs(os.path.join(workDir, "echo2"), settings["echo2"],
+                                                        inputs.series.geometry, inputs.times).series
         outDir = os.path.join(workDir, "maps")
         job = DSCMapsJob(dsc=str(files.series), out=outDir, te=float(settings["te"]), tr=float(files.tr),
                          aif_mask=str(files.aif_mask) if files.aif_mask is not None else None,
@@ -493,7 +590,9 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
                          method=settings["method"], threshold=settings["threshold"], kh=float(settings["kh"]),
                          rho=float(settings["rho"]), leakage_correction=bool(settings["leakageCorrection"]),
                          model_path=str(settings["modelPath"]) if settings["modelPath"] else None,
-                         device=self._device(settings, logCallback))
+                         device=self._device(settings, logCallback),
+                         dsc_echo2=str(echo2File) if echo2File is not None else None,
+                         **settings.get("peer", {}))
         settings = dict(settings, job=job.to_json())
 
         def readOutputs():

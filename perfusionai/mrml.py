@@ -762,10 +762,17 @@ def show_map(volume_node, map_type: str, window: Optional[tuple[float, float]] =
         floor = min(low, 0.0) if low < 0 else 1e-6 * max(abs(high), 1.0)
         display.SetThreshold(floor, float(np.finfo(np.float32).max))
         display.ApplyThresholdOn()
-    units = MAP_UNITS.get(map_type.lower())
+    units = _all_map_units().get(map_type.lower())
     volume_node.SetAttribute("PerfusionAI.MapType", map_type.lower())
     if units:
         volume_node.SetAttribute("PerfusionAI.Units", units)
+
+
+def _all_map_units() -> Mapping[str, str]:
+    """The core's map units plus those of the optional DSC outputs (``slicer_support.EXTRA_MAP_UNITS``)."""
+    from .slicer_support import EXTRA_MAP_UNITS
+
+    return {**EXTRA_MAP_UNITS, **MAP_UNITS}
 
 
 def show_overlay(background_node, foreground_node, opacity: float = 0.6, fit: bool = False,
@@ -877,6 +884,20 @@ def dsc_inputs_from_nodes(series_node, te: Optional[float] = None, tr: Optional[
     return DSCNodeInputs(series, resolved_te, mask, aif_mask)
 
 
+def dsc_second_echo_from_node(node, first: Series, te2: Optional[float] = None,
+                              tr: Optional[float] = None) -> tuple[np.ndarray, float]:
+    """The second echo of a dual-echo DSC series: ``(float [k, j, i, t], TE2 in s)``.
+
+    ``node`` is a sequence or MultiVolume node on the first echo's grid with as many frames;
+    ``te2`` None reads the node's echo time.
+    """
+    second = series_from_node(node, tr=tr)
+    if tuple(second.array.shape) != tuple(first.array.shape):
+        raise input_error(node.GetName(), f"second echo of shape {tuple(second.array.shape)} differs from the "
+                                          f"first echo's {tuple(first.array.shape)}")
+    return second.array, _resolve_te(te2, second)
+
+
 def _browser_for_sequence(sequence_node):
     scene = _scene()
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode")):
@@ -927,7 +948,8 @@ def _parent_with_input(nodes: Sequence, input_node, folder_name: str) -> None:
 
 def dsc_output_to_nodes(output, series_node, prefix: str = "DSC", show: bool = True,
                         overlay_map: str = "cbf", opacity: float = 0.6, attributes: Optional[Mapping] = None,
-                        series: Optional[Series] = None, sequences_logic=None) -> dict:
+                        series: Optional[Series] = None, sequences_logic=None,
+                        reuse: Optional[Mapping[str, object]] = None, mask: Optional[np.ndarray] = None) -> dict:
     """Put a DSC run's results into the scene and show them.
 
     Parameters
@@ -939,19 +961,39 @@ def dsc_output_to_nodes(output, series_node, prefix: str = "DSC", show: bool = T
     show
         Show ``overlay_map`` over the mid-bolus frame in the slice views and the
         curves in a plot view; False only builds the nodes (batch, tests).
+    reuse
+        ``{map name: volume node}`` chosen by the user: that map is written into that node
+        (voxels, geometry and name replaced) instead of a new one.
+    mask
+        bool ``[k, j, i]``: the mask the run made itself (``auto_mask``), added as the label map
+        ``"<prefix> automatic brain mask"``.
 
     Returns
     -------
     dict
         ``{"maps": {name: volume node}, "table": table node, "chart": chart node,
-        "plot": {table, chart, series}, "background": frame volume node}``.
+        "plot": {table, chart, series}, "background": frame volume node,
+        "series": {name: sequence node}}`` (``series``: per-voxel curves such as the residue,
+        one volume per lag, index unit s); ``"autoMask"``: the label map of ``mask`` or None.
     """
     map_nodes = {}
+    reuse = {k: v for k, v in (reuse or {}).items() if v is not None}
     for name, array in output.maps.items():
-        node = volume_node_from_array(array, output.geometry, f"{prefix} {name.upper()}")
+        node = volume_node_from_array(array, output.geometry, f"{prefix} {name.upper()}", node=reuse.get(name))
         show_map(node, name)
         set_attributes(node, attributes or {})
         map_nodes[name] = node
+    series_nodes = {}
+    for name, (curves, lags) in getattr(output, "series", {}).items():
+        sequence, _browser = sequence_node_from_series(curves, output.geometry, lags, f"{prefix} {name}",
+                                                       browser=False)
+        set_attributes(sequence, dict(attributes or {}, Units=_all_map_units().get(name, ""), MapType=name))
+        series_nodes[name] = sequence
+    mask_node = None
+    if mask is not None:
+        mask_node = volume_node_from_array(np.asarray(mask).astype(np.uint8), output.geometry,
+                                           f"{prefix} automatic brain mask", label=True)
+        set_attributes(mask_node, attributes or {})
     table = table_node_from_rows(output.median_rows(), f"{prefix} medians")
     plot_nodes: dict = {}
     chart = plot_curves(np.asarray(output.times), {"AIF (1/s)": output.aif,
@@ -966,9 +1008,12 @@ def dsc_output_to_nodes(output, series_node, prefix: str = "DSC", show: bool = T
                                    sequences_logic=sequences_logic)
     if show and overlay_map in map_nodes:
         show_overlay(background, map_nodes[overlay_map], opacity=opacity, fit=True)
-    created = list(map_nodes.values()) + [table, chart]
+    created = list(map_nodes.values()) + list(series_nodes.values()) + [table, chart]
+    if mask_node is not None:
+        created.append(mask_node)
     browser = _browser_for_sequence(series_node) if series_node.IsA("vtkMRMLSequenceNode") else None
     if browser is None or not browser.IsProxyNodeID(background.GetID()):
         created.append(background)
     _parent_with_input(created, series_node, f"{prefix} results")
-    return {"maps": map_nodes, "table": table, "chart": chart, "plot": plot_nodes, "background": background}
+    return {"maps": map_nodes, "table": table, "chart": chart, "plot": plot_nodes, "background": background,
+            "series": series_nodes, "autoMask": mask_node}
