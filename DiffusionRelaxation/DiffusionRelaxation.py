@@ -166,6 +166,8 @@ class DiffusionRelaxationParameterNode:
     noiseSigma - noise SD for the Rician noise-floor correction (0: off).
     overlayOpacity - opacity of the map shown over the first volume.
     runInBackground - run ``perfusionai dr fit|predict`` in a background process (Cancel works).
+    outputMap - the volume that receives the shown map (``OVERLAY_MAP``: ADC, Dt or D; overwritten);
+        none: a new volume per run.
     """
 
     # The binding sets the combo box's node types from this annotation; a DWI volume is a scalar
@@ -185,6 +187,7 @@ class DiffusionRelaxationParameterNode:
     noiseSigma: Annotated[float, WithinRange(0.0, 1000000.0)] = 0.0
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
     runInBackground: bool = True
+    outputMap: Optional[vtkMRMLScalarVolumeNode]
 
 
 #
@@ -394,6 +397,7 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
             modelPath=p.modelPath or None,
             noiseSigma=p.noiseSigma or None,
             overlayOpacity=p.overlayOpacity,
+            mapNode=p.outputMap,
             waitForCompletion=waitForCompletion,
             progressCallback=progressCallback,
             completedCallback=completedCallback,
@@ -418,7 +422,7 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
     def process(self, seriesNode, mode="Fit", model="t2ivimkurtosis", bvalsPath=None, tesPath=None, maskNode=None,
                 maskSegmentId=None, roiNode=None, roiSegmentId=None, modelPath=None, noiseSigma=None,
                 overlayOpacity=0.6, showResults=True, waitForCompletion=True, progressCallback=None,
-                completedCallback=None, logCallback=None):
+                completedCallback=None, logCallback=None, mapNode=None):
         """Fit a signal model (``mode="Fit"``) or predict the advanced maps (``mode="Predict"``).
 
         :param seriesNode: sequence node of volumes, MultiVolume node, DWI volume node (e.g. a loaded DWI NRRD),
@@ -429,6 +433,8 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
         :param roiNode: statistics region (default: the fitted voxels).
         :param modelPath: model folder for Predict.
         :param noiseSigma: noise SD (signal units) for the Rician noise-floor correction.
+        :param mapNode: an existing scalar volume that receives the shown map (ADC for clinical, Dt for
+            t2ivimkurtosis and Predict, D for ivim; overwritten); None: a new volume.
         :param waitForCompletion: True computes in this process and returns the result nodes; False runs
             ``perfusionai dr fit|predict`` in a background process, returns None and calls
             ``completedCallback(outcome)``.
@@ -447,7 +453,7 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
         roi = (mrml.mask_from_node(roiNode, series.geometry, roiSegmentId, "statistics ROI"), roiNode.GetName()) \
             if roiNode is not None else None
         settings = {"mode": mode, "model": model, "modelPath": modelPath, "noiseSigma": noiseSigma,
-                    "overlayOpacity": overlayOpacity, "showResults": showResults}
+                    "overlayOpacity": overlayOpacity, "showResults": showResults, "mapNode": mapNode}
         return self._runJob(seriesNode, series, protocol, mask, roi, settings, inBackground=not waitForCompletion,
                             progressCallback=progressCallback, completedCallback=completedCallback,
                             logCallback=logCallback)
@@ -475,7 +481,8 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
             region, roiName = pipeline.fitted_region(maps), "fitted voxels"
         mapNodes = {}
         for name, values in maps.items():
-            node = mrml.volume_node_from_array(values, series.geometry, f"{prefix} {name}")
+            node = mrml.volume_node_from_array(values, series.geometry, f"{prefix} {name}",
+                                               node=settings.get("mapNode") if name == overlayName else None)
             mrml.show_map(node, name)
             mrml.set_attributes(node, dict(attributes, Map=name, Units=drmodels.MAP_UNITS.get(name, "")))
             mapNodes[name] = node
@@ -493,7 +500,7 @@ class DiffusionRelaxationLogic(ScriptedLoadableModuleLogic):
             mrml.show_overlay(background, mapNodes[overlayName], opacity=settings["overlayOpacity"])
         created = list(mapNodes.values()) + [table, signalsNode]
         mrml.group_results(created, seriesNode, f"{prefix} results")
-        mrml.record_provenance(created, {k: v for k, v in settings.items() if k != "showResults"})
+        mrml.record_provenance(created, {k: v for k, v in settings.items() if k not in ("showResults", "mapNode")})
         return {"maps": mapNodes, "table": table, "signals": signalsNode}
 
     def _runJob(self, seriesNode, series, protocol, mask, roi, settings, inBackground, progressCallback=None,

@@ -243,3 +243,33 @@ def _proxy(built, nodes):
     browser = built["browser"]
     return int(browser is not None and nodes["background"] is not None
                and browser.IsProxyNodeID(nodes["background"].GetID()))
+
+
+# --------------------------------------------------------------------------------------
+# Diffusion Relaxation: the output map selector (issue 12 item 3)
+
+
+@ROUTES
+def test_diffusion_relaxation_writes_the_shown_map_into_the_chosen_volume(layer, background):
+    mod = layer.load_module("DiffusionRelaxation")
+    assert _ui_parameter_names("DiffusionRelaxation")["outputMap"] == "qMRMLNodeComboBox"
+    assert "outputMap" in mod.DiffusionRelaxationParameterNode.allParameters
+    built = mod.loadDRPhantom(shape=(2, 6, 6), snr=None)
+    chosen = layer.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my ADC")
+    logic = mod.DiffusionRelaxationLogic()
+    kwargs = dict(mode="Fit", model="clinical", maskNode=built["body"], showResults=False)
+    if background:
+        outcomes = []
+        logic.process(built["series"], waitForCompletion=False, completedCallback=outcomes.append, mapNode=chosen,
+                      **kwargs)
+        _follow(logic._run)
+        assert len(outcomes) == 1 and "nodes" in outcomes[0], outcomes
+        nodes = outcomes[0]["nodes"]
+    else:
+        nodes = logic.process(built["series"], mapNode=chosen, **kwargs)
+    assert nodes["maps"]["adc"] is chosen
+    fresh = logic.process(built["series"], **kwargs)
+    assert fresh["maps"]["adc"] is not chosen
+    body = built["phantom"].body.astype(bool)
+    np.testing.assert_allclose(_values(layer, chosen)[body], _values(layer, fresh["maps"]["adc"])[body], rtol=1e-5)
+    assert chosen.GetAttribute("PerfusionAI.Units") == fresh["maps"]["adc"].GetAttribute("PerfusionAI.Units")
