@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -192,14 +193,22 @@ def _run_block(block: Block, cwd: Path) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     script = "set -e -o pipefail\n" + block.script()
+    # its own process group, so a block that runs past the limit is stopped with every child it started
+    proc = subprocess.Popen(["bash", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        done = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=BLOCK_TIMEOUT_S)
+        stdout, stderr = proc.communicate(timeout=BLOCK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
         pytest.fail(f"README block at line {block.line} ({block.section}) ran past {BLOCK_TIMEOUT_S} s")
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-4:]
-        pytest.fail(f"README block at line {block.line} ({block.section}) exited {done.returncode}: "
+    if proc.returncode != 0:
+        tail = (stderr or stdout).strip().splitlines()[-4:]
+        pytest.fail(f"README block at line {block.line} ({block.section}) exited {proc.returncode}: "
                     + " | ".join(tail))
 
 
