@@ -202,3 +202,27 @@ def test_every_help_page_renders():
         assert text.startswith("usage: perfusionai"), path
         pages += 1
     assert pages > 30
+
+
+def test_sigterm_handler_lets_forked_workers_die():
+    """A worker forked during a run (nnU-Net's preprocessing pool) inherits the SIGTERM handler; when its
+    pool terminates it, it must die, not raise Terminated and hang the pool."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    from perfusionai import cli
+
+    previous = signal.signal(signal.SIGTERM, cli._on_sigterm)
+    saved_pid, cli._HANDLER_PID = cli._HANDLER_PID, os.getpid()
+    try:
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        worker.start()
+        time.sleep(0.3)
+        worker.terminate()
+        worker.join(10)
+        assert worker.exitcode == -signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        cli._HANDLER_PID = saved_pid

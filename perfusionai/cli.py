@@ -136,7 +136,17 @@ class Terminated(KeyboardInterrupt):
     """Raised by the SIGTERM handler of :func:`main`: a run stopped from outside cleans up like Ctrl-C."""
 
 
+#: The process that installed the SIGTERM handler; worker processes forked from it inherit the handler.
+_HANDLER_PID: Optional[int] = None
+
+
 def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    if os.getpid() != _HANDLER_PID:
+        # a forked worker (nnU-Net's preprocessing pool, ...) being stopped by its pool: die as usual,
+        # never turn its SIGTERM into an exception that keeps it alive and hangs the pool
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise Terminated()
 
 
@@ -171,6 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
+    global _HANDLER_PID
+    _HANDLER_PID = os.getpid()
     previous_handler = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     label = " ".join(str(w) for w in (getattr(args, "domain", None), getattr(args, "verb", None)) if w)
     try:
