@@ -10,7 +10,7 @@ install commands of "## Two commands" and the Slicer build/launch blocks (cmake,
   folder.
 * ``pytest -m slow Testing/test_readme_commands.py``: every block is executed with bash (``set -e``),
   in README order, in one temporary folder, so a block can use what an earlier one wrote; the
-  ``perfusionai`` on the PATH is this interpreter's. Budget: about 20 minutes on 2 cores with the
+  ``perfusionai`` on the PATH is this interpreter's. Budget: about 10 minutes on 2 cores with the
   quick settings, 10 minutes at most per block.
 
 Small settings: a command may end with a comment ``# quick: <options>`` (the text after ``quick:``
