@@ -67,10 +67,13 @@ from PerfusionAISlicerLib import (  # noqa: E402
 METHOD_CHOICES = list(dsc_methods.METHODS)
 AIF_MODES = ["Automatic", "Region"]
 DEVICES = ["auto", "cpu", "cuda"]
-#: ``DSCMapsJob`` fields that the Logic's ``process`` accepts in ``peerOptions`` (issue 15's peer features).
+#: ``DSCMapsJob`` fields that the Logic's ``process`` accepts in ``peerOptions`` (issue 15's peer features,
+#: all in the panel's parameter node) ...
 PEER_OPTIONS = ("parametric_shape", "parametric_dispersion_s", "aif_gamma_fit", "fwhm_map", "te2",
                 "leakage_max_k2_cv", "save_residue", "auto_mask", "motion_correction", "aif_quadratic",
                 "cbv_window", "cbv_integration", "refine_tmax")
+#: ... and those accepted from Python only (not in the panel).
+SCRIPT_OPTIONS = ("baseline_frames",)
 
 
 #
@@ -503,7 +506,8 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
         :param device: learned methods: "auto" (the GPU when one is found, else the CPU), "cpu" or "cuda".
         :param cbfNode: an existing scalar volume that receives the CBF map (overwritten); None: a new one.
         :param secondEchoNode: dual echo: the second echo (sequence or MultiVolume on the same grid).
-        :param peerOptions: ``{DSCMapsJob field: value}`` for the fields in :data:`PEER_OPTIONS`
+        :param peerOptions: ``{DSCMapsJob field: value}`` for the fields in :data:`PEER_OPTIONS` and
+            :data:`SCRIPT_OPTIONS`
             (e.g. ``{"fwhm_map": True, "save_residue": True, "auto_mask": True}``); extra output maps
             (fwhm, k2_cv, fit_r2, converged, regularisation, oscillation_index) come back as volume
             nodes with units, the residue as a sequence node, an automatic mask as a label map.
@@ -515,7 +519,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
         if self.isRunning:
             raise PerfusionAIError(_("A DSC computation is already running; cancel it first."))
         peer = dict(peerOptions or {})
-        unknown = sorted(set(peer) - set(PEER_OPTIONS))
+        unknown = sorted(set(peer) - set(PEER_OPTIONS) - set(SCRIPT_OPTIONS))
         if unknown:
             raise PerfusionAIError(_("Unknown DSC peer options: {names}").format(names=", ".join(unknown)))
         inputs = mrml.dsc_inputs_from_nodes(seriesNode, te=te, tr=tr, aif_node=aifNode, aif_segment_id=aifSegmentId,
