@@ -13,7 +13,6 @@ its part (PHAE trained on this phantom) is appended.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import json
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cli import main as cli_main
+from ..deps import available
 from ..errors import PerfusionAIError
 from ..io import read_volume
 from ..report import figures
@@ -180,12 +180,9 @@ def run_demo(out_dir: Path, progress=None) -> ReportSection | list[ReportSection
         body += _parametric_quality(json.loads((summary_path / "summary.json").read_text()))
     section = ReportSection("DSC perfusion (DSCDeconvolution)", body, images)
 
-    try:
-        learned_demo = importlib.import_module("perfusionai.dsc.learned_demo")
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").endswith("learned_demo"):
-            raise
-    else:
+    if available("torch") and available("safetensors"):  # the learned methods are the [learned] extra
+        from . import learned_demo
+
         report(0.6, "learned methods")
         sub = progress.sub(0.6, 0.98) if hasattr(progress, "sub") else None
         reference = {label: {k: results[label][k] for k in ("cbf", "mtt")} for label in ("oSVD", "Tikhonov (GCV)")}
