@@ -81,7 +81,8 @@ def test_local_cluster_broken_case_resume_and_changed_options(cohort, tmp_path):
         assert float(rows[case]["cbf.median"]) == pytest.approx(expected, rel=1e-3)
     assert rows["broken"]["cbf.median"] == ""
     page = (out / batch.SUMMARY_HTML).read_text()
-    assert 'href="p1/"' in page and "failed" in page
+    assert 'href="p1/"' in page and 'href="p1/summary.json"' in page and "failed" in page
+    assert ".perfusionai-outputs" not in page  # the hidden output manifest is no report link
 
     # resume: identical inputs and options are skipped (outputs untouched); the failed case is tried again
     stamp = (out / "p1" / "cbf.nii.gz").stat().st_mtime_ns

@@ -405,7 +405,7 @@ def _summary_html(out_dir: Path, outcomes, order, keys, rows) -> str:
             rel = os.path.relpath(folder, out_dir)
             links.append(f'<a href="{html.escape(rel)}/">folder</a>')
             for item in sorted(folder.iterdir()):
-                if item.suffix in (".html", ".json", ".csv", ".png"):
+                if item.suffix in (".html", ".json", ".csv", ".png") and not item.name.startswith("."):
                     links.append(f'<a href="{html.escape(os.path.relpath(item, out_dir))}">{html.escape(item.name)}</a>')
         status = html.escape(str(row["status"]))
         if outcome.status == "failed":
