@@ -114,23 +114,7 @@ def readme_blocks() -> list[Block]:
 
 def readme_commands() -> list[Command]:
     """Every ``perfusionai ...`` command of the README's bash blocks, in order."""
-    lines = README.read_text(encoding="utf-8").splitlines()
-    commands, section, block, start = [], "", None, 0
-    for number, line in enumerate(lines, start=1):
-        if block is None and line.startswith("#"):
-            section = line.lstrip("#").strip()
-        if line.strip().startswith("```"):
-            if block is None and line.strip() == "```bash":
-                block, start = [], number
-            elif block is not None:
-                body = "\n".join(text for _, text in block)
-                if not any(word in body for word in SKIP_BLOCK_WORDS):
-                    commands.extend(_commands_of(block, section))
-                block = None
-            continue
-        if block is not None:
-            block.append((number, line))
-    return commands
+    return [command for block in readme_blocks() for command in _commands_of(list(block.lines), block.section)]
 
 
 def _commands_of(block: list[tuple[int, str]], section: str) -> list[Command]:
