@@ -87,7 +87,7 @@ def test_local_cluster_broken_case_resume_and_changed_options(cohort, tmp_path):
     # resume: identical inputs and options are skipped (outputs untouched); the failed case is tried again
     stamp = (out / "p1" / "cbf.nii.gz").stat().st_mtime_ns
     again = _perfusionai("batch", "--cohort", str(cohort / "cohort.csv"), "--out", str(out), "--workers", "1",
-                         "--no-progress", "--", "dsc", "maps", "--te", "0.03", "--method", "sSVD", cwd=tmp_path)
+                         "--progress", "none", "--", "dsc", "maps", "--te", "0.03", "--method", "sSVD", cwd=tmp_path)
     assert again.returncode == 1
     status = _status(out)
     assert status["p1"]["status"] == status["p2"]["status"] == "skipped"
@@ -96,7 +96,7 @@ def test_local_cluster_broken_case_resume_and_changed_options(cohort, tmp_path):
 
     # other options for every case change the content hash: the cases run again
     third = _perfusionai("batch", "--cohort", str(cohort / "cohort.csv"), "--out", str(out), "--workers", "1",
-                         "--no-progress", "--", "dsc", "maps", "--te", "0.03", "--method", "cSVD", cwd=tmp_path)
+                         "--progress", "none", "--", "dsc", "maps", "--te", "0.03", "--method", "cSVD", cwd=tmp_path)
     assert third.returncode == 1
     assert _status(out)["p1"]["status"] == "done"
     assert json.loads((out / "p1" / "summary.json").read_text())["options"]["method"] == "cSVD"
@@ -126,7 +126,7 @@ def test_separately_started_scheduler_and_worker(cohort, tmp_path):
                          f"broken,{cohort / 'not_4d.nii.gz'},\n")
         out = tmp_path / "remote"
         run = _perfusionai("batch", "--cohort", str(table), "--out", str(out), "--scheduler", address,
-                           "--no-progress", "--", "dsc", "maps", "--te", "0.03", "--mask",
+                           "--progress", "none", "--", "dsc", "maps", "--te", "0.03", "--mask",
                            str(cohort / "ph1" / "brain_mask.nii.gz"), cwd=tmp_path)
         assert run.returncode == 1, run.stderr + run.stdout
         status = _status(out)

@@ -226,3 +226,70 @@ def test_sigterm_handler_lets_forked_workers_die():
     finally:
         signal.signal(signal.SIGTERM, previous)
         cli._HANDLER_PID = saved_pid
+
+
+# ---------------------------------------------------------------- one name per idea (issue 16)
+
+#: Option names that mean one idea; at most one of each group may be visible anywhere in the CLI, the
+#: others are hidden aliases kept for one release.
+SYNONYMS = (
+    ("--learning-rate", "--lr"),
+    ("--architecture", "--arch"),
+    ("--subjects", "--patients", "--n", "--cases"),
+    ("--ref", "--reference"),
+    ("--median-size", "--median"),
+    ("--shape", "--input-shape"),
+    ("--trained-on-phantoms", "--phantom-data"),
+    ("--progress", "--no-progress"),
+)
+#: The first name of each group is the one every verb shows.
+CANONICAL = {group[0] for group in SYNONYMS}
+
+
+def _visible_verbs():
+    """``(path, parser, {visible option: action}, {hidden option: action})`` of every listed verb."""
+    for path, sub, help_text in cli.iter_parsers(cli.build_parser()):
+        if path and help_text is None:  # an old verb name, not listed in its domain's help
+            continue
+        visible, hidden = {}, {}
+        for action in sub._actions:
+            for flag in action.option_strings:
+                (hidden if action.help is argparse.SUPPRESS else visible)[flag] = action
+        yield path, sub, visible, hidden
+
+
+def test_one_visible_name_per_idea_and_old_names_are_aliases():
+    shown: dict = {}
+    for path, _sub, visible, hidden in _visible_verbs():
+        for group in SYNONYMS:
+            for flag in set(group) & set(visible):
+                shown.setdefault(group, set()).add(flag)
+            for old in set(group) & set(hidden):  # an old name sets what the shown name sets
+                assert any(visible[f].dest == hidden[old].dest for f in set(group) & set(visible)), (path, old)
+    mixed = {group: names for group, names in shown.items() if len(names) > 1 or not names <= CANONICAL}
+    assert not mixed, f"one idea shown under several names, or not under its canonical one: {mixed}"
+    verbs = [path for path, *_ in _visible_verbs()]
+    plural = [p for p in verbs if p and p[-1].endswith("s") and p[:-1] + (p[-1][:-1],) in verbs]
+    assert not plural, f"a verb listed under its singular and plural names: {plural}"
+
+
+@pytest.mark.parametrize("old, new", [
+    (["dsc", "train-tmax", "--dsc", "a.nii.gz", "--out", "m", "--arch", "conv1", "--lr", "0.01"],
+     ["dsc", "train-tmax", "--dsc", "a.nii.gz", "--out", "m", "--architecture", "conv1", "--learning-rate", "0.01"]),
+    (["dsc", "train-phae", "--dsc", "a.nii.gz", "--mask", "b.nii.gz", "--out", "m", "--lr", "0.01"],
+     ["dsc", "train-phae", "--dsc", "a.nii.gz", "--mask", "b.nii.gz", "--out", "m", "--learning-rate", "0.01"]),
+    (["ctpm", "phantoms", "--out", "c", "--n", "3"], ["ctpm", "phantom", "--out", "c", "--subjects", "3"]),
+    (["dr", "phantom", "--out", "c", "--patients", "3"], ["dr", "phantom", "--out", "c", "--subjects", "3"]),
+    (["prm", "ct", "--insp", "i", "--exp", "e", "--out", "o", "--median", "5"],
+     ["prm", "ct", "--insp", "i", "--exp", "e", "--out", "o", "--median-size", "5"]),
+    (["prm", "predict", "--vibe", "v", "--model", "m", "--out", "o", "--reference", "r"],
+     ["prm", "predict", "--vibe", "v", "--model", "m", "--out", "o", "--ref", "r"]),
+    (["batch", "--cohort", "c.csv", "--out", "o", "--no-progress", "--", "dsc", "maps"],
+     ["batch", "--cohort", "c.csv", "--out", "o", "--progress", "none", "--", "dsc", "maps"]),
+])
+def test_old_option_names_parse_to_the_same_values(old, new):
+    parser = cli.build_parser()
+    parsed_old, parsed_new = vars(parser.parse_args(old)), vars(parser.parse_args(new))
+    for key in ("handler", "verb"):  # the old verb name selects the same handler under its own name
+        parsed_old.pop(key, None), parsed_new.pop(key, None)
+    assert parsed_old == parsed_new

@@ -232,7 +232,7 @@ def test_train_tmax_cli_with_osvd_teacher_then_maps(tmp_path):
     series = ["--dsc", str(tmp_path / "ph" / "dsc.nii.gz"), "--te", str(ph.te),
               "--aif-mask", str(tmp_path / "ph" / "aif_mask.nii.gz"), "--mask", str(tmp_path / "ph" / "brain_mask.nii.gz")]
     model = tmp_path / "tmax_model"
-    assert main(["dsc", "train-tmax", *series, "--teacher", "osvd", "--arch", "conv1", "--epochs", "3",
+    assert main(["dsc", "train-tmax", *series, "--teacher", "osvd", "--architecture", "conv1", "--epochs", "3",
                  "--trained-on-phantoms", "--out", str(model), "--progress", "none"]) == 0
     card = json.loads((model / "model.json").read_text())
     assert card["inputs"]["n_frames"] == ph.times.size and card["trained_on_phantoms"] is True
@@ -248,3 +248,39 @@ def test_train_tmax_cli_with_osvd_teacher_then_maps(tmp_path):
     assert main(["dsc", "maps", "--dsc", str(short), *series[2:], "--method", "tmax-net", "--model", str(model),
                  "--out", str(tmp_path / "never"), "--progress", "none"]) == 2
     assert not (tmp_path / "never").exists()
+
+
+def test_grade_takes_rois_as_labels_of_a_label_map(tmp_path):
+    # the same cohort as above, with both ROIs as labels of one label map: the same ratios and AUC
+    geometry = Geometry((1, 2, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    rois = np.zeros((1, 2, 4), np.uint8)
+    rois[0, 0, :2] = 5   # lesion
+    rois[0, 1, :] = 2    # reference
+    write_volume(rois, geometry, tmp_path / "rois.nii.gz")
+    rows = []
+    for n, (score, label) in enumerate(zip(SCORES, LABELS)):
+        cbf = np.full((1, 2, 4), 20.0, np.float32)
+        cbf[0, 0, :2] = 20.0 * score
+        write_volume(cbf, geometry, tmp_path / f"cbf{n}.nii.gz")
+        rows.append({"subject": f"s{n}", "map": f"cbf{n}.nii.gz", "roi_lesion": "rois.nii.gz", "roi_lesion_label": "5",
+                     "roi_reference": "rois.nii.gz", "roi_reference_label": "2", "label": label})
+    with open(tmp_path / "table.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    from perfusionai.cli import main
+
+    assert main(["dsc", "grade", "--table", str(tmp_path / "table.csv"), "--out", str(tmp_path / "out"),
+                 "--bootstrap", "50", "--progress", "none"]) == 0
+    ratios = list(csv.DictReader(open(tmp_path / "out" / "ratios.csv")))
+    assert [float(r["roi_ratio"]) for r in ratios] == pytest.approx(SCORES, rel=1e-5)
+    result = json.loads((tmp_path / "out" / "grading.json").read_text())["methods"]["map"]
+    assert result["auc"] == pytest.approx(11 / 12)
+    rows[3]["roi_lesion_label"] = "4"  # a label the map does not hold: one clear error naming the file
+    with open(tmp_path / "bad.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert main(["dsc", "grade", "--table", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "o2"),
+                 "--progress", "none"]) == 2
+    assert not (tmp_path / "o2").exists()

@@ -47,7 +47,7 @@ def test_predict_with_a_subset_of_sequences_keeps_the_grid(cohort, trained_model
     out = tmp_path / "pred"
     rc = main(["prm", "predict", "--vibe", str(sub / "vibe.nii.gz"), "--irmax", str(sub / "irmax.nii.gz"),
                "--lung-mask", str(sub / "lung_mask.nii.gz"), "--lobes", str(sub / "lobes.nii.gz"),
-               "--reference", str(sub / "prm.nii.gz"), "--model", str(trained_model), "--out", str(out),
+               "--ref", str(sub / "prm.nii.gz"), "--model", str(trained_model), "--out", str(out),
                "--device", "cpu", "--progress", "none"])
     assert rc == 0
     assert "trained on phantoms" in capsys.readouterr().out
@@ -123,7 +123,7 @@ def test_predict_never_overwrites_its_inputs(cohort, trained_model, tmp_path, ca
     shutil.copytree(root / "mri004", subject)
     before = (subject / "prm.nii.gz").read_bytes()
     rc = main(["prm", "predict", "--vibe", str(subject / "vibe.nii.gz"), "--lung-mask",
-               str(subject / "lung_mask.nii.gz"), "--reference", str(subject / "prm.nii.gz"),
+               str(subject / "lung_mask.nii.gz"), "--ref", str(subject / "prm.nii.gz"),
                "--model", str(trained_model), "--out", str(subject), "--device", "cpu", "--progress", "none"])
     err = capsys.readouterr().err
     assert rc == 2 and "prm.nii.gz" in err and len(err.strip().splitlines()) == 1
@@ -191,7 +191,7 @@ def test_mri_cohort_phantom_feeds_predict_and_ablation_as_written(phantom_cohort
     assert is_phantom_cohort(phantom_cohort_csv)
     subject = phantom_cohort_csv.parent / cases[0].subject
     assert main(["prm", "predict", "--vibe", str(subject / "vibe.nii.gz"), "--lung-mask",
-                 str(subject / "lung_mask.nii.gz"), "--lobes", str(subject / "lobes.nii.gz"), "--reference",
+                 str(subject / "lung_mask.nii.gz"), "--lobes", str(subject / "lobes.nii.gz"), "--ref",
                  str(subject / "prm.nii.gz"), "--model", str(trained_model), "--out", str(tmp_path / "pred"),
                  "--device", "cpu", "--progress", "none"]) == 0
     assert main(["prm", "ablation", "--cohort", str(phantom_cohort_csv), "--model", str(trained_model),

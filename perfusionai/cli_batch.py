@@ -36,7 +36,11 @@ def register(subparsers) -> None:
                             "cluster; on an existing cluster, each worker's cores / its concurrent tasks)")
     batch.add_argument("--case-timeout", type=float, default=None, metavar="SECONDS",
                        help="stop a case that runs longer than this and mark it failed (default: no limit)")
-    batch.add_argument("--no-progress", action="store_true", help="no progress bar over cases")
+    batch.add_argument("--progress", choices=("bar", "none"), default="bar",
+                       help="progress over cases: 'bar' draws a bar on stderr when it is a terminal and prints a "
+                            "timestamped line per finished case when it is not; 'none' is silent")
+    batch.add_argument("--no-progress", action="store_const", const="none", dest="progress",
+                       help=argparse.SUPPRESS)  # the old name, kept for one release
     batch.add_argument("command", nargs=argparse.REMAINDER,
                        help="after '--': the domain, the verb and the options every case gets")
     batch.set_defaults(handler=_run_batch_cli)
@@ -52,7 +56,7 @@ def _run_batch_cli(args: argparse.Namespace) -> int:
         raise PerfusionAIError("--threads-per-case: must be at least 1")
     outcomes = run_batch(args.cohort, args.out, command, workers=args.workers, scheduler=args.scheduler,
                          threads_per_case=args.threads_per_case, timeout_s=args.case_timeout,
-                         show_progress=not args.no_progress)
+                         show_progress=args.progress != "none")
     done = sum(o.status == "done" for o in outcomes.values())
     skipped = sum(o.status == "skipped" for o in outcomes.values())
     failed = sum(o.status == "failed" for o in outcomes.values())

@@ -153,7 +153,10 @@ def register(subparsers) -> None:
     hidden = verbs.add_parser("phantoms", description=description)  # old name, not listed (no help entry)
     for parser in (phantom, hidden):
         parser.add_argument("--out", required=True, help="output folder")
-        parser.add_argument("--n", type=positive_int, default=8, help="number of patients (8)")
+        parser.add_argument("--subjects", type=positive_int, default=8, dest="n",
+                            help="number of phantom subjects (patients)")
+        parser.add_argument("--n", type=positive_int, dest="n", default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS)  # the old name, kept for one release
         parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
         parser.add_argument("--spacing", type=positive_float, default=3.0, help="CT voxel size in mm (3)")
         add_common_options(parser)

@@ -148,7 +148,10 @@ def register(subparsers) -> None:
                                       "protocol, 21 volumes) with bvals and tes, tumour.nii.gz, truth_<map>.nii.gz, "
                                       "and the clinical-protocol series clinical.nii.gz (5 volumes) with "
                                       "clinical_bvals and clinical_tes (the input of 'dr predict').")
-    ph.add_argument("--patients", type=positive_int, default=6, help="number of patients (phantoms) to write")
+    ph.add_argument("--subjects", type=positive_int, default=6, dest="patients",
+                    help="number of phantom subjects (patients) to write")
+    ph.add_argument("--patients", type=positive_int, dest="patients", default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS)  # the old name, kept for one release
     ph.add_argument("--snr", type=positive_float, default=60.0, help="SNR at b=0, minimum TE, liver")
     ph.add_argument("--seed", type=int, default=0, help="random seed of the cohort")
     ph.add_argument("--out", required=True, help="output folder")

@@ -16,7 +16,8 @@ import numpy as np
 from ..cli_common import add_common_options, make_progress, positive_float, positive_int
 from ..deps import require
 from ..errors import ParameterError, input_error
-from ..io import atomic_output_dir, check_finite_values, read_mask, read_series, read_volume, write_json
+from ..io import (atomic_output_dir, check_finite_values, read_labels, read_mask, read_series, read_volume,
+                  write_json)
 from . import acquisition
 from .evaluation import grade, roc_png, roi_ratio
 from .maps import DEFAULT_KH, DEFAULT_RHO
@@ -225,7 +226,8 @@ def run_grade(args: argparse.Namespace) -> int:
     needed = {"subject", "map", "roi_lesion", "roi_reference", "label"}
     if not rows or not needed <= set(rows[0]):
         raise input_error(table, f"the CSV needs the columns {', '.join(sorted(needed))} "
-                                 "(optional: method, to compare several maps per subject)")
+                                 "(optional: method, to compare several maps per subject; roi_lesion_label and "
+                                 "roi_reference_label, to take one label of a label map as the ROI)")
     base = table.parent
     progress = make_progress(args, "grade")
 
@@ -233,12 +235,27 @@ def run_grade(args: argparse.Namespace) -> int:
         p = Path(value.strip())
         return p if p.is_absolute() else base / p
 
+    def roi(row: dict, n: int, column: str, geometry, name: str) -> np.ndarray:
+        """A mask file (nonzero = inside), or with ``<column>_label`` the voxels of that label in a label map."""
+        path = resolve(row[column])
+        label = (row.get(f"{column}_label") or "").strip()
+        if not label:
+            return read_mask(path, geometry, name)
+        try:
+            value = int(label)
+        except ValueError:
+            raise input_error(table, f"row {n}: {column}_label {label!r} is not a whole number") from None
+        inside = read_labels(path, geometry, name) == value
+        if not inside.any():
+            raise input_error(path, f"{name} of row {n}: label {value} is not in this label map")
+        return inside
+
     per_method: dict[str, list[tuple[str, float, int]]] = {}
     for n, row in enumerate(rows, start=2):
         method = (row.get("method") or "").strip() or "map"
         volume = read_volume(resolve(row["map"]), f"map of {row['subject']}")
-        lesion = read_mask(resolve(row["roi_lesion"]), volume.geometry, "lesion ROI")
-        reference = read_mask(resolve(row["roi_reference"]), volume.geometry, "reference ROI")
+        lesion = roi(row, n, "roi_lesion", volume.geometry, "lesion ROI")
+        reference = roi(row, n, "roi_reference", volume.geometry, "reference ROI")
         ratio = roi_ratio(volume.array, lesion, reference, args.statistic, name=str(resolve(row["map"])))
         per_method.setdefault(method, []).append((row["subject"], ratio, _label(row["label"], args.positive, table, n)))
         if progress:
@@ -307,7 +324,9 @@ def register_verbs(verbs) -> None:
     _add_series_options(p, mask_required=True, multiple=True)
     p.add_argument("--out", required=True, help="model folder or .zip to write")
     p.add_argument("--epochs", type=positive_int, default=65, help="maximum epochs (paper: 65)")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (paper: 1e-4)")
+    p.add_argument("--learning-rate", type=positive_float, default=1e-3, dest="lr",
+                   help="Adam learning rate (paper: 1e-4)")
+    p.add_argument("--lr", type=positive_float, dest="lr", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=None,
                    help="voxel curves per batch (paper: 1536; default 1536, or n/40 for series under 61k voxels)")
     p.add_argument("--residue", choices=("lorentzian", "exponential", "gamma"), default="lorentzian",
@@ -339,10 +358,14 @@ def register_verbs(verbs) -> None:
     ref = p.add_mutually_exclusive_group()
     ref.add_argument("--reference-tmax", nargs="+", default=None, help="reference Tmax map per series (s)")
     ref.add_argument("--teacher", choices=("osvd",), default=None, help="use oSVD Tmax as the reference")
-    p.add_argument("--arch", choices=("conv1", "conv2", "unet"), default="conv2",
+    p.add_argument("--architecture", choices=("conv1", "conv2", "unet"), default="conv2", dest="arch",
                    help="network: conv1 (one 1x1x1 convolution), conv2 (two, the paper's best) or a small 3D U-Net")
+    p.add_argument("--arch", choices=("conv1", "conv2", "unet"), dest="arch", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     p.add_argument("--epochs", type=positive_int, default=200, help="maximum training epochs (early stopping)")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (paper's best: 1e-3)")
+    p.add_argument("--learning-rate", type=positive_float, default=1e-3, dest="lr",
+                   help="Adam learning rate (paper's best: 1e-3)")
+    p.add_argument("--lr", type=positive_float, dest="lr", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_training_options(p)
     p.add_argument("--out", required=True, help="model folder or .zip to write")
     add_common_options(p)
@@ -351,7 +374,8 @@ def register_verbs(verbs) -> None:
     p = verbs.add_parser(
         "grade", help="ROI ratios, ROC/AUC with bootstrap CI, Youden cut-off, Mann-Whitney U for a cohort",
         description="Glioma grading as in Fayolle et al.: for each row of TABLE (columns subject, map, roi_lesion, "
-                    "roi_reference, label; optional method) the ratio of the mean map value in the lesion ROI to "
+                    "roi_reference, label; optional method, and roi_lesion_label / roi_reference_label when the "
+                    "ROI files are label maps) the ratio of the mean map value in the lesion ROI to "
                     "the reference ROI (contralateral normal-appearing white matter); then per method the ROC AUC "
                     "with a percentile-bootstrap 95 %% CI, the Youden cut-off with sensitivity/specificity and the "
                     "Mann-Whitney U test. Writes OUT/grading.json, OUT/ratios.csv, OUT/roc.png.")

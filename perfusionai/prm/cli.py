@@ -74,8 +74,10 @@ def _add_ct(verbs) -> None:
                    help="expiratory threshold: at or below it a voxel is air-trapped")
     p.add_argument("--valid-range", type=float, nargs=2, default=d.valid_range, metavar=("LOW", "HIGH"),
                    help="valid HU range on both scans (voxels outside are excluded)")
-    p.add_argument("--median", type=int, default=d.median, choices=(0, 3, 5),
+    p.add_argument("--median-size", type=int, default=d.median, choices=(0, 3, 5), dest="median",
                    help="median pre-filter size, 0 = off (3: 3x3x3)")
+    p.add_argument("--median", type=int, choices=(0, 3, 5), dest="median", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the old name, kept for one release
     p.add_argument("--median-2d", action="store_true", help="median filter per slice (3x3) instead of 3D")
     p.add_argument("--no-figures", action="store_true", help="skip prm_scatter.png and prm_overlay.png")
     p.add_argument("--allow-swapped", action="store_true",

@@ -78,7 +78,10 @@ def register_verbs(verbs) -> None:
                    help="nnU-Net lobe model (folder or zip): segment the lobes of --vibe first and use them as "
                         "lung mask and lobes (Xu et al. Fig. 1); writes lobes.nii.gz too")
     p.add_argument("--model", required=True, help="MRI -> PRM model folder or zip")
-    p.add_argument("--reference", default=None, help="CT-derived PRM on the same grid, for Dice and %%PRM comparison")
+    p.add_argument("--ref", default=None, dest="reference",
+                   help="reference PRM (e.g. CT-derived) on the same grid, for Dice and %%PRM comparison")
+    p.add_argument("--reference", dest="reference", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the old name, kept for one release
     p.add_argument("--out", required=True, help="output folder: prm.nii.gz, prm_stats.json/.csv, summary.json")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     add_common_options(p)

@@ -58,7 +58,8 @@ class PRMCTJob(Job):
     threshold_exp: float = option(_DEFAULT_CLASSIFICATION.threshold_exp_hu, help="expiratory threshold (HU)")
     valid_range: tuple = option((_DEFAULT_CLASSIFICATION.valid_min_hu, _DEFAULT_CLASSIFICATION.valid_max_hu),
                                 help="valid HU range on both scans (low, high)")
-    median: int = option(_DEFAULT_CLASSIFICATION.median_size, help="median pre-filter size (0 = off)")
+    median: int = option(_DEFAULT_CLASSIFICATION.median_size, flag="--median-size",
+                         help="median pre-filter size (0 = off)")
     median_2d: bool = option(_DEFAULT_CLASSIFICATION.median_2d, help="median filter per slice")
     no_figures: bool = option(False, help="skip prm_scatter.png and prm_overlay.png")
     allow_swapped: bool = option(False, help="run even when the inspiratory lungs are smaller and denser")
@@ -142,7 +143,7 @@ class PRMPredictJob(Job):
     lung_mask: Optional[str] = option(None, help="lung mask, lung labels or lobe map (nonzero = lung)")
     lobes: Optional[str] = option(None, help="lobes 1-6 for per-lobe statistics")
     lobe_model: Optional[str] = option(None, help="nnU-Net lobe model: segment the lobes of the VIBE first")
-    reference: Optional[str] = option(None, help="CT-derived PRM on the same grid for comparison")
+    reference: Optional[str] = option(None, flag="--ref", help="CT-derived PRM on the same grid for comparison")
     device: str = option("auto", help="auto, cpu or cuda")
 
     def inputs(self) -> list[str]:
