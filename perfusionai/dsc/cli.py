@@ -175,6 +175,9 @@ def register(subparsers) -> None:
     phantom.add_argument("--aif-peak", type=positive_float, default=80.0,
                          help="peak arterial delta-R2* in 1/s (80: 91 %% arterial signal drop at TE 30 ms)")
     phantom.add_argument("--seed", type=int, default=0, help="seed of the noise (the same seed gives the same series)")
+    phantom.add_argument("--tumour-cbv", type=positive_float, default=7.5,
+                         help="CBV of the tumour (label 5) in mL/100 g; its CBF follows at the tumour's MTT of 5 s "
+                              "(lower it for a low-grade-like tumour, e.g. to try 'dsc grade')")
     add_common_options(phantom)
     phantom.set_defaults(handler=run_phantom)
 
@@ -202,11 +205,16 @@ def run_maps(args: argparse.Namespace) -> int:
 
 
 def run_phantom(args: argparse.Namespace) -> int:
-    from ..phantoms.dsc import make_dsc_phantom  # phantoms import the domains, never the reverse at module level
+    # phantoms import the domains, never the reverse at module level
+    from ..phantoms.dsc import DEFAULT_LEAKAGE_K2, default_tissues, make_dsc_phantom
 
+    tissues = default_tissues(tumour_k2=DEFAULT_LEAKAGE_K2 if args.leakage else 0.0)
+    for tissue in tissues:
+        if tissue.name == "tumour":
+            tissue.cbf, tissue.cbv = tissue.cbf * args.tumour_cbv / tissue.cbv, args.tumour_cbv
     phantom = make_dsc_phantom(snr=np.inf if args.snr is None else args.snr, residue=args.residue,
                                leakage=args.leakage, seed=args.seed, tissue_kappa=args.tissue_kappa,
-                               aif_peak=args.aif_peak, discretisation=args.discretisation)
+                               aif_peak=args.aif_peak, discretisation=args.discretisation, tissues=tissues)
     phantom.save(args.out)
     kh_note = "" if args.tissue_kappa == 1.0 else f"; compute maps with --kh {phantom.analysis_kh:.6g}"
     print(f"phantom written to {args.out} (TR {phantom.tr} s, TE {phantom.te} s{kh_note})")

@@ -102,6 +102,10 @@ class Tissue:
         return 60.0 * self.cbv / self.cbf
 
 
+#: BSW leakage rate of the leaky tumour (1/s) when ``leakage=True``.
+DEFAULT_LEAKAGE_K2 = 0.004
+
+
 def default_tissues(lesion_delay_s: float = 3.0, tumour_k2: float = 0.0) -> list[Tissue]:
     """Grey matter, white matter, a stroke-like lesion and a high-CBV tumour.
 
@@ -421,7 +425,7 @@ def make_dsc_phantom(
     dispersion_s: float = 0.0,
     recirculation: bool = True,
     leakage: bool = False,
-    leakage_k2: float = 0.004,
+    leakage_k2: float = DEFAULT_LEAKAGE_K2,
     tumour: bool = True,
     lesion: bool = True,
     lesion_delay_s: float = 3.0,
