@@ -156,8 +156,9 @@ def plot_training_size(rows: Sequence[dict], path: str | Path, title: str = "") 
         summary = sorted(summarise([r for r in rows if r["algorithm"] == algorithm], by=("n_train",)),
                          key=lambda s: s["n_train"])
         sizes = [s["n_train"] for s in summary]
-        axes[0].plot(sizes, [s["mean_abs_bi"] for s in summary], "o-", label=algorithm)
-        axes[1].plot(sizes, [s["mean_di"] for s in summary], "o-", label=algorithm)
+        name = L.ALGORITHM_NAMES.get(algorithm, algorithm)  # "linear regression", not the key "lr"
+        axes[0].plot(sizes, [s["mean_abs_bi"] for s in summary], "o-", label=name)
+        axes[1].plot(sizes, [s["mean_di"] for s in summary], "o-", label=name)
     axes[0].set_ylabel("mean |BI|")
     axes[1].set_ylabel("mean DI")
     for ax in axes:

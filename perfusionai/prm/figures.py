@@ -59,13 +59,20 @@ def prm_scatter_png(insp_hu: np.ndarray, exp_hu: np.ndarray, lung: np.ndarray, p
 
 
 def prm_overlay_png(background_hu: np.ndarray, prm: np.ndarray, path: str | Path, n_slices: int = 4,
-                    title: str = "PRM over the reference CT") -> Path:
-    """Axial, coronal montage of the PRM classes (standard colours) over the CT (window -1000..200 HU)."""
+                    title: str = "PRM over the reference CT",
+                    spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> Path:
+    """Axial slices and one coronal slice of the PRM classes (standard colours) over the CT
+    (window -1000..200 HU).
+
+    ``background_hu`` and ``prm`` are ``[k, j, i]`` arrays on one grid; ``spacing`` is the voxel size
+    in mm along (i, j, k), so that every panel shows the anatomy at its true proportions.
+    """
     from matplotlib.colors import ListedColormap
 
     plt = _plt()
     prm = np.asarray(prm)
     bg = np.asarray(background_hu, dtype=float)
+    si, sj, sk = (float(v) for v in spacing)
     ks = np.nonzero(prm.reshape(prm.shape[0], -1).any(axis=1))[0]
     if ks.size == 0:
         ks = np.arange(prm.shape[0])
@@ -74,21 +81,30 @@ def prm_overlay_png(background_hu: np.ndarray, prm: np.ndarray, path: str | Path
     cmap = ListedColormap(colours)
     js = np.nonzero(prm.any(axis=(0, 2)))[0]
     j_mid = int(np.median(js)) if js.size else prm.shape[1] // 2
-    fig, axes = plt.subplots(1, n_slices + 1, figsize=(2.8 * (n_slices + 1), 3.0))
+    n_k, n_j, n_i = prm.shape
+    # panels of one width; the figure is as tall as the tallest panel in mm, so no empty band
+    # is left between the title and the images
+    panel_in = 2.6
+    height_in = panel_in * max(n_j * sj, n_k * sk) / (n_i * si)
+    fig, axes = plt.subplots(1, n_slices + 1, figsize=(panel_in * (n_slices + 1), height_in + 1.0))
+    fig.subplots_adjust(left=0.01, right=0.99, wspace=0.05, top=1 - 0.45 / (height_in + 1.0),
+                        bottom=0.45 / (height_in + 1.0))
     for ax, k in zip(axes[:-1], slices):
-        ax.imshow(bg[k], cmap="gray", vmin=-1000, vmax=200, interpolation="nearest")
-        ax.imshow(np.ma.masked_equal(prm[k], 0), cmap=cmap, vmin=0, vmax=4, alpha=0.7, interpolation="nearest")
-        ax.set_title(f"axial k={k}", fontsize=8)
+        ax.imshow(bg[k], cmap="gray", vmin=-1000, vmax=200, interpolation="nearest", aspect=sj / si)
+        ax.imshow(np.ma.masked_equal(prm[k], 0), cmap=cmap, vmin=0, vmax=4, alpha=0.7, interpolation="nearest",
+                  aspect=sj / si)
+        ax.set_title(f"axial slice k={k}", fontsize=8)
         ax.axis("off")
     ax = axes[-1]
-    ax.imshow(bg[::-1, j_mid, :], cmap="gray", vmin=-1000, vmax=200, interpolation="nearest", aspect="auto")
+    ax.imshow(bg[::-1, j_mid, :], cmap="gray", vmin=-1000, vmax=200, interpolation="nearest", aspect=sk / si)
     ax.imshow(np.ma.masked_equal(prm[::-1, j_mid, :], 0), cmap=cmap, vmin=0, vmax=4, alpha=0.7,
-              interpolation="nearest", aspect="auto")
-    ax.set_title(f"coronal j={j_mid}", fontsize=8)
+              interpolation="nearest", aspect=sk / si)
+    ax.set_title(f"coronal slice j={j_mid}", fontsize=8)
     ax.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, color=PRM_LABELS[v].rgb, ec="k") for v in (1, 2, 3, 4)]
-    fig.legend(handles, [PRM_LABELS[v].name for v in (1, 2, 3, 4)], loc="lower center", ncol=4, fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.legend(handles, [PRM_LABELS[v].name for v in (1, 2, 3, 4)], loc="lower center", ncol=4, fontsize=8,
+               frameon=False)
+    fig.suptitle(title, fontsize=10, y=1 - 0.08 / (height_in + 1.0), va="top")
     path = Path(path)
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)

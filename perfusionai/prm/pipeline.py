@@ -408,5 +408,6 @@ def write_prm_outputs(result: PRMFit, out_dir: Path, figures: bool = True) -> li
         insp_hu, exp_hu = result.insp_exp_on_grid()
         opts = ClassificationOptions(**result.info["options"]["classification"])
         written.append(prm_scatter_png(insp_hu, exp_hu, result.lung_labels > 0, out_dir / "prm_scatter.png", opts))
-        written.append(prm_overlay_png(result.fixed_hu, result.prm, out_dir / "prm_overlay.png"))
+        written.append(prm_overlay_png(result.fixed_hu, result.prm, out_dir / "prm_overlay.png",
+                                       spacing=result.geometry.spacing))
     return written
