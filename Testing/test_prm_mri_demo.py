@@ -125,3 +125,21 @@ def test_figure_labels_and_training_cap(demo):
     assert not set(info["subjects"]["test"]) & set(info["subjects"]["train"] + info["subjects"]["val"])
     fractions = [f for f, _ in messages]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_the_demo_keeps_its_cohort_with_cohort_csv(demo):
+    # the report names the kept cohort.csv; its rows are the demo's subjects and splits, the files exist
+    from perfusionai.cli import build_parser
+
+    out, body, _images, _messages = demo
+    named = re.search(r"prm train --cohort (\S+) ", html.unescape(body)).group(1)
+    cohort_csv = out.parent / named
+    assert cohort_csv == out / "prm_mri" / "cohort" / "cohort.csv" and cohort_csv.is_file()
+    rows = list(csv.DictReader(cohort_csv.open()))
+    written = json.loads((out / "prm_mri" / "mri_demo.json").read_text())["subjects"]
+    assert sorted(r["subject"] for r in rows) == sorted(sum(written.values(), []))
+    assert {r["subject"]: r["split"] for r in rows} == {s: split for split, subs in written.items() for s in subs}
+    for row in rows:
+        for column in ("vibe", "post_vibe", "irmax", "pbf", "lung_mask", "lobes", "prm"):
+            assert (cohort_csv.parent / row[column]).is_file(), (row["subject"], column)
+    build_parser().parse_args(["prm", "train", "--cohort", str(cohort_csv), "--out", "m"])

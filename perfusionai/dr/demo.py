@@ -34,7 +34,7 @@ STRATEGY_NAMES = {"signal-to-signal": "signal-to-signal", "maps-to-maps": "maps-
 
 def run_demo(out_dir: Path, progress=None) -> ReportSection:
     """Write the DiffusionRelaxation figures under ``out_dir`` and return the report section."""
-    from ..phantoms.dr import make_dr_cohort, make_dr_phantom
+    from ..phantoms.dr import make_dr_cohort, make_dr_phantom, write_dr_cohort
 
     progress = as_progress(progress)
     out = Path(out_dir)
@@ -100,6 +100,12 @@ def run_demo(out_dir: Path, progress=None) -> ReportSection:
     progress(0.3, "phantom cohort")
     cohort = make_dr_cohort(6, shape=(3, 32, 32), snr=60.0, seed=4)
     patients = [L.patient_features(p.dwi, p.protocol, p.tumour, p.name) for p in cohort]
+    # kept, so that every 'dr' verb can be tried on it (cohort.csv is the input of dr train / evaluate)
+    cohort_csv = write_dr_cohort(cohort, out / "dr_cohort", truth=True, clinical=True)
+    kept = cohort_csv.relative_to(out.parent).as_posix()  # the report lies in out's parent folder
+    body.append(paragraph(
+        f"The 6-patient phantom cohort is kept with its cohort.csv: for example 'perfusionai dr train --cohort "
+        f"{kept} --algorithm etr --out dr_model/' (paths relative to this report's folder)."))
     algorithms = ("lr", "etr", "mlnn")
     lopo = E.leave_one_patient_out(patients, algorithms, progress=progress.sub(0.35, 0.8))
     summary = E.summarise(lopo + E.population_baseline(patients))

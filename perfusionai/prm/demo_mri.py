@@ -122,7 +122,7 @@ def run_mri_demo(out_dir: Path, progress: Optional[ProgressCallback] = None, n_s
         HTML fragment for the PRM report section and the PNG paths.
     """
     from ..io import write_volume
-    from ..phantoms.prm_mri import cohort_splits, make_prm_mri_cohort
+    from ..phantoms.prm_mri import cohort_splits, make_prm_mri_cohort, write_cohort
     from .mri_evaluation import ablation, case_metrics, combination_name
     from .mri_network import SEQUENCE_NAMES
     from .mri_predict import predict_prm_mri
@@ -138,6 +138,8 @@ def run_mri_demo(out_dir: Path, progress: Optional[ProgressCallback] = None, n_s
     prog(0.0, "MRI phantom cohort")
     phantoms = make_prm_mri_cohort(n_subjects, seed=seed)
     splits = cohort_splits(len(phantoms), seed=seed)
+    # kept with cohort.csv, so that 'prm train' / 'prm ablation' can be tried on the demo's own cohort
+    cohort_csv = write_cohort(phantoms, data / "cohort", splits)
     cases = [case_from_phantom(p, s) for p, s in zip(phantoms, splits)]
     train = [c for c in cases if c.split == "train"]
     val = [c for c in cases if c.split == "val"]
@@ -218,7 +220,11 @@ def run_mri_demo(out_dir: Path, progress: Optional[ProgressCallback] = None, n_s
         f"{stopped}; "
         f"best validation loss "
         f"{fmt(float(hist.get('best_loss', float('nan'))))} at epoch {int(hist.get('best_epoch', 0)) + 1}. "
-        "The numbers below are for held-out phantoms only and say nothing about patients.")
+        "The numbers below are for held-out phantoms only and say nothing about patients. The cohort is kept "
+        "with its cohort.csv: "
+        f"'perfusionai prm train --cohort {html.escape(cohort_csv.relative_to(out.parent).as_posix())} "
+        "--out prm_model/' "
+        "retrains on it (paths relative to this report's folder).")
     table_rows = [[r["subject"]] + [f"{r[f'pred_{c}']:.1f} / {r[f'ref_{c}']:.1f}" for c in ("normal", "fsad", "emph")]
                   + [f"{r['dice_abnormal']:.3f}"] for r in rows]
     body += table_html(["held-out subject", "% normal (predicted / reference)", "% fSAD", "% emphysema",
