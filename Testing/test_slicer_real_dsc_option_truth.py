@@ -21,13 +21,16 @@ Qt classes are placeholders).
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_slicer_real_dsc_options import _run, _values, layer  # noqa: F401  (the fixture over both versions)
-
 from perfusionai.phantoms.dsc import LABELS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # the sibling test modules, in any import mode
+from test_slicer_real_dsc_options import _run, _values, layer  # noqa: E402,F401  (the fixture over both versions)
 
 LEAKY, GREY = LABELS["tumour"], LABELS["grey_matter"]
 
