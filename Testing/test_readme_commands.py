@@ -3,15 +3,13 @@
 Every ```bash block of README.md is read when the test runs (nothing is copied here), except the
 install commands of "## Two commands" and the Slicer build/launch blocks (cmake, git clone, Slicer).
 
-* Default run (seconds): every ``perfusionai`` command of those blocks (continuation lines joined,
-  ``a && b`` split) must be accepted by the real command-line parser as written: the verb exists,
-  every option is known, every required option is there, no ``...`` or ``[optional]`` part is left
-  (nothing is executed). The "DSC perfusion maps" block is also executed with bash in a temporary
-  folder.
-* ``pytest -m slow Testing/test_readme_commands.py``: every block is executed with bash (``set -e``),
-  in README order, in one temporary folder, so a block can use what an earlier one wrote; the
-  ``perfusionai`` on the PATH is this interpreter's. Budget: about 10 minutes on 2 cores with the
-  quick settings, 10 minutes at most per block.
+* Every ``perfusionai`` command of those blocks (continuation lines joined, ``a && b`` split) must
+  be accepted by the real command-line parser as written: the verb exists, every option is known,
+  every required option is there, no ``...`` or ``[optional]`` part is left.
+* Then every block is executed with bash (``set -e``), in README order, in one temporary folder, so a
+  block can use what an earlier one wrote; the ``perfusionai`` on the PATH is this interpreter's.
+  This is part of the default run: about 4 minutes on 2 cores with the quick settings, 10 minutes at
+  most per block.
 
 Small settings: a command may end with a comment ``# quick: <options>`` (the text after ``quick:``
 starts with ``-``); the test appends those options to the command (argparse keeps the last value).
@@ -35,8 +33,6 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 #: Blocks containing one of these are not commands a user runs against the package (install, build, Slicer).
 SKIP_BLOCK_WORDS = ("pip install", "cmake", "git clone", "Slicer ")
-#: Sections whose commands the default run executes (fast: a phantom and a few maps).
-EXECUTED_BY_DEFAULT = ("DSC perfusion maps",)
 #: Per-block limit (s).
 BLOCK_TIMEOUT_S = 600
 
@@ -197,21 +193,6 @@ def _run_block(block: Block, cwd: Path) -> None:
 
 
 BLOCKS = readme_blocks()
-DEFAULT = [b for b in BLOCKS if b.section in EXECUTED_BY_DEFAULT]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("readme")
-
-
-def test_the_executed_blocks_exist():
-    assert DEFAULT, f"no README block under {EXECUTED_BY_DEFAULT}"
-
-
-@pytest.mark.parametrize("block", DEFAULT, ids=[b.id for b in DEFAULT])
-def test_dsc_block_runs_as_written(block, workdir):
-    _run_block(block, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +200,6 @@ def chain_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("readme_chain")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
 def test_every_block_runs_as_written_in_order(block, chain_dir):
     _run_block(block, chain_dir)
