@@ -462,6 +462,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
             overlayOpacity=p.overlayOpacity,
             device=p.device,
             cbfNode=p.outputCbf,
+            secondEchoNode=p.secondEcho,
             peerOptions=self.peerOptions(p),
             waitForCompletion=waitForCompletion,
             progressCallback=progressCallback,
@@ -557,7 +558,7 @@ class DSCDeconvolutionLogic(ScriptedLoadableModuleLogic):
                                          show=settings["showResults"], opacity=settings["overlayOpacity"],
                                          attributes=self._attributes(settings), series=inputs.series,
                                          reuse={"cbf": settings.get("cbfNode")},
-                                         mask=slicer_support.automatic_mask_of(output))
+                                         mask=output.auto_mask)
         recorded = list(nodes["maps"].values()) + list(nodes["series"].values()) + [nodes["table"], nodes["chart"]]
         mrml.record_provenance(recorded + ([nodes["autoMask"]] if nodes["autoMask"] is not None else []),
                                {k: v for k, v in settings.items() if k not in ("showResults", "cbfNode", "echo2")})

@@ -154,6 +154,25 @@ def test_phantom_verb_default_and_clinical_contrast_round_trip_through_maps(tmp_
         assert np.median(cbv[rois == label]) == pytest.approx(np.median(expected[rois == label]), rel=0.01)
 
 
+def test_phantom_tumour_cbv_sets_the_tumour_only(tmp_path, capsys):
+    # --tumour-cbv 3: the tumour (label 5) has CBV 3 and CBF 36 (MTT stays 5 s); every other region and
+    # the series outside the tumour are those of the default phantom
+    assert run(["dsc", "phantom", "--out", str(tmp_path / "default"), "--snr", "30"], capsys)[0] == 0
+    assert run(["dsc", "phantom", "--out", str(tmp_path / "low"), "--snr", "30", "--tumour-cbv", "3"], capsys)[0] == 0
+    rois = io.read_volume(tmp_path / "low" / "rois.nii.gz").array
+    tumour = rois == 5
+    assert tumour.any()
+    for name, default_value, low_value in (("cbv", 7.5, 3.0), ("cbf", 90.0, 36.0), ("mtt", 5.0, 5.0)):
+        default = io.read_volume(tmp_path / "default" / f"truth_{name}.nii.gz").array
+        low = io.read_volume(tmp_path / "low" / f"truth_{name}.nii.gz").array
+        assert np.median(default[tumour]) == pytest.approx(default_value)
+        assert np.median(low[tumour]) == pytest.approx(low_value)
+        np.testing.assert_array_equal(low[~tumour], default[~tumour])
+    series = {k: io.read_series(tmp_path / k / "dsc.nii.gz").array for k in ("default", "low")}
+    np.testing.assert_array_equal(series["low"][~tumour], series["default"][~tumour])
+    assert not np.array_equal(series["low"][tumour], series["default"][tumour])
+
+
 def test_library_refuses_nan_inside_the_masks_like_the_command_line(phantom_dir):
     # one NaN policy for 'dsc maps', the Slicer in-process route and the API: refused inside the
     # brain/AIF masks (frames 1-based), harmless outside them

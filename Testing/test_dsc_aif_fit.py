@@ -59,6 +59,7 @@ def test_dsc_maps_with_gamma_fit_and_fwhm_map(tmp_path):
     assert np.max(np.abs(rows[:, 1] - first_pass)) < 0.03 * 35.0
     # FWHM of the concentration curves (s): the noise-free grey-matter curve's width, read on the frames
     fwhm = io.read_volume(out / "fwhm.nii.gz").array
+    assert summary["units"]["fwhm"] == "s"
     gm_curve = phantom.curve(1)
     above = np.flatnonzero(gm_curve >= 0.5 * gm_curve.max())
     expected = above[-1] - above[0]                     # frames = s at TR 1 s (within one frame)

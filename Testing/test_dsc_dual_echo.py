@@ -92,3 +92,14 @@ def test_dsc_maps_with_a_second_echo(tmp_path):
     dual = float(np.median(io.read_volume(tmp_path / "dual" / "cbv.nii.gz").array[gm]))
     assert dual == pytest.approx(truth, rel=0.02)
     assert single < 0.8 * truth
+    # a second echo of the same shape on another grid (shifted 5 mm) is refused in one line naming it,
+    # and nothing is written
+    from perfusionai.io import Geometry
+
+    g = second.geometry
+    shifted = Geometry(g.shape, g.spacing, tuple(o + 5.0 for o in g.origin), g.direction)
+    io.write_series(second.signal.astype(np.float32), shifted, tmp_path / "shifted.nii.gz", tr=second.tr)
+    assert main(["dsc", "maps", "--dsc", str(tmp_path / "e1" / "dsc.nii.gz"), "--te", "0.005",
+                 "--dsc-echo2", str(tmp_path / "shifted.nii.gz"), "--te2", "0.03", *common,
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()

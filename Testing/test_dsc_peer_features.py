@@ -65,6 +65,14 @@ def test_dsc_maps_auto_mask_from_the_command_line(tmp_path):
     cbf = io.read_volume(tmp_path / "out" / "cbf.nii.gz").array
     assert np.count_nonzero(cbf[~p.brain_mask]) == 0               # maps only inside the head
     assert summary["aif"]["looks_arterial"]
+    # the mask the maps were computed in is written, for review: the phantom's head, as many voxels as used
+    found = io.read_volume(tmp_path / "out" / "auto_mask.nii.gz").array != 0
+    assert int(found.sum()) == summary["inputs"]["mask_voxels"]
+    assert 2 * (found & p.brain_mask).sum() / (found.sum() + p.brain_mask.sum()) >= 0.9
+    assert np.count_nonzero(cbf[~found]) == 0
+    assert main(["dsc", "maps", "--dsc", str(tmp_path / "ph" / "dsc.nii.gz"), "--te", "0.03", "--mask",
+                 str(tmp_path / "ph" / "brain_mask.nii.gz"), "--progress", "none", "--out", str(tmp_path / "given")]) == 0
+    assert not (tmp_path / "given" / "auto_mask.nii.gz").exists()   # a given mask is not written again
 
 
 # ---------------------------------------------------------------------------------- motion correction

@@ -23,11 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "slicer_api"))
 import real_layer  # noqa: E402
 
-slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML classes for Python) is not installed")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
-if not real_layer.available():
-    pytest.skip(real_layer.SKIP_REASON, allow_module_level=True)
+slicer = real_layer.require_or_skip()
 
 REPO = real_layer.REPO
 

@@ -24,7 +24,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from .errors import PerfusionAIError, input_error
-from .io import Geometry, Series
+from .io import Geometry, Series, check_same_grid
 from .labels import LabelInfo
 
 #: Preferred colour table per map type, best first. File-based tables exist only in the
@@ -762,17 +762,10 @@ def show_map(volume_node, map_type: str, window: Optional[tuple[float, float]] =
         floor = min(low, 0.0) if low < 0 else 1e-6 * max(abs(high), 1.0)
         display.SetThreshold(floor, float(np.finfo(np.float32).max))
         display.ApplyThresholdOn()
-    units = _all_map_units().get(map_type.lower())
+    units = MAP_UNITS.get(map_type.lower())
     volume_node.SetAttribute("PerfusionAI.MapType", map_type.lower())
     if units:
         volume_node.SetAttribute("PerfusionAI.Units", units)
-
-
-def _all_map_units() -> Mapping[str, str]:
-    """The core's map units plus those of the optional DSC outputs (``slicer_support.EXTRA_MAP_UNITS``)."""
-    from .slicer_support import EXTRA_MAP_UNITS
-
-    return {**EXTRA_MAP_UNITS, **MAP_UNITS}
 
 
 def show_overlay(background_node, foreground_node, opacity: float = 0.6, fit: bool = False,
@@ -895,6 +888,7 @@ def dsc_second_echo_from_node(node, first: Series, te2: Optional[float] = None,
     if tuple(second.array.shape) != tuple(first.array.shape):
         raise input_error(node.GetName(), f"second echo of shape {tuple(second.array.shape)} differs from the "
                                           f"first echo's {tuple(first.array.shape)}")
+    check_same_grid(second.geometry, first.geometry, node.GetName(), "second echo")
     return second.array, _resolve_te(te2, second)
 
 
@@ -987,7 +981,7 @@ def dsc_output_to_nodes(output, series_node, prefix: str = "DSC", show: bool = T
     for name, (curves, lags) in getattr(output, "series", {}).items():
         sequence, _browser = sequence_node_from_series(curves, output.geometry, lags, f"{prefix} {name}",
                                                        browser=False)
-        set_attributes(sequence, dict(attributes or {}, Units=_all_map_units().get(name, ""), MapType=name))
+        set_attributes(sequence, dict(attributes or {}, Units=MAP_UNITS.get(name, ""), MapType=name))
         series_nodes[name] = sequence
     mask_node = None
     if mask is not None:

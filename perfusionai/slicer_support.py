@@ -109,6 +109,8 @@ class DSCOutput:
     summary: dict = field(default_factory=dict)
     #: ``{name: (float32 [k, j, i, L], lags (L,) in s)}``: per-voxel curves (``residue`` with save_residue).
     series: dict = field(default_factory=dict)
+    #: bool ``[k, j, i]``: the automatic mask the run made (``auto_mask``), else None.
+    auto_mask: Optional[np.ndarray] = None
 
     def median_rows(self) -> list[dict]:
         """Rows ``{"map", "median", "unit"}`` for a table, in the standard map order."""
@@ -128,15 +130,7 @@ def median_inside(array: np.ndarray, mask: np.ndarray) -> float:
     return float(np.median(values)) if values.size else float("nan")
 
 
-from .dsc.maps import MAP_UNITS as _CORE_UNITS  # noqa: E402
-
-#: Units of the optional DSC outputs that ``perfusionai.dsc.maps.MAP_UNITS`` does not list (the
-#: core's table wins where it names one): FWHM of each concentration curve, K2's coefficient of
-#: variation, the parametric fit's R2 and converged flag, the per-voxel regularisation (relative to
-#: the largest singular value) and oSVD's oscillation index.
-EXTRA_MAP_UNITS = {"fwhm": "s", "k2_cv": "1", "fit_r2": "1", "converged": "1 = converged, 0 = not",
-                   "regularisation": "1 (relative to s_max)", "oscillation_index": "1", "residue": "1/s"}
-_UNITS = {**EXTRA_MAP_UNITS, **_CORE_UNITS}
+from .dsc.maps import MAP_UNITS as _UNITS  # noqa: E402  (the package's one table)
 
 
 def output_from_result(result, geometry: Geometry) -> DSCOutput:
@@ -157,11 +151,17 @@ def read_dsc_outputs(out_dir: str | os.PathLike) -> DSCOutput:
     if not summary_path.exists():
         raise input_error(out, "has no summary.json; the DSC run did not finish")
     summary = json.loads(summary_path.read_text())
+    from .dsc.brain_mask import AUTO_MASK_FILE
+
     maps: dict = {}
     series: dict = {}
     geometry = None
+    auto_mask = None
     for path in sorted(out.glob("*.nii.gz")):
         name = path.name[: -len(".nii.gz")]
+        if path.name == AUTO_MASK_FILE:  # the mask the run made, not a map
+            auto_mask = read_volume(path, "automatic brain mask").array != 0
+            continue
         if _is_4d(path):  # per-voxel curves (residue): a series, lags from its frame interval
             curves = read_series(path, name=name, min_frames=1)
             series[name] = (np.asarray(curves.array, dtype=np.float32), np.asarray(curves.frame_times()))
@@ -189,23 +189,7 @@ def read_dsc_outputs(out_dir: str | os.PathLike) -> DSCOutput:
     return DSCOutput(maps=maps, geometry=geometry, times=np.asarray(times), aif=np.asarray(aif),
                      tissue_curve=np.asarray(tissue), medians=medians,
                      units={**{k: _UNITS.get(k, "") for k in list(maps) + list(series)}, **units},
-                     summary=summary, series=series)
-
-
-def automatic_mask_of(output: DSCOutput) -> Optional[np.ndarray]:
-    """The automatic brain mask of a run made with ``auto_mask`` (bool ``[k, j, i]``), or None.
-
-    ``dsc maps`` writes no mask file; every map is 0 outside the mask it used, so the mask is the
-    voxels where any map is non-zero (or not finite). It is returned only when that count equals
-    the summary's ``inputs.mask_voxels`` (the mask exactly), else None.
-    """
-    inputs = output.summary.get("inputs", {})
-    if inputs.get("mask") != "automatic" or not output.maps:
-        return None
-    support = np.zeros(output.geometry.shape, dtype=bool)
-    for values in output.maps.values():
-        support |= (values != 0) | ~np.isfinite(values)
-    return support if int(support.sum()) == int(inputs.get("mask_voxels", -1)) else None
+                     summary=summary, series=series, auto_mask=auto_mask)
 
 
 def _is_4d(path: Path) -> bool:

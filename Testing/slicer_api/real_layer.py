@@ -49,6 +49,20 @@ def available() -> bool:
     return all((EXTERNAL / v / "Base" / "Python" / "slicer" / "util.py").is_file() for v in VERSIONS)
 
 
+def require_or_skip():
+    """The ``slicer`` package of slicer-core, or skip the calling test module (at import) with the reason:
+    slicer-core is not installed, the installed ``slicer`` is another package, or Slicer's own code is
+    absent (:data:`SKIP_REASON`)."""
+    import pytest
+
+    slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML classes for Python) is not installed")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+    if not available():
+        pytest.skip(SKIP_REASON, allow_module_level=True)
+    return slicer
+
+
 def python_dir(version: str) -> Path:
     return EXTERNAL / version / "Base" / "Python" / "slicer"
 

@@ -27,6 +27,8 @@ from ..errors import input_error
 
 #: voxels of in-plane erosion after the fill
 DEFAULT_EROSION = 1
+#: File name of the automatic mask in a ``dsc maps`` output folder (uint8, 1 = inside), so it can be reviewed.
+AUTO_MASK_FILE = "auto_mask.nii.gz"
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:

@@ -65,7 +65,7 @@ def register(subparsers) -> None:
                       help="without --mask: compute the maps inside an automatic head mask (Otsu threshold of the "
                            "pre-bolus image, largest connected region, holes filled, one voxel eroded) instead of "
                            "the whole image; it keeps the bright vessels, and the automatic AIF searches inside it "
-                           "(the AIF search region must contain arteries)")
+                           "(the AIF search region must contain arteries); the mask is written as auto_mask.nii.gz")
     maps.add_argument("--motion-correction", action="store_true",
                       help="register every frame rigidly (ANTsPy, mutual information) to the median pre-bolus image "
                            "before the analysis; the per-frame translation (mm) and rotation (degrees) go to "

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ParameterError
-from ..io import Geometry, read_mask, read_series
+from ..io import Geometry, check_same_grid, read_mask, read_series
 from ..jobs import Job, option, register_job
 from ..progress import ProgressCallback
 from . import acquisition
@@ -124,6 +124,7 @@ class DSCMapsJob(Job):
             if second.array.shape != series.array.shape:
                 raise ParameterError("dsc_echo2", f"{second.path or self.dsc_echo2}: shape {second.array.shape} differs "
                                                   f"from the first echo's {series.array.shape}")
+            check_same_grid(second.geometry, series.geometry, second.path or self.dsc_echo2, "second echo")
             echo2 = second.array
             te2 = acquisition.series_te(self.te2, second) if self.te2 is None else float(self.te2)
         elif self.te2 is not None:

@@ -33,9 +33,14 @@ from ..errors import ParameterError, input_error
 DEFAULT_KH = 0.73
 DEFAULT_RHO = 1.04
 
-#: Unit of every DSC map the package writes (file attributes, tables, reports, Slicer nodes).
+#: Unit of every DSC map the package writes (file attributes, tables, reports, summary.json, Slicer
+#: nodes): the five maps, leakage K2/K1, and the optional outputs: FWHM of each concentration curve,
+#: K2's coefficient of variation, the parametric fit's R2 and converged flag, the per-voxel
+#: regularisation (relative to the largest singular value), oSVD's oscillation index and the residue
+#: (4D, flow-scaled CBF*R(t)).
 MAP_UNITS = {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "tmax": "s", "ttp": "s",
-             "k2": "1/s", "k1": "1"}
+             "k2": "1/s", "k1": "1", "fwhm": "s", "k2_cv": "1", "fit_r2": "1", "converged": "1 = converged, 0 = not",
+             "regularisation": "1 (relative to s_max)", "oscillation_index": "1", "residue": "1/s"}
 #: The five maps every DSC method gives, in the order they are listed (k2/k1 only with leakage correction).
 MAP_NAMES = ("cbv", "cbf", "mtt", "tmax", "ttp")
 INTEGRATIONS = ("trapezoid", "sum")

@@ -650,10 +650,14 @@ class DSCFit:
              inputs=()) -> Path:
         """Write ``<map>.nii.gz`` (float32 on ``geometry``), ``aif.csv`` and ``summary.json`` into
         ``folder`` atomically (a failed write leaves nothing half-written; a folder whose outputs
-        would replace one of the ``inputs`` files is refused). Returns the folder."""
+        would replace one of the ``inputs`` files is refused), and the automatic mask the fit made
+        (``auto_mask.nii.gz``, :data:`perfusionai.dsc.brain_mask.AUTO_MASK_FILE`). Returns the folder."""
         with atomic_output_dir(folder, inputs=[p for p in inputs if p]) as stage:
             for name, volume in self.maps.items():
                 write_volume(np.asarray(volume, dtype=np.float32), geometry, stage / f"{name}.nii.gz")
+            if self.inputs.get("mask") == "automatic":
+                write_volume(np.asarray(self.mask, dtype=np.uint8), geometry, stage / brain_mask_mod.AUTO_MASK_FILE,
+                             np.uint8)
             for name, volume in self.series.items():
                 write_series(volume, geometry, stage / f"{name}.nii.gz", tr=float(self.inputs["frame_interval_s"]))
             self.write_aif_csv(stage / "aif.csv")
