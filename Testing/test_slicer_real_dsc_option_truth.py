@@ -30,7 +30,7 @@ import pytest
 from perfusionai.phantoms.dsc import LABELS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # the sibling test modules, in any import mode
-from test_slicer_real_dsc_options import _run, _values, layer  # noqa: E402,F401  (the fixture over both versions)
+from test_slicer_real_dsc_options import _run, _values, dual_echo_scene, layer  # noqa: E402,F401  (the fixture over both versions)
 
 LEAKY, GREY = LABELS["tumour"], LABELS["grey_matter"]
 
@@ -267,24 +267,13 @@ def test_refine_tmax_from_the_parameter_node(layer):
 def test_panel_second_echo_removes_the_t1_bias(layer):
     """The panel's second-echo selector reaches the run (``processWithParameterNode``): with it the CBV reads
     the truth under a T1 effect; without it (the same panel, no second echo) it reads > 20 % low."""
-    from perfusionai import mrml
     from perfusionai.dsc.maps import DEFAULT_KH
-    from perfusionai.phantoms.dsc import make_dsc_phantom
 
     mod = layer.load_module("DSCDeconvolution")
-    kw = dict(shape=(2, 20, 20), n_frames=50, tr=1.0, snr=np.inf, lesion=False, tumour=False, tissue_kappa=10,
-              aif_peak=35, discretisation="fine")
     # a first echo of 15 ms: its bolus dip is deep enough for the automatic baseline (the panel has no
     # baseline-frames field)
-    first, second = make_dsc_phantom(te=0.015, **kw), make_dsc_phantom(te=0.030, **kw)
-    ramp = 1.0 + 0.25 * np.clip((first.times - 12.0) / 20.0, 0, 1)  # T1 effect, tissue only
-    tissue = first.tissue_mask[..., None]
-    echoes = [mrml.sequence_node_from_series(np.where(tissue, ph.signal * ramp, ph.signal).astype(np.float32),
-                                             ph.geometry, ph.times, name, browser=False)[0]
-              for ph, name in ((first, "echo 1"), (second, "echo 2"))]
-    scene_nodes = {"series": echoes[0],
-                   "aifMask": mrml.volume_node_from_array(first.aif_mask, first.geometry, "arteries", label=True),
-                   "brainMask": mrml.volume_node_from_array(first.brain_mask, first.geometry, "brain", label=True)}
+    first, echoes, arteries, brain = dual_echo_scene(0.015, 0.030)
+    scene_nodes = {"series": echoes[0], "aifMask": arteries, "brainMask": brain}
     # the panel's kH spin box stops at 0.1: the maps are read at the default kH and rescaled (CBV is linear in kH)
     scale = first.analysis_kh / DEFAULT_KH
     gm = first.rois == GREY

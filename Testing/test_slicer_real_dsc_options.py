@@ -13,7 +13,6 @@ oscillation-index maps. No widget behaviour is checked (the Qt classes are place
 from __future__ import annotations
 
 import sys
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -38,10 +37,7 @@ PEER_FIELDS = {"parametricShape", "parametricDispersion", "aifGammaFit", "fwhmMa
 
 @pytest.fixture(params=real_layer.VERSIONS)
 def layer(request, scene, monkeypatch):
-    with real_layer.slicer_layer(request.param, scene) as loaded:
-        lib = sys.modules.get("PerfusionAISlicerLib") or __import__("PerfusionAISlicerLib")
-        # Inside Slicer a qt.QTimer calls poll(); here the test calls it.
-        monkeypatch.setattr(lib.BackgroundRun, "_startPolling", lambda self: None)
+    with real_layer.polled_layer(request.param, scene, monkeypatch) as loaded:
         yield loaded
 
 
@@ -106,11 +102,7 @@ def test_peer_options_of_the_parameter_node_become_job_fields(layer, scene):
 # real runs through the module Logic, in-process and in a background process
 
 
-def _follow(run, timeout=120.0):
-    deadline = time.time() + timeout
-    while not run.poll():
-        assert time.time() < deadline, "the background run did not finish"
-        time.sleep(0.05)
+_follow = real_layer.follow
 
 
 def _run(logic, series, background, **kwargs):
@@ -271,24 +263,32 @@ def test_diffusion_relaxation_writes_the_shown_map_into_the_chosen_volume(layer,
     assert chosen.GetAttribute("PerfusionAI.Units") == fresh["maps"]["adc"].GetAttribute("PerfusionAI.Units")
 
 
+def dual_echo_scene(te1: float, te2: float):
+    """Two echoes (TE in s) of one noise-free phantom with clinical contrast, whose tissue signal a T1 effect
+    raises in both echoes after the bolus (as leakage does), as sequence nodes; with the arteries and the
+    brain as label maps. Returns ``(first echo's phantom, [echo 1 node, echo 2 node], arteries, brain)``."""
+    from perfusionai import mrml
+    from perfusionai.phantoms.dsc import make_dsc_phantom
+
+    kw = dict(shape=(2, 20, 20), n_frames=50, tr=1.0, snr=np.inf, lesion=False, tumour=False, tissue_kappa=10,
+              aif_peak=35, discretisation="fine")
+    first, second = make_dsc_phantom(te=te1, **kw), make_dsc_phantom(te=te2, **kw)
+    ramp = 1.0 + 0.25 * np.clip((first.times - 12.0) / 20.0, 0, 1)  # T1 effect, tissue only
+    tissue = first.tissue_mask[..., None]
+    echoes = [mrml.sequence_node_from_series(np.where(tissue, ph.signal * ramp, ph.signal).astype(np.float32),
+                                             ph.geometry, ph.times, name, browser=False)[0]
+              for ph, name in ((first, "echo 1"), (second, "echo 2"))]
+    arteries = mrml.volume_node_from_array(first.aif_mask, first.geometry, "arteries", label=True)
+    brain = mrml.volume_node_from_array(first.brain_mask, first.geometry, "brain", label=True)
+    return first, echoes, arteries, brain
+
+
 @ROUTES
 def test_second_echo_node_removes_the_t1_bias(layer, background):
     """Dual echo from two sequence nodes: a T1 effect raising the tissue signal of both echoes biases the
     single-echo CBV low; with the second echo node the CBV reads the truth (as ``dsc maps --dsc-echo2``)."""
-    from perfusionai import mrml
-    from perfusionai.phantoms.dsc import make_dsc_phantom
-
     mod = layer.load_module("DSCDeconvolution")
-    kw = dict(shape=(2, 20, 20), n_frames=50, tr=1.0, snr=np.inf, lesion=False, tumour=False, tissue_kappa=10,
-              aif_peak=35, discretisation="fine")
-    first, second = make_dsc_phantom(te=0.005, **kw), make_dsc_phantom(te=0.030, **kw)
-    ramp = 1.0 + 0.25 * np.clip((first.times - 12.0) / 20.0, 0, 1)  # T1 effect, tissue only
-    tissue = first.tissue_mask[..., None]
-    nodes = [mrml.sequence_node_from_series(np.where(tissue, ph.signal * ramp, ph.signal).astype(np.float32),
-                                            ph.geometry, ph.times, name, browser=False)[0]
-             for ph, name in ((first, "echo 1"), (second, "echo 2"))]
-    aif = mrml.volume_node_from_array(first.aif_mask, first.geometry, "arteries", label=True)
-    brain = mrml.volume_node_from_array(first.brain_mask, first.geometry, "brain", label=True)
+    first, nodes, aif, brain = dual_echo_scene(0.005, 0.030)
     common = dict(aifNode=aif, maskNode=brain, method="oSVD", kh=first.analysis_kh)
     dual = _run(mod.DSCDeconvolutionLogic(), nodes[0], background, te=0.005, secondEchoNode=nodes[1],
                 peerOptions={"te2": 0.03, "baseline_frames": 8}, **common)

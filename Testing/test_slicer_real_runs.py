@@ -26,18 +26,11 @@ slicer = real_layer.require_or_skip()
 
 @pytest.fixture(params=real_layer.VERSIONS)
 def layer(request, scene, monkeypatch):
-    with real_layer.slicer_layer(request.param, scene) as loaded:
-        lib = sys.modules.get("PerfusionAISlicerLib") or __import__("PerfusionAISlicerLib")
-        # Inside Slicer a qt.QTimer calls poll(); here the test calls it.
-        monkeypatch.setattr(lib.BackgroundRun, "_startPolling", lambda self: None)
+    with real_layer.polled_layer(request.param, scene, monkeypatch) as loaded:
         yield loaded
 
 
-def _follow(run, timeout=120.0):
-    deadline = time.time() + timeout
-    while not run.poll():
-        assert time.time() < deadline, "the background run did not finish"
-        time.sleep(0.05)
+_follow = real_layer.follow
 
 
 def test_diffusion_relaxation_background_run_matches_in_process(layer):
@@ -56,7 +49,7 @@ def test_diffusion_relaxation_background_run_matches_in_process(layer):
     body = scene["phantom"].body
     assert sorted(outcomes[0]["nodes"]["maps"]) == sorted(here["maps"])
     for name, node in here["maps"].items():
-        a, ga = layer.slicer.util.arrayFromVolume(node), None
+        a = layer.slicer.util.arrayFromVolume(node)
         b = layer.slicer.util.arrayFromVolume(outcomes[0]["nodes"]["maps"][name])
         np.testing.assert_allclose(b[body], a[body], rtol=1e-5, atol=1e-6, err_msg=name)
     assert outcomes[0]["nodes"]["table"].GetNumberOfRows() == here["table"].GetNumberOfRows()

@@ -49,6 +49,29 @@ def available() -> bool:
     return all((EXTERNAL / v / "Base" / "Python" / "slicer" / "util.py").is_file() for v in VERSIONS)
 
 
+def polled_layer(version: str, scene, monkeypatch):
+    """:func:`slicer_layer` for tests that drive background runs themselves: inside Slicer a qt.QTimer
+    calls ``BackgroundRun.poll()``; here the test calls it (:func:`follow`). A context manager."""
+    @contextlib.contextmanager
+    def _layer():
+        with slicer_layer(version, scene) as loaded:
+            lib = sys.modules.get("PerfusionAISlicerLib") or __import__("PerfusionAISlicerLib")
+            monkeypatch.setattr(lib.BackgroundRun, "_startPolling", lambda self: None)
+            yield loaded
+
+    return _layer()
+
+
+def follow(run, timeout: float = 120.0) -> None:
+    """Poll a background run until it has finished (fails the test after ``timeout`` s)."""
+    import time
+
+    deadline = time.time() + timeout
+    while not run.poll():
+        assert time.time() < deadline, "the background run did not finish"
+        time.sleep(0.05)
+
+
 def require_or_skip():
     """The ``slicer`` package of slicer-core, or skip the calling test module (at import) with the reason:
     slicer-core is not installed, the installed ``slicer`` is another package, or Slicer's own code is
